@@ -1,0 +1,101 @@
+"""Offline attribution of a recorded trace: the same ledger as ``run``, fed from files.
+
+Samples are reconciled with their energy counter where the trace has one,
+exactly as the live sampler does, then one idle baseline per GPU is
+estimated over the whole trace (unless given), then samples and requests
+are fed to the ledger in time order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar.carbon_math import operational_grams
+from sidecar.ledger import Ledger, estimate_idle_watts
+from sidecar.power.base import PowerSample
+from sidecar.reconcile import reconcile_all
+from sidecar.trace import PowerRow, RequestRow
+
+
+class AttributionInputError(ValueError):
+    """Inputs that disagree with each other (``--idle-watts`` count versus GPUs)."""
+
+
+def split_idle_watts(values: Sequence[float], gpus: Sequence[str]) -> dict[str, float]:
+    """``--idle-watts``: one total split evenly, or one value per GPU in order."""
+    if len(values) == 1:
+        return dict.fromkeys(gpus, values[0] / len(gpus))
+    if len(values) != len(gpus):
+        raise AttributionInputError(
+            f"--idle-watts: {len(values)} values for {len(gpus)} GPUs "
+            "(give one total or one value per GPU)"
+        )
+    return dict(zip(gpus, values, strict=True))
+
+
+def attribute(
+    power: Sequence[PowerRow],
+    requests: Sequence[RequestRow],
+    *,
+    idle_watts: Sequence[float] | None = None,
+    carbon_intensity_g_per_kwh: float | None = None,
+) -> dict[str, Any]:
+    """The contract's ``attribute`` JSON for one trace."""
+    ordered = sorted(power, key=lambda r: r.time_s)
+    samples = reconcile_all(PowerSample(r.time_s, r.gpu, r.power_w, r.energy_j) for r in ordered)
+    samples.sort(key=lambda s: s.time_s)
+    gpus = list(dict.fromkeys(s.gpu for s in samples))
+    if idle_watts:
+        idle = split_idle_watts(idle_watts, gpus)
+    else:
+        spans = [(r.start_s, r.end_s) for r in requests]
+        idle = estimate_idle_watts(((s.gpu, s.time_s, s.power_w) for s in samples), spans)
+    ledger = Ledger(gpus, idle_watts=idle, baseline_window_s=None)
+    pending = sorted(requests, key=lambda r: r.start_s)
+    i = 0
+    for s in samples:
+        while i < len(pending) and pending[i].start_s <= s.time_s:
+            _add(ledger, pending[i])
+            i += 1
+        ledger.sample(s.gpu, s.time_s, s.power_w)
+    for r in pending[i:]:
+        _add(ledger, r)
+    ledger.flush()
+    done = {f.id: f for f in ledger.pop_finished()}
+    total = ledger.total_j
+    out: dict[str, Any] = {
+        "energy_joules": {
+            "total": total,
+            "dynamic": ledger.phase_j["dynamic"],
+            "idle_serving": ledger.phase_j["idle_serving"],
+            "idle_standby": ledger.phase_j["idle_standby"],
+        },
+        "idle_baseline_watts": sum(idle.values()),
+    }
+    if carbon_intensity_g_per_kwh is not None:
+        out["emissions_grams"] = operational_grams(total, carbon_intensity_g_per_kwh)
+    out["requests"] = [
+        {
+            "id": r.id,
+            "model": r.model,
+            "dynamic_joules": done[r.id].dynamic_j,
+            "idle_joules": done[r.id].idle_j,
+            "energy_joules": done[r.id].energy_j,
+        }
+        for r in requests
+    ]
+    return out
+
+
+def _add(ledger: Ledger, r: RequestRow) -> None:
+    ledger.add_request(
+        r.id,
+        model=r.model,
+        start_s=r.start_s,
+        end_s=r.end_s,
+        first_token_s=r.first_token_s,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        status=r.status,
+    )

@@ -1,0 +1,633 @@
+"""The attribution ledger: pure, incremental, exact.
+
+Power samples and request events go in; energy by phase, per request and per
+model comes out. No I/O and no clock of its own: every call carries the time,
+on the one monotonic clock that the sampler and the proxy share, so the live
+path and the offline ``attribute`` command run the very same code.
+
+How it works (CONTRACT.md fixes the semantics, DESIGN.md gives the reasons):
+
+* Power is linear between two samples of a GPU. Each new sample closes an
+  interval, which is cut at every request start, first token and end inside
+  it and where the line crosses the GPU's idle baseline, so each piece has a
+  constant set of requests in flight and lies wholly above or below the
+  baseline: the phases are integrated exactly.
+* ``idle_serving`` is shared equally among the requests in flight;
+  ``dynamic`` by the work each request does in the piece. A request's work
+  is a piecewise-constant rate: its prompt spread over its time to first
+  token, then each streamed chunk's tokens spread over the gap since the
+  previous chunk. The rate up to a time is only known once the next chunk
+  (or the end) arrives, so an interval waits, at most ``max_wait_s``, until
+  every request in it is known through the interval's end.
+* A request's energy is final once every GPU has assigned past its end; it
+  is then handed out by :meth:`Ledger.pop_finished` and forgotten, so memory
+  follows the requests in flight, not history.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+Phase = Literal["dynamic", "idle_serving", "idle_standby"]
+PHASES: Final[tuple[Phase, ...]] = ("dynamic", "idle_serving", "idle_standby")
+Status = Literal["ok", "error", "cancelled"]
+STATUSES: Final[tuple[Status, ...]] = ("ok", "error", "cancelled")
+
+SETTLE_S: Final = 2.0
+"""Power tails off for a moment after a burst; keep it out of the idle estimate."""
+MIN_STANDBY_SAMPLES: Final = 10
+BASELINE_WINDOW_S: Final = 600.0
+MAX_WAIT_S: Final = 5.0
+SILENT_AFTER_S: Final = 10.0
+"""A GPU without samples for this long stops holding finished requests back."""
+_INF: Final = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """A request whose energy is final: every GPU has been assigned past its end."""
+
+    id: str
+    model: str
+    endpoint: str
+    status: Status
+    start_s: float
+    end_s: float
+    first_token_s: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    dynamic_j: float
+    idle_j: float
+
+    @property
+    def energy_j(self) -> float:
+        """Attributed energy: its dynamic share plus its share of the resident cost."""
+        return self.dynamic_j + self.idle_j
+
+
+@dataclass(slots=True)
+class _Request:
+    """Mutable state of one request while the ledger still needs it."""
+
+    id: str
+    model: str
+    endpoint: str
+    start_s: float
+    prompt_work: float | None
+    end_s: float = _INF
+    first_token_s: float | None = None
+    status: Status = "ok"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # (t0, t1, work): work spread evenly over [t0, t1]; kept in time order.
+    segments: deque[tuple[float, float, float]] = field(default_factory=deque)
+    known_s: float = -_INF  # the work rate is final up to this time
+    last_chunk_s: float | None = None
+    streamed: int = 0
+    dynamic_j: float = 0.0
+    idle_j: float = 0.0
+
+    @property
+    def informed(self) -> bool:
+        """Whether anything tells how much work this request does (prompt or tokens)."""
+        return self.prompt_work is not None or self.streamed > 0 or bool(self.segments)
+
+    def work(self, a: float, b: float, now: float) -> float:
+        """Work done in [a, b]: the integral of the piecewise-constant rate."""
+        total = 0.0
+        for t0, t1, w in self.segments:
+            if t1 <= a:
+                continue
+            if t0 >= b:
+                break
+            total += _spread(w, t0, t1, a, b)
+        if self.first_token_s is None and self.end_s == _INF and self.prompt_work:
+            # Still before its first token and we could wait no longer: spread the
+            # prompt over the time it has waited so far.
+            total += _spread(self.prompt_work, self.start_s, max(now, b), a, b)
+        return total
+
+
+def _spread(work: float, t0: float, t1: float, a: float, b: float) -> float:
+    """Share of ``work`` (uniform over [t0, t1]) that falls in [a, b]."""
+    if t1 <= t0:  # all at one instant: it belongs to the piece that ends there or later
+        return work if a < t0 <= b else 0.0
+    overlap = min(t1, b) - max(t0, a)
+    return work * overlap / (t1 - t0) if overlap > 0 else 0.0
+
+
+class BaselineEstimator:
+    """Idle (memory-resident) power of one GPU, from its standby samples.
+
+    The median of standby samples taken at least ``settle_s`` after a request
+    ended; with fewer than ten, the 5th percentile of all samples; in a sliding
+    window (``run``) before any standby at all, the lowest power seen so far.
+    With ``window_s=None`` it keeps everything (``attribute``: one baseline per
+    trace). Samples are thinned to ``min_spacing_s`` and the statistic is
+    recomputed at most every ``recompute_s`` so a 100 Hz sampler stays cheap.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float | None = BASELINE_WINDOW_S,
+        min_spacing_s: float = 0.1,
+        recompute_s: float = 1.0,
+    ) -> None:
+        self._window_s = window_s
+        self._spacing_s = min_spacing_s if window_s is not None else 0.0
+        self._recompute_s = recompute_s if window_s is not None else 0.0
+        self._all: deque[tuple[float, float]] = deque()
+        self._standby: deque[tuple[float, float]] = deque()
+        self._lowest_w = _INF
+        self._seen_standby = False
+        self._last_kept_s = -_INF
+        self._computed_at_s = -_INF
+        self._value_w: float | None = None
+
+    def observe(self, time_s: float, power_w: float, *, standby: bool) -> None:
+        """Record one sample; ``standby`` means no request in flight and settled."""
+        self._lowest_w = min(self._lowest_w, power_w)
+        if time_s - self._last_kept_s < self._spacing_s:
+            return
+        self._last_kept_s = time_s
+        self._all.append((time_s, power_w))
+        if standby:
+            self._standby.append((time_s, power_w))
+            self._seen_standby = True
+        if self._window_s is not None:
+            horizon = time_s - self._window_s
+            for q in (self._all, self._standby):
+                while q and q[0][0] < horizon:
+                    q.popleft()
+        if self._window_s is not None and (
+            self._value_w is None or time_s - self._computed_at_s >= self._recompute_s
+        ):
+            self._computed_at_s = time_s
+            self._value_w = self._compute()
+
+    def _compute(self) -> float | None:
+        if len(self._standby) >= MIN_STANDBY_SAMPLES:
+            return _median(sorted(p for _, p in self._standby))
+        if self._window_s is not None and not self._seen_standby:
+            return self._lowest_w if self._lowest_w < _INF else None
+        if self._all:
+            return _percentile(sorted(p for _, p in self._all), 0.05)
+        return None
+
+    @property
+    def value_w(self) -> float | None:
+        """The current estimate, or ``None`` before any sample."""
+        if self._window_s is None:
+            return self._compute()
+        return self._value_w
+
+
+def _median(xs: Sequence[float]) -> float:
+    n = len(xs)
+    mid = n // 2
+    return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of sorted data (numpy's default method)."""
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(slots=True)
+class _Gpu:
+    baseline: BaselineEstimator
+    fixed_idle_w: float | None
+    last: tuple[float, float] | None = None  # (time_s, power_w)
+    pending: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
+    assigned_s: float = -_INF
+    energy_j: float = 0.0
+
+    @property
+    def idle_w(self) -> float:
+        if self.fixed_idle_w is not None:
+            return self.fixed_idle_w
+        value = self.baseline.value_w
+        return 0.0 if value is None else value
+
+
+class Ledger:
+    """Splits measured GPU energy into phases and shares it among requests.
+
+    ``idle_watts`` fixes each GPU's baseline (``--idle-watts``); otherwise it is
+    estimated with :class:`BaselineEstimator` over ``baseline_window_s``
+    (``None``: the whole history, as ``attribute`` does after a first pass).
+    """
+
+    def __init__(
+        self,
+        gpus: Iterable[str],
+        *,
+        idle_watts: Mapping[str, float] | None = None,
+        baseline_window_s: float | None = BASELINE_WINDOW_S,
+        settle_s: float = SETTLE_S,
+        max_wait_s: float = MAX_WAIT_S,
+        silent_after_s: float = SILENT_AFTER_S,
+    ) -> None:
+        idle = dict(idle_watts or {})
+        self._gpus: dict[str, _Gpu] = {
+            g: _Gpu(BaselineEstimator(window_s=baseline_window_s), idle.get(g)) for g in gpus
+        }
+        if not self._gpus:
+            raise ValueError("the ledger needs at least one GPU")
+        self._settle_s = settle_s
+        self._max_wait_s = max_wait_s
+        self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s)
+        self._first_s = _INF
+        self._live: dict[str, _Request] = {}
+        self._starts: list[
+            tuple[float, str]
+        ] = []  # live requests by start, for sample classification
+        self._ended: list[_Request] = []
+        self._recent: dict[str, _Request] = {}  # finalized, for late intervals of a lagging GPU
+        self._finished: list[FinishedRequest] = []
+        self._now_s = -_INF
+        self._last_end_s = -_INF
+        self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
+        self.model_j: dict[tuple[str, Phase], float] = {}
+
+    # ----------------------------------------------------------------- requests
+    def start(
+        self,
+        request_id: str,
+        time_s: float,
+        *,
+        model: str,
+        endpoint: str = "chat",
+        prompt_tokens: float | None = None,
+    ) -> None:
+        """An inference request arrived. ``prompt_tokens`` may be an estimate."""
+        if request_id in self._live:
+            raise ValueError(f"request {request_id!r} started twice")
+        t = self._clamp(time_s)
+        req = _Request(request_id, model, endpoint, t, prompt_tokens, known_s=t)
+        self._live[request_id] = req
+        bisect.insort(self._starts, (t, request_id))
+
+    def first_token(self, request_id: str, time_s: float) -> None:
+        """The first response bytes of a streamed request: prefill is over."""
+        req = self._live.get(request_id)
+        if req is None or req.first_token_s is not None or req.end_s != _INF:
+            return
+        t = max(self._clamp(time_s), req.start_s)
+        req.first_token_s = t
+        req.last_chunk_s = t
+        if req.prompt_work:
+            req.segments.append((req.start_s, t, req.prompt_work))
+        req.known_s = t
+        self._process()
+
+    def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
+        """A streamed chunk carrying ``count`` tokens arrived at ``time_s``."""
+        req = self._live.get(request_id)
+        if req is None or req.end_s != _INF or count <= 0:
+            return
+        t = max(self._clamp(time_s), req.start_s)
+        if req.first_token_s is None:
+            self.first_token(request_id, t)
+        prev = req.last_chunk_s if req.last_chunk_s is not None else t
+        if t > prev:
+            req.segments.append((prev, t, float(count)))
+        elif req.segments and req.segments[-1][1] >= t:
+            t0, t1, w = req.segments[-1]
+            req.segments[-1] = (t0, t1, w + count)
+        else:
+            req.segments.append((req.start_s, t, float(count)))
+        req.last_chunk_s = t
+        req.streamed += count
+        req.known_s = max(req.known_s, t)
+        self._process()
+
+    def finish(
+        self,
+        request_id: str,
+        time_s: float,
+        *,
+        status: Status = "ok",
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        """The last response byte left (or the client left, or the upstream failed)."""
+        req = self._live.get(request_id)
+        if req is None or req.end_s != _INF:
+            return
+        t = max(self._clamp(time_s), req.start_s)
+        req.status = status
+        req.prompt_tokens = prompt_tokens
+        req.completion_tokens = completion_tokens
+        if prompt_tokens is not None and req.first_token_s is None:
+            req.prompt_work = float(prompt_tokens)
+        if req.first_token_s is None:
+            # Not streamed: prompt and completion were all computed before the reply.
+            work = (req.prompt_work or 0.0) + float(completion_tokens or 0)
+            if work > 0:
+                req.segments.append((req.start_s, t, work))
+        elif req.streamed == 0 and completion_tokens:
+            # Known only as a total (a recorded trace): spread between first token and end.
+            req.segments.append((req.first_token_s, t, float(completion_tokens)))
+        req.end_s = t
+        req.known_s = _INF
+        self._ended.append(req)
+        self._last_end_s = max(self._last_end_s, t)
+        self._process()
+
+    def add_request(
+        self,
+        request_id: str,
+        *,
+        model: str,
+        start_s: float,
+        end_s: float,
+        first_token_s: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        status: Status = "ok",
+        endpoint: str = "chat",
+    ) -> None:
+        """A complete recorded request (``attribute``): the same path as live events."""
+        self.start(request_id, start_s, model=model, endpoint=endpoint, prompt_tokens=prompt_tokens)
+        if first_token_s is not None:
+            self.first_token(request_id, min(max(first_token_s, start_s), end_s))
+        self.finish(
+            request_id,
+            end_s,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+    # ------------------------------------------------------------------ samples
+    def sample(self, gpu: str, time_s: float, power_w: float) -> None:
+        """One power reading of ``gpu``; closes the interval since its previous one."""
+        state = self._gpus[gpu]
+        p = max(0.0, power_w)
+        t = time_s
+        if state.last is not None and t <= state.last[0]:
+            return  # duplicate or out-of-order reading: the interval is already closed
+        state.baseline.observe(t, p, standby=self._is_standby(t))
+        if state.last is not None:
+            t0, p0 = state.last
+            state.pending.append((t0, p0, t, p, state.idle_w))
+        state.last = (t, p)
+        self._tick(t)
+
+    def advance(self, now_s: float) -> None:
+        """Let time pass without events: intervals that waited too long are assigned."""
+        self._tick(now_s)
+
+    def flush(self) -> None:
+        """Assign everything now (end of a trace, or shutdown): no more waiting."""
+        self._assign(force=True)
+        self._finalize(force=True)
+
+    def pop_finished(self) -> list[FinishedRequest]:
+        """Requests whose energy became final since the last call."""
+        out, self._finished = self._finished, []
+        return out
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def gpus(self) -> list[str]:
+        return list(self._gpus)
+
+    def gpu_energy_j(self, gpu: str) -> float:
+        """Energy measured on ``gpu`` and already assigned to phases."""
+        return self._gpus[gpu].energy_j
+
+    def idle_baseline_w(self, gpu: str | None = None) -> float:
+        """The baseline of one GPU, or the total over GPUs (what outputs call it)."""
+        if gpu is not None:
+            return self._gpus[gpu].idle_w
+        return sum(s.idle_w for s in self._gpus.values())
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight by model (arrived, not yet ended)."""
+        out: dict[str, int] = {}
+        for r in self._live.values():
+            if r.end_s == _INF:
+                out[r.model] = out.get(r.model, 0) + 1
+        return out
+
+    @property
+    def total_j(self) -> float:
+        return sum(self.phase_j.values())
+
+    # ----------------------------------------------------------------- internals
+    def _clamp(self, time_s: float) -> float:
+        """Events older than what a GPU already assigned are moved up to it."""
+        assigned = max(s.assigned_s for s in self._gpus.values())
+        return max(time_s, assigned)
+
+    def _is_standby(self, t: float) -> bool:
+        if t - self._last_end_s < self._settle_s:
+            return False
+        for start, rid in self._starts:
+            if start > t:
+                break
+            if self._live[rid].end_s > t:
+                return False
+        return True
+
+    def _tick(self, t: float) -> None:
+        """Time moves only with samples and ``advance``: event times may lie ahead
+        (a recorded request is added whole), and waiting is measured in sampled time."""
+        if t > self._now_s:
+            self._now_s = t
+        if self._first_s == _INF:
+            self._first_s = t
+        self._process()
+
+    def _process(self) -> None:
+        self._assign(force=False)
+        self._finalize(force=False)
+
+    def _assign(self, *, force: bool) -> None:
+        for state in self._gpus.values():
+            while state.pending:
+                t0, p0, t1, p1, idle_w = state.pending[0]
+                reqs = self._overlapping(t0, t1)
+                waiting = not force and self._now_s - t1 < self._max_wait_s
+                if waiting and any(r.known_s < t1 for r in reqs):
+                    break
+                state.pending.popleft()
+                self._assign_interval(state, t0, p0, t1, p1, idle_w, reqs)
+                state.assigned_s = t1
+                self._prune(reqs)
+
+    def _overlapping(self, t0: float, t1: float) -> list[_Request]:
+        out = [r for r in self._live.values() if r.start_s < t1 and r.end_s > t0]
+        if self._recent:
+            out.extend(r for r in self._recent.values() if r.start_s < t1 and r.end_s > t0)
+        return out
+
+    def _assign_interval(
+        self,
+        state: _Gpu,
+        t0: float,
+        p0: float,
+        t1: float,
+        p1: float,
+        idle_w: float,
+        reqs: list[_Request],
+    ) -> None:
+        slope = (p1 - p0) / (t1 - t0)
+        cuts = {t0, t1}
+        for r in reqs:
+            for c in (r.start_s, r.first_token_s, r.end_s):
+                if c is not None and t0 < c < t1:
+                    cuts.add(c)
+        if (p0 - idle_w) * (p1 - idle_w) < 0:
+            cuts.add(t0 + (idle_w - p0) / slope)
+        points = sorted(cuts)
+        for a, b in itertools.pairwise(points):
+            if b <= a:
+                continue
+            pa = p0 + slope * (a - t0)
+            pb = p0 + slope * (b - t0)
+            energy = (pa + pb) / 2.0 * (b - a)
+            state.energy_j += energy
+            inside = [r for r in reqs if r.start_s <= a and r.end_s >= b]
+            if not inside:
+                self._add_phase("idle_standby", energy)
+                continue
+            above = pa + pb > 2.0 * idle_w
+            idle_part = idle_w * (b - a) if above else energy
+            dyn_part = energy - idle_part if above else 0.0
+            self._share(inside, a, b, idle_part, dyn_part)
+
+    def _share(self, inside: list[_Request], a: float, b: float, idle: float, dyn: float) -> None:
+        self.phase_j["idle_serving"] += idle
+        self.phase_j["dynamic"] += dyn
+        n = len(inside)
+        each_idle = idle / n
+        weights: list[float] | None = None
+        if dyn > 0.0:
+            informed = [r.informed for r in inside]
+            raw = [
+                r.work(a, b, self._now_s) if k else 0.0
+                for r, k in zip(inside, informed, strict=True)
+            ]
+            n_inf = sum(informed)
+            mean = (sum(raw) / n_inf) if n_inf else 1.0
+            weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]
+            if sum(weights) <= 0.0:
+                weights = [1.0] * n
+        total_w = sum(weights) if weights else 1.0
+        for i, r in enumerate(inside):
+            d = dyn * weights[i] / total_w if weights else 0.0
+            r.idle_j += each_idle
+            r.dynamic_j += d
+            key_i: tuple[str, Phase] = (r.model, "idle_serving")
+            key_d: tuple[str, Phase] = (r.model, "dynamic")
+            self.model_j[key_i] = self.model_j.get(key_i, 0.0) + each_idle
+            self.model_j[key_d] = self.model_j.get(key_d, 0.0) + d
+
+    def _add_phase(self, phase: Phase, energy: float) -> None:
+        self.phase_j[phase] += energy
+
+    def _finalize(self, *, force: bool) -> None:
+        if not self._ended:
+            return
+        done_s = self._done_s()
+        keep: list[_Request] = []
+        for r in self._ended:
+            if force or r.end_s <= done_s:
+                self._emit(r, lagging=not force and r.end_s > done_s)
+            else:
+                keep.append(r)
+        self._ended = keep
+        if self._recent:
+            horizon = self._now_s - 60.0
+            for rid in [k for k, r in self._recent.items() if r.end_s < horizon or force]:
+                del self._recent[rid]
+
+    def _done_s(self) -> float:
+        """Time up to which every GPU that still samples has assigned its energy.
+
+        A GPU silent for longer than ``silent_after_s`` (lost, failing) no longer
+        holds requests back; its late intervals still count in the totals.
+        """
+        cutoff = self._now_s - self._silent_after_s
+        fresh = [
+            s.assigned_s
+            for s in self._gpus.values()
+            if (s.last[0] if s.last is not None else self._first_s) >= cutoff
+        ]
+        return min(fresh) if fresh else self._now_s
+
+    def _prune(self, reqs: list[_Request]) -> None:
+        """Drop work segments every GPU has assigned past: long streams stay cheap."""
+        done_s = self._done_s()
+        for r in reqs:
+            while r.segments and r.segments[0][1] < done_s:
+                r.segments.popleft()
+
+    def _emit(self, r: _Request, *, lagging: bool) -> None:
+        del self._live[r.id]
+        i = bisect.bisect_left(self._starts, (r.start_s, r.id))
+        if i < len(self._starts) and self._starts[i] == (r.start_s, r.id):
+            del self._starts[i]
+        if lagging:
+            self._recent[r.id] = r
+        r.segments.clear()
+        self._finished.append(
+            FinishedRequest(
+                id=r.id,
+                model=r.model,
+                endpoint=r.endpoint,
+                status=r.status,
+                start_s=r.start_s,
+                end_s=r.end_s,
+                first_token_s=r.first_token_s,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                dynamic_j=r.dynamic_j,
+                idle_j=r.idle_j,
+            )
+        )
+
+
+def estimate_idle_watts(
+    samples: Iterable[tuple[str, float, float]],
+    spans: Iterable[tuple[float, float]],
+    *,
+    settle_s: float = SETTLE_S,
+) -> dict[str, float]:
+    """One baseline per GPU over a whole trace: ``attribute``'s first pass.
+
+    ``samples`` are ``(gpu, time_s, power_w)`` in any order and ``spans`` the
+    ``(start_s, end_s)`` of inference requests. The estimator is the same one
+    the live ledger slides over ten minutes, here over the whole trace.
+    """
+
+    ordered = sorted(samples, key=lambda s: s[1])
+    starts = sorted(spans)
+    estimators: dict[str, BaselineEstimator] = {}
+    ends: list[float] = []
+    i = 0
+    last_end = -_INF
+    for gpu, t, p in ordered:
+        while i < len(starts) and starts[i][0] <= t:
+            heapq.heappush(ends, starts[i][1])
+            i += 1
+        while ends and ends[0] <= t:
+            last_end = max(last_end, heapq.heappop(ends))
+        standby = not ends and t - last_end >= settle_s
+        est = estimators.setdefault(gpu, BaselineEstimator(window_s=None))
+        est.observe(t, max(0.0, p), standby=standby)
+    return {g: (e.value_w or 0.0) for g, e in estimators.items()}

@@ -1,0 +1,211 @@
+"""The ledger's exact answers on hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.ledger import BaselineEstimator, Ledger, estimate_idle_watts
+
+
+def feed(ledger: Ledger, gpu: str, points: list[tuple[float, float]]) -> None:
+    for t, p in points:
+        ledger.sample(gpu, t, p)
+
+
+def finished(ledger: Ledger) -> dict[str, tuple[float, float]]:
+    ledger.flush()
+    return {f.id: (f.dynamic_j, f.idle_j) for f in ledger.pop_finished()}
+
+
+class TestHandComputed:
+    def test_request_alone_takes_everything_of_its_interval(self) -> None:
+        """A lone request gets all dynamic and idle energy while it runs; the rest is standby."""
+        ledger = Ledger(["0"], idle_watts={"0": 60.0})
+        ledger.add_request("a", model="m", start_s=2.0, end_s=6.0)
+        feed(ledger, "0", [(0.0, 100.0), (10.0, 100.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx((160.0, 240.0))
+        assert ledger.phase_j == pytest.approx(
+            {"dynamic": 160.0, "idle_serving": 240.0, "idle_standby": 600.0}
+        )
+
+    def test_identical_concurrent_requests_share_equally(self) -> None:
+        """Two requests with the same times and tokens get the same energy."""
+        ledger = Ledger(["0"], idle_watts={"0": 50.0})
+        for rid in ("a", "b"):
+            ledger.add_request(
+                rid,
+                model="m",
+                start_s=1.0,
+                end_s=5.0,
+                first_token_s=2.0,
+                prompt_tokens=100,
+                completion_tokens=40,
+            )
+        feed(ledger, "0", [(0.0, 150.0), (6.0, 150.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx(got["b"])
+        assert got["a"] == pytest.approx((200.0, 100.0))
+
+    def test_disjoint_requests_keep_their_own_intervals(self) -> None:
+        """Requests that never overlap each get only the energy of their own time."""
+        ledger = Ledger(["0"], idle_watts={"0": 40.0})
+        ledger.add_request("a", model="m", start_s=1.0, end_s=2.0)
+        ledger.add_request("b", model="m", start_s=3.0, end_s=5.0)
+        feed(ledger, "0", [(0.0, 100.0), (6.0, 100.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx((60.0, 40.0))
+        assert got["b"] == pytest.approx((120.0, 80.0))
+        assert ledger.phase_j["idle_standby"] == pytest.approx(300.0)
+
+    def test_power_step_at_request_boundary(self) -> None:
+        """A ramp up and down around a request integrates the linear line exactly."""
+        ledger = Ledger(["0"], idle_watts={"0": 60.0})
+        ledger.add_request("a", model="m", start_s=2.0, end_s=6.0)
+        feed(ledger, "0", [(0.0, 60.0), (2.0, 60.0), (4.0, 160.0), (6.0, 160.0), (8.0, 60.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx((300.0, 240.0))
+        assert ledger.phase_j["idle_standby"] == pytest.approx(120.0 + 220.0)
+
+    def test_baseline_crossing_is_cut_exactly(self) -> None:
+        """Power falling through the baseline mid-interval splits at the crossing."""
+        ledger = Ledger(["0"], idle_watts={"0": 60.0})
+        ledger.add_request("a", model="m", start_s=0.0, end_s=4.0)
+        feed(ledger, "0", [(0.0, 100.0), (4.0, 20.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx((40.0, 200.0))
+
+    def test_several_gpus_sum_with_their_own_baselines(self) -> None:
+        """Each GPU is split against its own baseline; the request collects from both."""
+        ledger = Ledger(["0", "1"], idle_watts={"0": 50.0, "1": 70.0})
+        ledger.add_request("a", model="m", start_s=0.0, end_s=2.0)
+        feed(ledger, "0", [(0.0, 150.0), (2.0, 150.0)])
+        feed(ledger, "1", [(0.0, 100.0), (2.0, 100.0)])
+        got = finished(ledger)
+        assert got["a"] == pytest.approx((200.0 + 60.0, 100.0 + 140.0))
+        assert ledger.gpu_energy_j("0") == pytest.approx(300.0)
+        assert ledger.gpu_energy_j("1") == pytest.approx(200.0)
+        assert ledger.idle_baseline_w() == pytest.approx(120.0)
+
+    def test_prefill_weight_follows_prompt_length(self) -> None:
+        """Before first tokens, dynamic energy splits by prompt tokens over time to first token."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0})
+        ledger.add_request(
+            "long", model="m", start_s=0.0, end_s=2.0, first_token_s=2.0, prompt_tokens=300
+        )
+        ledger.add_request(
+            "short", model="m", start_s=0.0, end_s=2.0, first_token_s=2.0, prompt_tokens=100
+        )
+        feed(ledger, "0", [(0.0, 100.0), (2.0, 100.0)])
+        got = finished(ledger)
+        assert got["long"][0] == pytest.approx(150.0)
+        assert got["short"][0] == pytest.approx(50.0)
+
+    def test_uninformed_request_weighs_as_mean_of_others(self) -> None:
+        """A request with no token information counts as the mean of the informed ones."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0})
+        ledger.add_request(
+            "a", model="m", start_s=0.0, end_s=4.0, prompt_tokens=10, completion_tokens=30
+        )
+        ledger.add_request(
+            "b", model="m", start_s=0.0, end_s=4.0, prompt_tokens=30, completion_tokens=10
+        )
+        ledger.add_request("c", model="m", start_s=0.0, end_s=4.0)
+        feed(ledger, "0", [(0.0, 90.0), (4.0, 90.0)])
+        got = finished(ledger)
+        assert got["c"][0] == pytest.approx(120.0)
+        assert got["a"][0] == pytest.approx(120.0)
+        assert got["b"][0] == pytest.approx(120.0)
+
+    def test_streamed_tokens_weigh_by_chunk(self) -> None:
+        """Live streaming: each chunk's tokens cover the gap since the previous chunk."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0}, max_wait_s=100.0)
+        ledger.start("a", 0.0, model="m", prompt_tokens=0)
+        ledger.start("b", 0.0, model="m", prompt_tokens=0)
+        ledger.sample("0", 0.0, 100.0)
+        ledger.first_token("a", 0.0)
+        ledger.first_token("b", 0.0)
+        ledger.tokens("a", 1.0, 3)
+        ledger.tokens("b", 1.0, 1)
+        ledger.sample("0", 1.0, 100.0)
+        ledger.finish("a", 1.0)
+        ledger.finish("b", 1.0)
+        ledger.sample("0", 2.0, 100.0)
+        got = finished(ledger)
+        assert got["a"][0] == pytest.approx(75.0)
+        assert got["b"][0] == pytest.approx(25.0)
+
+    def test_interval_waits_for_first_token_then_assigns(self) -> None:
+        """An interval with a request still in prefill waits until its first token arrives."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0}, max_wait_s=5.0)
+        ledger.start("a", 0.0, model="m", prompt_tokens=100)
+        ledger.sample("0", 0.0, 100.0)
+        ledger.sample("0", 1.0, 100.0)
+        assert ledger.total_j == 0.0
+        ledger.first_token("a", 1.5)
+        ledger.sample("0", 2.0, 100.0)
+        assert ledger.total_j == pytest.approx(100.0)
+        ledger.finish("a", 2.0)
+        ledger.sample("0", 3.0, 100.0)
+        assert [f.id for f in ledger.pop_finished()] == ["a"]
+
+    def test_bounded_wait_assigns_after_timeout(self) -> None:
+        """Without a first token, the interval is assigned once the wait bound has passed."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0}, max_wait_s=2.0)
+        ledger.start("a", 0.0, model="m", prompt_tokens=100)
+        ledger.sample("0", 0.0, 100.0)
+        ledger.sample("0", 1.0, 100.0)
+        ledger.advance(2.5)
+        assert ledger.total_j == 0.0
+        ledger.advance(3.1)
+        assert ledger.phase_j["dynamic"] == pytest.approx(100.0)
+
+    def test_finished_requests_leave_memory(self) -> None:
+        """After finalisation the ledger holds no trace of a request."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0})
+        for i in range(100):
+            ledger.start(str(i), float(i), model="m")
+            ledger.sample("0", float(i), 10.0)
+            ledger.finish(str(i), i + 0.5)
+        ledger.sample("0", 200.0, 10.0)
+        assert len(ledger.pop_finished()) == 100
+        assert ledger.in_flight() == {}
+        assert not ledger._live
+        assert not ledger._starts
+        assert not ledger._ended
+
+
+class TestBaseline:
+    def test_median_of_settled_standby(self) -> None:
+        """With ten or more settled standby samples the baseline is their median."""
+        samples = [("0", float(t), 50.0 + (t % 3)) for t in range(20)]
+        assert estimate_idle_watts(samples, []) == {"0": 51.0}
+
+    def test_settle_time_after_requests_is_left_out(self) -> None:
+        """Samples within two seconds after a request ends do not count as standby."""
+        samples = [("0", t / 10, 300.0 if t < 45 else 60.0) for t in range(200)]
+        got = estimate_idle_watts(samples, [(0.0, 4.0)])
+        assert got["0"] == 60.0
+
+    def test_few_standby_samples_fall_back_to_fifth_percentile(self) -> None:
+        """Fewer than ten standby samples: the 5th percentile of all samples."""
+        samples = [("0", float(t), float(100 + t)) for t in range(21)]
+        got = estimate_idle_watts(samples, [(0.0, 100.0)])
+        assert got["0"] == pytest.approx(101.0)
+
+    def test_live_estimator_starts_at_lowest_seen(self) -> None:
+        """Before any standby, the sliding estimator reports the lowest power seen."""
+        est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
+        est.observe(0.0, 120.0, standby=False)
+        est.observe(0.5, 80.0, standby=False)
+        est.observe(1.0, 130.0, standby=False)
+        assert est.value_w == 80.0
+
+    def test_live_estimator_window_slides(self) -> None:
+        """Samples older than the window stop counting."""
+        est = BaselineEstimator(window_s=10.0, recompute_s=0.0)
+        for i in range(20):
+            est.observe(float(i), 100.0, standby=True)
+        for i in range(20, 40):
+            est.observe(float(i), 60.0, standby=True)
+        assert est.value_w == 60.0

@@ -1,0 +1,192 @@
+"""Property-based tests of the ledger's invariants (DESIGN.md lists them)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.ledger import Ledger
+
+Trace = tuple[
+    dict[str, list[tuple[float, float]]], list[dict[str, object]], dict[str, float] | None
+]
+
+
+@st.composite
+def traces(draw: st.DrawFn, max_requests: int = 12) -> Trace:
+    n_gpus = draw(st.integers(1, 3))
+    gpus = [str(i) for i in range(n_gpus)]
+    power: dict[str, list[tuple[float, float]]] = {}
+    for g in gpus:
+        steps = draw(st.lists(st.floats(0.01, 2.0), min_size=2, max_size=30))
+        watts = draw(st.lists(st.floats(0.0, 700.0), min_size=len(steps), max_size=len(steps)))
+        t = draw(st.floats(0.0, 1.0))
+        pts = []
+        for dt, w in zip(steps, watts, strict=True):
+            pts.append((t, w))
+            t += dt
+        power[g] = pts
+    horizon = max(p[-1][0] for p in power.values())
+    reqs: list[dict[str, object]] = []
+    for i in range(draw(st.integers(0, max_requests))):
+        start = draw(st.floats(0.0, horizon))
+        end = draw(st.floats(start, horizon + 1.0))
+        ft = draw(st.one_of(st.none(), st.floats(start, end)))
+        reqs.append(
+            {
+                "request_id": f"r{i}",
+                "model": draw(st.sampled_from(["a", "b"])),
+                "start_s": start,
+                "end_s": end,
+                "first_token_s": ft,
+                "prompt_tokens": draw(st.one_of(st.none(), st.integers(0, 4000))),
+                "completion_tokens": draw(st.one_of(st.none(), st.integers(0, 500))),
+            }
+        )
+    idle = draw(
+        st.one_of(st.none(), st.fixed_dictionaries({g: st.floats(0.0, 400.0) for g in gpus}))
+    )
+    return power, reqs, idle
+
+
+def run(
+    trace: Trace, order: list[int] | None = None
+) -> tuple[Ledger, dict[str, tuple[float, float]]]:
+    power, reqs, idle = trace
+    ledger = Ledger(list(power), idle_watts=idle, baseline_window_s=None if idle else 600.0)
+    order = order if order is not None else list(range(len(reqs)))
+    for i in order:
+        ledger.add_request(**reqs[i])  # type: ignore[arg-type]
+    events = sorted((t, g, p) for g, pts in power.items() for t, p in pts)
+    for t, g, p in events:
+        ledger.sample(g, t, p)
+    ledger.flush()
+    return ledger, {f.id: (f.dynamic_j, f.idle_j) for f in ledger.pop_finished()}
+
+
+def integral(power: dict[str, list[tuple[float, float]]]) -> float:
+    return sum(
+        (p0 + p1) / 2 * (t1 - t0)
+        for pts in power.values()
+        for (t0, p0), (t1, p1) in itertools.pairwise(pts)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(traces())
+def test_nothing_is_lost_or_created(trace: Trace) -> None:
+    """Phases, GPUs and requests-plus-standby all sum to the measured energy (1e-6 relative)."""
+    ledger, got = run(trace)
+    measured = integral(trace[0])
+    tol = 1e-6 * max(1.0, measured)
+    assert ledger.total_j == pytest.approx(measured, abs=tol)
+    assert sum(ledger.gpu_energy_j(g) for g in ledger.gpus) == pytest.approx(measured, abs=tol)
+    per_request = sum(d + i for d, i in got.values())
+    assert per_request + ledger.phase_j["idle_standby"] == pytest.approx(measured, abs=tol)
+    assert sum(ledger.model_j.values()) == pytest.approx(per_request, abs=tol)
+    assert set(got) == {str(r["request_id"]) for r in trace[1]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(traces())
+def test_every_share_is_non_negative(trace: Trace) -> None:
+    """No phase, request share or model share is ever negative."""
+    ledger, got = run(trace)
+    assert all(v >= 0 for v in ledger.phase_j.values())
+    assert all(d >= 0 and i >= 0 for d, i in got.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(traces(max_requests=1))
+def test_a_request_alone_gets_all_dynamic_and_idle_serving(trace: Trace) -> None:
+    """With a single request, every joule of dynamic and idle_serving is its own."""
+    ledger, got = run(trace)
+    for d, i in got.values():
+        assert d == pytest.approx(ledger.phase_j["dynamic"], abs=1e-9)
+        assert i == pytest.approx(ledger.phase_j["idle_serving"], abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(traces(max_requests=6), st.integers(2, 4))
+def test_identical_concurrent_requests_get_equal_energy(trace: Trace, copies: int) -> None:
+    """Copies of one request (same times and tokens) receive identical shares."""
+    power, reqs, idle = trace
+    if not reqs:
+        return
+    base = reqs[0]
+    clones = [dict(base, request_id=f"clone{k}") for k in range(copies)]
+    _, got = run((power, reqs[1:] + clones, idle))
+    shares = [got[f"clone{k}"] for k in range(copies)]
+    for d, i in shares[1:]:
+        assert d == pytest.approx(shares[0][0], rel=1e-9, abs=1e-9)
+        assert i == pytest.approx(shares[0][1], rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(traces(), st.randoms(use_true_random=False))
+def test_reordering_events_changes_nothing(trace: Trace, rnd: random.Random) -> None:
+    """The order in which simultaneous request events arrive does not change any result."""
+    n = len(trace[1])
+    order = list(range(n))
+    rnd.shuffle(order)
+    ledger_a, got_a = run(trace)
+    ledger_b, got_b = run(trace, order)
+    assert ledger_a.phase_j == pytest.approx(ledger_b.phase_j, abs=1e-9)
+    for rid, (d, i) in got_a.items():
+        assert got_b[rid] == pytest.approx((d, i), abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(traces(max_requests=8), st.randoms(use_true_random=False))
+def test_live_events_conserve_energy(trace: Trace, rnd: random.Random) -> None:
+    """Events delivered live (chunks, late usage) and interleaved with samples conserve energy."""
+    power, reqs, idle = trace
+    ledger = Ledger(list(power), idle_watts=idle, max_wait_s=rnd.choice([0.5, 5.0]))
+    events: list[tuple[float, int, str, dict[str, Any]]] = []
+    for r in reqs:
+        rid = str(r["request_id"])
+        start, end = float(r["start_s"]), float(r["end_s"])  # type: ignore[arg-type]
+        events.append(
+            (
+                start,
+                0,
+                "start",
+                {"request_id": rid, "model": r["model"], "prompt_tokens": r["prompt_tokens"]},
+            )
+        )
+        t = start
+        while t < end:
+            t += rnd.uniform(0.01, 0.5)
+            events.append(
+                (min(t, end), 1, "tokens", {"request_id": rid, "count": rnd.randint(1, 3)})
+            )
+        events.append(
+            (end, 2, "finish", {"request_id": rid, "completion_tokens": r["completion_tokens"]})
+        )
+    for g, pts in power.items():
+        for t, p in pts:
+            events.append((t, 3, "sample", {"gpu": g, "power_w": p}))
+    events.sort(key=lambda e: (e[0], e[1]))
+    for t, _, kind, kw in events:
+        if kind == "start":
+            ledger.start(kw["request_id"], t, model=kw["model"], prompt_tokens=kw["prompt_tokens"])
+        elif kind == "tokens":
+            ledger.tokens(kw["request_id"], t, kw["count"])
+        elif kind == "finish":
+            ledger.finish(kw["request_id"], t, completion_tokens=kw["completion_tokens"])
+        else:
+            ledger.sample(kw["gpu"], t, kw["power_w"])
+    ledger.flush()
+    got = ledger.pop_finished()
+    measured = integral(power)
+    tol = 1e-6 * max(1.0, measured)
+    assert ledger.total_j == pytest.approx(measured, abs=tol)
+    assert sum(f.energy_j for f in got) + ledger.phase_j["idle_standby"] == pytest.approx(
+        measured, abs=tol
+    )
+    assert all(f.dynamic_j >= 0 and f.idle_j >= 0 for f in got)
