@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.carbon_math import operational_grams
+from sidecar.carbon.emissions import operational_grams
 from sidecar.ledger import Ledger, estimate_idle_watts
 from sidecar.power.base import PowerSample
 from sidecar.reconcile import reconcile_all

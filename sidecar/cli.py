@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sidecar import __version__
 
@@ -47,6 +47,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-energy-sidecar",
@@ -78,8 +85,124 @@ def build_parser() -> argparse.ArgumentParser:
         "--carbon-intensity", type=_non_negative, help="gCO2e/kWh; adds emissions_grams"
     )
     att.set_defaults(handler=_cmd_attribute)
+    _add_run(sub)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the sidecar in front of an embedded simulated model server with load",
+        description="The main job on an embedded simulated GPU and model server; reads no environment.",
+    )
+    demo.add_argument(
+        "--duration", type=_positive, default=30.0, help="seconds to run (default 30)"
+    )
+    demo.add_argument(
+        "--rps", type=_positive, default=4.0, help="mean requests per second (default 4)"
+    )
+    demo.add_argument(
+        "--listen", default="127.0.0.1:8080", help="proxy HOST:PORT (default 127.0.0.1:8080)"
+    )
+    demo.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9400",
+        help="metrics HOST:PORT (default 127.0.0.1:9400)",
+    )
+    demo.set_defaults(handler=_cmd_demo)
 
     return parser
+
+
+RUN_HELP: dict[str, str] = {
+    "upstream": "the model server to proxy to (proxy mode)",
+    "listen": "HOST:PORT where the proxy listens (default 0.0.0.0:8080)",
+    "metrics_listen": "HOST:PORT for /metrics, /healthz, /readyz, /summary (default 0.0.0.0:9400)",
+    "observe": "the model server's own Prometheus endpoint (observer mode)",
+    "power_source": "nvml | dcgm:URL | simulated | replay:PATH (default nvml)",
+    "gpus": "GPU indices or UUIDs, comma separated (default: all visible)",
+    "sample_hz": "power samples per second per GPU, up to 100 (default 10)",
+    "idle_watts": "fixed idle baseline: one total, or one value per GPU (default: estimated)",
+    "region": "grid region: ISO country, grid zone, or aws:/gcp:/azure: cloud region",
+    "carbon_provider": "static | electricitymaps | watttime | uk (default static)",
+    "carbon_intensity": "fixed gCO2e/kWh; overrides the provider",
+    "carbon_api_url": "base URL of the live carbon provider's API",
+    "carbon_refresh": "seconds between live intensity refreshes (default 300)",
+    "emissions_budget": "grams CO2e per day this deployment may emit",
+    "pue": "data-centre power usage effectiveness (default 1.0)",
+    "model": "model label when a request names none (default 'default')",
+    "record": "append power samples and finished requests to DIR/power.csv and DIR/requests.csv",
+    "max_models": "distinct model labels before the rest become 'other' (default 20)",
+    "carbon_zone": "the live provider's own zone code, when it differs from --region",
+    "gpu_embodied_kg": "manufacturing emissions per GPU in kg (default by GPU model)",
+    "host_embodied_kg": "manufacturing emissions of the host in kg (default 2500 per 8-GPU server)",
+    "lifetime_years": "hardware lifetime for amortising embodied emissions",
+    "inject_usage": "add stream_options.include_usage to streaming OpenAI requests; strip the extra chunk",
+    "upstream_connect_timeout": "seconds to connect to the upstream (default 5)",
+    "upstream_read_timeout": "longest silence between upstream bytes, seconds (default 600)",
+    "grace_period": "on SIGTERM, seconds in-flight requests may take to finish (default 30)",
+    "log_level": "debug | info | warning | error (default info)",
+}
+
+
+def _add_run(sub: Any) -> None:
+    from sidecar.config import Settings
+
+    run = sub.add_parser(
+        "run",
+        help="run the sidecar (proxy and/or observer) with metrics",
+        description=(
+            "Run the sidecar. Every flag also reads LLM_ENERGY_<FLAG> from the environment, "
+            "and --config FILE reads the same keys (snake_case) from YAML; flags win over env, env over file."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    run.add_argument("--config", type=Path, help="YAML file with the same keys in snake_case")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            run.add_argument(
+                flag, action="store_const", const="true", dest=name, help=RUN_HELP[name]
+            )
+        else:
+            run.add_argument(flag, dest=name, metavar=name.upper(), help=RUN_HELP[name])
+    run.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sidecar import logs
+    from sidecar.app import serve
+    from sidecar.config import SettingsError, load_settings
+    from sidecar.power.base import PowerSourceError
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config")}
+    try:
+        settings = load_settings(flags, getattr(args, "config", None))
+    except SettingsError as e:
+        _fail(str(e))
+    logs.configure(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except ValueError as e:  # carbon settings that cannot work together (region, provider)
+        _fail(str(e).splitlines()[0])
+    except PowerSourceError as e:
+        _fail(f"--power-source: {e}")
+    except OSError as e:  # a port in use, typically
+        _fail(f"cannot listen: {e.strerror or e}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sidecar import logs
+    from sidecar.demo import run_demo
+
+    logs.configure("warning")
+    try:
+        return asyncio.run(run_demo(args.duration, args.rps, args.listen, args.metrics_listen))
+    except OSError as e:
+        _fail(
+            f"cannot listen: {e.strerror or e} (use --listen/--metrics-listen to pick free ports)"
+        )
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:

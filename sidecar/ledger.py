@@ -279,6 +279,12 @@ class Ledger:
         self._live[request_id] = req
         bisect.insort(self._starts, (t, request_id))
 
+    def relabel(self, request_id: str, model: str) -> None:
+        """The model became known after the start (named by the response, not the request)."""
+        req = self._live.get(request_id)
+        if req is not None:
+            req.model = model
+
     def first_token(self, request_id: str, time_s: float) -> None:
         """The first response bytes of a streamed request: prefill is over."""
         req = self._live.get(request_id)
@@ -310,6 +316,16 @@ class Ledger:
             req.segments.append((req.start_s, t, float(count)))
         req.last_chunk_s = t
         req.streamed += count
+        req.known_s = max(req.known_s, t)
+        self._process()
+
+    def touch(self, request_id: str, time_s: float) -> None:
+        """No tokens since the last event, but the request is known to be working up to now."""
+        req = self._live.get(request_id)
+        if req is None or req.end_s != _INF or req.first_token_s is None:
+            return
+        t = max(self._clamp(time_s), req.start_s)
+        req.last_chunk_s = max(req.last_chunk_s or t, t)
         req.known_s = max(req.known_s, t)
         self._process()
 

@@ -6,6 +6,7 @@ import os
 from collections.abc import Generator
 
 import pytest
+import structlog
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -18,3 +19,11 @@ def pytest_runtest_makereport(
     if os.environ.get("CI") == "true" and report.skipped and item.get_closest_marker("gpu") is None:
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (only `gpu` tests may skip): {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Generator[None, None, None]:
+    """Each test starts and ends with structlog's defaults: no configuration leaks across tests."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

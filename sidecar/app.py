@@ -1,0 +1,379 @@
+"""Assembles one sidecar from its settings and runs it until SIGTERM.
+
+Everything with a lifetime (the power source and its worker thread, the
+sampler and ticker tasks, the upstream session, the recorder) is started in
+:meth:`Sidecar.start` and released in :meth:`Sidecar.stop`, in reverse
+order. The aiohttp applications come from factories that tests also use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+from pydantic import SecretStr
+
+from sidecar.carbon import CarbonIntensityTracker, EmbodiedModel, build_tracker
+from sidecar.config import Credentials, Settings, split_host_port
+from sidecar.ledger import FinishedRequest
+from sidecar.meter import Meter
+from sidecar.metrics import BuildInfo, SidecarCollector, make_registry
+from sidecar.power.base import GpuInfo, PowerSample, PowerSource, PowerSourceError
+from sidecar.power.simulated import SimulatedGpus, SimulatedSource
+from sidecar.sampler import Sampler, SamplerStats
+from sidecar.server import create_metrics_app
+from sidecar.trace import TraceRecorder
+from sidecar.tracking.observer import Observation, ObservationDelta, Observer
+from sidecar.tracking.proxy import Proxy
+
+log = structlog.get_logger("sidecar.app")
+
+TICK_S = 0.5
+OBSERVE_INTERVAL_S = 1.0
+
+
+def build_source(
+    settings: Settings,
+    *,
+    env: Mapping[str, str],
+    clock: Callable[[], float],
+    simulated: SimulatedGpus | None = None,
+) -> PowerSource:
+    """The power source the settings name (``--power-source``)."""
+    kind, _, arg = settings.power_source.partition(":")
+    gpus = list(settings.gpus) or None
+    if kind == "simulated":
+        model = simulated or SimulatedGpus(gpus=len(gpus) if gpus else 1)
+        return SimulatedSource(model, clock=clock)
+    if kind == "replay":
+        from sidecar.power.replay import ReplaySource
+
+        return ReplaySource(Path(arg), clock=clock)
+    if kind == "dcgm":
+        from sidecar.power.dcgm import DcgmSource
+
+        return DcgmSource(
+            arg,
+            pod=env.get("POD_NAME") or None,
+            namespace=env.get("POD_NAMESPACE") or None,
+            gpus=gpus,
+            clock=clock,
+        )
+    from sidecar.power.nvml import NvmlSource
+
+    return NvmlSource(gpus, clock=clock)
+
+
+def build_intensity(settings: Settings, env: Mapping[str, str]) -> CarbonIntensityTracker:
+    """The carbon tracker the settings name; raises a one-line ValueError naming the flag."""
+    creds = Credentials.from_env(env)
+    return build_tracker(
+        region=settings.region,
+        provider=settings.carbon_provider,
+        fixed_g_per_kwh=settings.carbon_intensity,
+        zone=settings.carbon_zone,
+        api_url=str(settings.carbon_api_url) if settings.carbon_api_url else None,
+        refresh_s=settings.carbon_refresh,
+        electricitymaps_token=_secret(creds.carbon_api_token),
+        watttime_user=creds.watttime_user,
+        watttime_password=_secret(creds.watttime_password),
+    )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+class RequestDrivenLoad:
+    """In ``run --power-source simulated``, proxied requests drive the simulated GPU.
+
+    A stand-in for what a real model server does to a real GPU: prefill work
+    until the first token, then decode work per token, nothing after the end.
+    """
+
+    def __init__(self, model: SimulatedGpus, clock: Callable[[], float]) -> None:
+        self._model = model
+        self._clock = clock
+
+    def started(self, rid: str) -> None:
+        self._model.set_load(rid, self._clock(), 150.0)
+
+    def streaming(self, rid: str) -> None:
+        self._model.set_load(rid, self._clock(), 60.0)
+
+    def finished(self, rid: str) -> None:
+        self._model.set_load(rid, self._clock(), 0.0)
+        self._model.forget(rid)
+
+
+class Sidecar:
+    """One running sidecar: source, sampler, meter, proxy, outputs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        simulated: SimulatedGpus | None = None,
+        drive_simulated: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.env = dict(os.environ if env is None else env)
+        self.clock = clock
+        self.simulated = simulated
+        if simulated is None and settings.power_source == "simulated":
+            self.simulated = SimulatedGpus(gpus=len(settings.gpus) or 1)
+        self._drive = (
+            drive_simulated if drive_simulated is not None else simulated is None
+        ) and self.simulated is not None
+        self.carbon = build_intensity(settings, self.env)
+        self._carbon_session: aiohttp.ClientSession | None = None
+        self.source: PowerSource | None = None
+        self.gpus: list[GpuInfo] = []
+        self.meter: Meter | None = None
+        self.sampler: Sampler | None = None
+        self.proxy: Proxy | None = None
+        self.recorder: TraceRecorder | None = None
+        self.observer: Observer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready_session: aiohttp.ClientSession | None = None
+        self._ready_cache: tuple[float, bool, str] = (-1e9, False, "not checked")
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        self.source = build_source(s, env=self.env, clock=self.clock, simulated=self.simulated)
+        self.gpus = await asyncio.to_thread(self.source.open)
+        if not self.gpus:
+            raise PowerSourceError(f"power source {s.power_source!r} reports no GPU")
+        if s.record is not None:
+            self.recorder = TraceRecorder(s.record, wall_offset_s=time.time() - self.clock())
+        idle = _idle_map(s.idle_watts, self.gpus)
+        embodied = EmbodiedModel.for_gpus(
+            self.gpus[0].name,
+            len(self.gpus),
+            gpu_embodied_kg=s.gpu_embodied_kg,
+            host_embodied_kg=s.host_embodied_kg,
+            lifetime_years=s.lifetime_years,
+        )
+        self.meter = Meter(
+            self.gpus,
+            clock=self.clock,
+            idle_watts=idle,
+            max_models=s.max_models,
+            default_model=s.model,
+            intensity=self.carbon,
+            pue=s.pue,
+            embodied_g_per_s=embodied.grams_per_second,
+            budget_g_per_day=s.emissions_budget,
+            on_finished=self._record_request,
+        )
+        self.sampler = Sampler(
+            self.source,
+            self.gpus,
+            hz=s.sample_hz,
+            sink=self.meter.on_samples,
+            raw_sink=self._record_power if self.recorder else None,
+            clock=self.clock,
+        )
+        self._tasks.append(asyncio.create_task(self.sampler.run(), name="sampler"))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+        if s.upstream is not None:
+            self.proxy = Proxy(
+                self.meter,
+                str(s.upstream),
+                connect_timeout_s=s.upstream_connect_timeout,
+                read_timeout_s=s.upstream_read_timeout,
+                inject_usage=s.inject_usage,
+                clock=self.clock,
+            )
+            await self.proxy.start()
+            if self._drive and self.simulated is not None:
+                self.meter.listener = RequestDrivenLoad(self.simulated, self.clock)
+        if s.observe is not None:
+            self.observer = Observer(
+                str(s.observe),
+                default_model=s.model,
+                interval_s=OBSERVE_INTERVAL_S,
+                clock=self.clock,
+                on_observation=self._on_observation,
+            )
+            self._tasks.append(asyncio.create_task(self.observer.run(), name="observer"))
+        self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self._carbon_session = aiohttp.ClientSession()
+        await self.carbon.start(self._carbon_session)
+        log.info(
+            "sidecar.started",
+            mode=s.mode,
+            power_source=s.power_source.split(":", 1)[0],
+            gpus=[g.uuid for g in self.gpus],
+            sample_hz=s.sample_hz,
+        )
+
+    async def stop(self) -> None:
+        for task in reversed(self._tasks):
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.sampler is not None:
+            self.sampler.flush()
+        if self.meter is not None:
+            self.meter.flush()
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.observer is not None:
+            await self.observer.close()
+        await self.carbon.stop()
+        if self._carbon_session is not None:
+            await self._carbon_session.close()
+        if self._ready_session is not None:
+            await self._ready_session.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.source is not None:
+            await asyncio.to_thread(self.source.close)
+        log.info("sidecar.stopped")
+
+    async def _ticker(self) -> None:
+        assert self.meter is not None
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.meter.tick()
+                if self.recorder is not None:
+                    self.recorder.flush()
+            except Exception:
+                log.exception("sidecar.tick_failed")
+
+    def _on_observation(self, obs: Observation, delta: ObservationDelta | None) -> None:
+        """Observer mode: the server's counters become per-model activity in the ledger.
+
+        With the proxy also in the path, its per-request view wins: while it has
+        seen inference traffic in the last minute the observer only watches.
+        """
+        meter = self.meter
+        if meter is None or delta is None:
+            return
+        if meter.last_proxied_s is not None and self.clock() - meter.last_proxied_s < 60.0:
+            return
+        models = set(obs.running) | set(delta.generation_tokens) | set(delta.prompt_tokens)
+        for model in sorted(models):
+            meter.observed(
+                model,
+                running=obs.running.get(model, 0.0),
+                prompt_tokens=delta.prompt_tokens.get(model, 0.0),
+                completion_tokens=delta.generation_tokens.get(model, 0.0),
+                finished=delta.requests.get(model, 0.0),
+            )
+
+    # ------------------------------------------------------------------- outputs
+    def _record_power(self, sample: PowerSample) -> None:
+        if self.recorder is not None:
+            self.recorder.power(sample.time_s, sample.gpu, sample.power_w, sample.energy_j)
+
+    def _record_request(self, finished: FinishedRequest) -> None:
+        if self.recorder is not None:
+            self.recorder.request(finished)
+
+    def stats(self) -> SamplerStats:
+        return self.sampler.stats if self.sampler is not None else SamplerStats()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Proxy mode: the upstream answers (any HTTP status). Cached for a second."""
+        upstream = self.settings.upstream
+        if upstream is None:
+            return True, "observer mode"
+        at, ok, detail = self._ready_cache
+        now = self.clock()
+        if now - at < 1.0:
+            return ok, detail
+        try:
+            assert self._ready_session is not None
+            async with self._ready_session.get(str(upstream)) as r:
+                ok, detail = True, f"upstream answered {r.status}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            ok, detail = False, f"upstream unreachable ({type(e).__name__})"
+        self._ready_cache = (now, ok, detail)
+        return ok, detail
+
+    def metrics_app(self) -> web.Application:
+        assert self.meter is not None
+        collector = SidecarCollector(
+            self.meter,
+            self.stats,
+            BuildInfo(self.settings.power_source.split(":", 1)[0], self.settings.mode),
+        )
+        return create_metrics_app(make_registry(collector), self.meter, self.stats, self.ready)
+
+    def proxy_app(self) -> web.Application:
+        assert self.proxy is not None
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        return app
+
+
+def _idle_map(values: tuple[float, ...], gpus: list[GpuInfo]) -> dict[str, float] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return {g.gpu: values[0] / len(gpus) for g in gpus}
+    if len(values) != len(gpus):
+        raise PowerSourceError(
+            f"--idle-watts: {len(values)} values for {len(gpus)} GPUs (give one total or one per GPU)"
+        )
+    return {g.gpu: v for g, v in zip(gpus, values, strict=True)}
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; drain in-flight requests within the grace period."""
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    runners: list[web.AppRunner] = []
+    try:
+        metrics_runner = web.AppRunner(sidecar.metrics_app(), access_log=None)
+        await metrics_runner.setup()
+        host, port = split_host_port(settings.metrics_listen)
+        await web.TCPSite(metrics_runner, host, port).start()
+        runners.append(metrics_runner)
+        if sidecar.proxy is not None:
+            proxy_runner = web.AppRunner(
+                sidecar.proxy_app(),
+                access_log=None,
+                handler_cancellation=True,
+                shutdown_timeout=settings.grace_period,
+            )
+            await proxy_runner.setup()
+            host, port = split_host_port(settings.listen)
+            await web.TCPSite(proxy_runner, host, port).start()
+            runners.insert(0, proxy_runner)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "sidecar.listening",
+            proxy=settings.listen if sidecar.proxy else None,
+            metrics=settings.metrics_listen,
+        )
+        await stop.wait()
+        log.info(
+            "sidecar.draining",
+            inflight=sidecar.proxy.inflight if sidecar.proxy else 0,
+            grace_s=settings.grace_period,
+        )
+    finally:
+        for runner in runners:  # the proxy first: stop accepting, let streams finish
+            await runner.cleanup()
+        await sidecar.stop()
+    return 0

@@ -1,0 +1,227 @@
+"""The one validated, frozen settings object, built once in ``main``.
+
+Sources, strongest first: command-line flags, ``LLM_ENERGY_*`` environment
+variables, then the ``--config`` YAML file (snake_case keys). pydantic-settings
+does the merging and validation; :func:`load_settings` turns the first error
+into one line naming the flag, as users of a CLI expect. Credentials come from
+the environment only (:class:`Credentials`), never from flags or files.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LLM_ENERGY_"
+CarbonProvider = Literal["static", "electricitymaps", "watttime", "uk"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "config_file", default=None
+)
+
+
+class SettingsError(Exception):
+    """A bad setting: the message is one line that names the flag."""
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, int | float):
+        return [value]
+    return value
+
+
+def _host_port(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    _host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+HostPort = Annotated[str, BeforeValidator(_host_port)]
+CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split)]
+FloatList = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_split)]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"0.0.0.0:9400"`` to ``("0.0.0.0", 9400)``; ``[::1]:80`` keeps its brackets off."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Settings(BaseSettings):
+    """Every flag of ``run`` (CONTRACT.md); see the README's CLI reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    upstream: AnyHttpUrl | None = None
+    listen: HostPort = "0.0.0.0:8080"
+    metrics_listen: HostPort = "0.0.0.0:9400"
+    observe: AnyHttpUrl | None = None
+    power_source: str = "nvml"
+    gpus: CommaList = ()
+    sample_hz: float = Field(10.0, gt=0, le=100)
+    idle_watts: FloatList = ()
+    region: str | None = None
+    carbon_provider: CarbonProvider = "static"
+    carbon_intensity: float | None = Field(None, ge=0, le=5000)
+    carbon_api_url: AnyHttpUrl | None = None
+    carbon_refresh: float = Field(300.0, gt=0)
+    emissions_budget: float | None = Field(None, gt=0)
+    pue: float = Field(1.0, ge=1.0, le=5.0)
+    model: str = Field("default", min_length=1, max_length=128)
+    record: Path | None = None
+    max_models: int = Field(20, ge=1, le=1000)
+    carbon_zone: str | None = None
+    gpu_embodied_kg: float | None = Field(None, ge=0)
+    host_embodied_kg: float | None = Field(None, ge=0)
+    lifetime_years: float | None = Field(None, gt=0)
+    inject_usage: bool = False
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_read_timeout: float = Field(600.0, gt=0)
+    grace_period: float = Field(30.0, ge=0)
+    log_level: LogLevel = "info"
+
+    @field_validator("power_source")
+    @classmethod
+    def _power_source(cls, value: str) -> str:
+        kind, _, arg = value.partition(":")
+        if kind in ("nvml", "simulated") and not arg:
+            return value
+        if kind == "replay" and arg:
+            if not Path(arg).is_file():
+                raise ValueError(f"replay file {arg!r} does not exist")
+            return value
+        if kind == "dcgm" and arg.startswith(("http://", "https://")):
+            return value
+        raise ValueError("expected nvml, simulated, dcgm:URL or replay:PATH")
+
+    @field_validator("idle_watts")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("watts cannot be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _a_mode(self) -> Settings:
+        if self.upstream is None and self.observe is None:
+            raise ValueError(
+                "give --upstream URL (proxy mode), --observe URL (observer mode), or both"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def without_env(cls, **values: Any) -> Settings:
+        """Settings from the given values and defaults only (``demo`` reads no environment)."""
+        token = _config_file.set(None)
+        try:
+            return cls(_env_prefix="LLM_ENERGY_UNUSED_PREFIX_\x00_", **values)
+        finally:
+            _config_file.reset(token)
+
+    @property
+    def mode(self) -> Literal["proxy", "observer", "proxy+observer"]:
+        if self.upstream is not None and self.observe is not None:
+            return "proxy+observer"
+        return "proxy" if self.upstream is not None else "observer"
+
+
+class Credentials(BaseModel):
+    """Secrets for live carbon providers: environment only, never logged."""
+
+    model_config = {"frozen": True}
+
+    carbon_api_token: SecretStr | None = None
+    watttime_user: str | None = None
+    watttime_password: SecretStr | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Credentials:
+        def get(name: str) -> str | None:
+            return env.get(ENV_PREFIX + name.upper()) or None
+
+        return cls.model_validate(
+            {k: get(k) for k in ("carbon_api_token", "watttime_user", "watttime_password")}
+        )
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return msg
+    field = loc[0]
+    if first["type"] == "extra_forbidden":
+        return f"unknown setting {field!r} in the config file"
+    value = first.get("input")
+    shown = (
+        f" (got {value!r})"
+        if isinstance(value, str | int | float) and len(repr(value)) < 80
+        else ""
+    )
+    return f"{_flag(field)}: {msg}{shown}"
+
+
+def load_settings(flags: Mapping[str, Any], config_file: Path | None = None) -> Settings:
+    """Merge flags, environment and file into one validated :class:`Settings`."""
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"--config: {str(config_file)!r} is not a readable file")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**flags)
+    except ValidationError as e:
+        raise SettingsError(_describe(e)) from None
+    except (ValueError, OSError) as e:  # a YAML file that does not parse
+        raise SettingsError(f"--config: {e}".splitlines()[0]) from None
+    finally:
+        _config_file.reset(token)

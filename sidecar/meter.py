@@ -1,0 +1,420 @@
+"""The meter: where request events, power samples and carbon meet the outputs.
+
+It owns the ledger and keeps every figure the outputs need as plain numbers
+(counters, bucket counts, a ring of per-second snapshots), so a Prometheus
+scrape or a ``/summary`` call only reads cached state: its cost follows the
+number of label values, never the requests in flight. Emissions accrue as
+energy is assigned, at the intensity in force at that moment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol
+
+import structlog
+
+from sidecar.carbon.emissions import operational_grams
+from sidecar.ledger import PHASES, FinishedRequest, Ledger, Phase, Status
+from sidecar.power.base import GpuInfo, PowerSample
+
+log = structlog.get_logger("sidecar.meter")
+
+Endpoint = Literal["chat", "completion", "embedding", "generate", "other"]
+ENDPOINTS: Final[tuple[Endpoint, ...]] = ("chat", "completion", "embedding", "generate", "other")
+REQUEST_BUCKETS_J: Final = (
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5,
+)  # fmt: skip
+OTHER_MODEL: Final = "other"
+OBSERVED: Final = "observed"
+"""Ledger endpoint of observer mode's per-model activity spans."""
+BOUNDARY: Final = (
+    "energy of the metered GPUs only; CPU, memory, network and cooling are outside "
+    "(PUE scales emissions, not joules)"
+)
+
+
+class LoadListener(Protocol):
+    """Told of request lifecycle events (the simulated GPU follows proxied load with it)."""
+
+    def started(self, rid: str) -> None: ...
+    def streaming(self, rid: str) -> None: ...
+    def finished(self, rid: str) -> None: ...
+
+
+class IntensitySource(Protocol):
+    """What the meter needs of carbon intensity: the figure in force now."""
+
+    @property
+    def g_per_kwh(self) -> float: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def basis(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FixedIntensity:
+    """A constant intensity (``--carbon-intensity`` or the world average)."""
+
+    g_per_kwh: float
+    region: str
+    source: str
+    basis: str = "unknown"
+
+
+class ModelLabels:
+    """Bounded ``model`` label values: the first ``limit`` names seen, then ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def __call__(self, model: str) -> str:
+        if model in self._known:
+            return model
+        if len(self._known) < self._limit and len(model) <= 128:
+            self._known.add(model)
+            return model
+        return OTHER_MODEL
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-bucket histogram kept as plain counts (Prometheus semantics)."""
+
+    bounds: tuple[float, ...] = REQUEST_BUCKETS_J
+    counts: list[int] = field(default_factory=lambda: [0] * (len(REQUEST_BUCKETS_J) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else f"{bound:g}", running))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    time_s: float
+    phase_j: tuple[float, float, float]
+    requests: int
+    completion_tokens: int
+    operational_g: float
+    embodied_g: float
+
+
+@dataclass(slots=True)
+class _Open:
+    """A request the proxy is tracking; counters are bumped when it ends."""
+
+    model: str
+    endpoint: Endpoint
+
+
+class Meter:
+    """Accounting state of one sidecar process."""
+
+    def __init__(
+        self,
+        gpus: list[GpuInfo],
+        *,
+        clock: Callable[[], float],
+        idle_watts: dict[str, float] | None = None,
+        max_models: int = 20,
+        default_model: str = "default",
+        intensity: IntensitySource,
+        pue: float = 1.0,
+        embodied_g_per_s: float = 0.0,
+        budget_g_per_day: float | None = None,
+        on_finished: Callable[[FinishedRequest], None] | None = None,
+    ) -> None:
+        self.gpus = gpus
+        self.ledger = Ledger([g.gpu for g in gpus], idle_watts=idle_watts)
+        self.clock = clock
+        self.models = ModelLabels(max_models)
+        self.default_model = default_model
+        self.intensity = intensity
+        self.pue = pue
+        self.embodied_g_per_s = embodied_g_per_s
+        self.budget_g_per_day = budget_g_per_day
+        self._on_finished = on_finished
+        self.listener: LoadListener | None = None
+        self._ids = itertools.count(1)
+        self._open: dict[str, _Open] = {}
+        self.started_s = clock()
+        self._last_tick_s = self.started_s
+        # counters (cumulative since start)
+        self.requests: dict[tuple[str, Endpoint, Status], int] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.request_j: dict[str, Histogram] = {}
+        self.model_g: dict[str, float] = {}
+        self.emissions_g: dict[str, float] = {"operational": 0.0, "embodied": 0.0}
+        self.tracking_errors = 0
+        self._assigned_j = 0.0
+        self._model_assigned_j: dict[tuple[str, Phase], float] = {}
+        self._finished_inference = 0
+        self._completion_tokens = 0
+        self._history: deque[_Snapshot] = deque(maxlen=130)
+        self._observed: set[str] = set()
+        self.last_proxied_s: float | None = None
+
+    # ------------------------------------------------------------ request events
+    def request_started(
+        self,
+        endpoint: Endpoint,
+        model: str | None,
+        prompt_tokens: float | None,
+        time_s: float | None = None,
+    ) -> str:
+        """An inference request arrived (at ``time_s``, default now); returns its id."""
+        rid = f"r{next(self._ids)}"
+        label = self.models(model or self.default_model)
+        self.last_proxied_s = self.clock()
+        self._open[rid] = _Open(label, endpoint)
+        t = self.clock() if time_s is None else time_s
+        self.ledger.start(rid, t, model=label, endpoint=endpoint, prompt_tokens=prompt_tokens)
+        if self.listener is not None:
+            self.listener.started(rid)
+        return rid
+
+    def model_learned(self, rid: str, model: str) -> None:
+        """The response named the model (the request did not): relabel before it ends."""
+        req = self._open.get(rid)
+        if req is not None and req.model == self.models(self.default_model):
+            req.model = self.models(model)
+            self.ledger.relabel(rid, req.model)
+
+    def first_token(self, rid: str) -> None:
+        self.ledger.first_token(rid, self.clock())
+        if self.listener is not None:
+            self.listener.streaming(rid)
+
+    def tokens_streamed(self, rid: str, count: int) -> None:
+        if count > 0:
+            self.ledger.tokens(rid, self.clock(), count)
+
+    def request_finished(
+        self,
+        rid: str,
+        status: Status,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        req = self._open.pop(rid, None)
+        if req is None:
+            return
+        self.ledger.finish(
+            rid,
+            self.clock(),
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        if self.listener is not None:
+            self.listener.finished(rid)
+        key = (req.model, req.endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n:
+                tk = (req.model, kind)
+                self.tokens[tk] = self.tokens.get(tk, 0) + n
+        self._finished_inference += 1
+        self._completion_tokens += completion_tokens or 0
+        self._collect()
+
+    def other_request(self, status: Status) -> None:
+        """A non-inference request (health, model list, metrics): counted, holds no energy."""
+        key: tuple[str, Endpoint, Status] = (self.models(self.default_model), "other", status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observed(
+        self,
+        model: str,
+        *,
+        running: float,
+        prompt_tokens: float,
+        completion_tokens: float,
+        finished: float,
+    ) -> None:
+        """Observer mode: the server's own counters for one model since the last scrape.
+
+        While the server reports requests running, the model holds one activity
+        span in the ledger, weighted by the tokens it processed, so dynamic
+        energy splits between models by token throughput. Gives energy per
+        model and per token, not per request: no request is visible here.
+        """
+        label = self.models(model)
+        rid = OBSERVED + ":" + label
+        now = self.clock()
+        open_ = rid in self._observed
+        if running > 0 and not open_:
+            self.ledger.start(rid, now, model=label, endpoint=OBSERVED)
+            self.ledger.first_token(rid, now)
+            self._observed.add(rid)
+        work = round(prompt_tokens + completion_tokens)
+        if rid in self._observed:
+            if work > 0:
+                self.ledger.tokens(rid, now, work)
+            else:
+                self.ledger.touch(rid, now)
+            if running <= 0:
+                self.ledger.finish(rid, now, status="ok")
+                self._observed.discard(rid)
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n > 0:
+                tk = (label, kind)
+                self.tokens[tk] = self.tokens.get(tk, 0) + round(n)
+        if finished > 0:
+            key: tuple[str, Endpoint, Status] = (label, "generate", "ok")
+            self.requests[key] = self.requests.get(key, 0) + round(finished)
+            self._finished_inference += round(finished)
+        self._completion_tokens += round(max(0.0, completion_tokens))
+        self._collect()
+
+    # --------------------------------------------------------------- power, time
+    def on_samples(self, samples: Iterable[PowerSample]) -> None:
+        for s in samples:
+            if s.gpu in self.ledger.gpus:
+                self.ledger.sample(s.gpu, s.time_s, s.power_w)
+        self._collect()
+
+    def tick(self) -> None:
+        """Once a second or so: let bounded waits expire, accrue embodied, snapshot."""
+        now = self.clock()
+        self.ledger.advance(now)
+        self._collect()
+        dt = max(0.0, now - self._last_tick_s)
+        self._last_tick_s = now
+        self.emissions_g["embodied"] += self.embodied_g_per_s * dt
+        self._history.append(
+            _Snapshot(
+                now,
+                tuple(self.ledger.phase_j[p] for p in PHASES),  # type: ignore[arg-type]
+                self._finished_inference,
+                self._completion_tokens,
+                self.emissions_g["operational"],
+                self.emissions_g["embodied"],
+            )
+        )
+
+    def flush(self) -> None:
+        """Shutdown: assign everything and report every request."""
+        self.ledger.flush()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Fold newly assigned energy into emissions and finished requests into outputs."""
+        total = self.ledger.total_j
+        intensity = self.intensity.g_per_kwh
+        if total > self._assigned_j:
+            self.emissions_g["operational"] += operational_grams(
+                total - self._assigned_j, intensity, self.pue
+            )
+            self._assigned_j = total
+        for key, joules in self.ledger.model_j.items():
+            seen = self._model_assigned_j.get(key, 0.0)
+            if joules > seen:
+                model = key[0]
+                grams = operational_grams(joules - seen, intensity, self.pue)
+                self.model_g[model] = self.model_g.get(model, 0.0) + grams
+                self._model_assigned_j[key] = joules
+        for f in self.ledger.pop_finished():
+            if f.endpoint == OBSERVED:  # a model's stretch of activity, not a request
+                continue
+            self.request_j.setdefault(f.model, Histogram()).observe(f.energy_j)
+            if self._on_finished is not None:
+                try:
+                    self._on_finished(f)
+                except Exception:  # a recorder fault must not stop accounting
+                    log.exception("meter.on_finished_failed")
+
+    # ------------------------------------------------------------------ queries
+    def in_flight(self) -> dict[str, int]:
+        return self.ledger.in_flight()
+
+    def power_w(self, last_power: dict[str, float]) -> float:
+        return sum(last_power.get(g.gpu, 0.0) for g in self.gpus)
+
+    def summary(self, last_power: dict[str, float]) -> dict[str, Any]:
+        """The contract's ``/summary`` document."""
+        now = self._current()
+        first = self._history[0] if self._history else now
+        minute_ago = first
+        for snap in self._history:
+            if now.time_s - snap.time_s <= 60.0:
+                minute_ago = snap
+                break
+        start = _Snapshot(self.started_s, (0.0, 0.0, 0.0), 0, 0, 0.0, 0.0)
+        ci = self.intensity
+        return {
+            "last_minute": self._window(minute_ago, now),
+            "since_start": self._window(start, now),
+            "power_watts": self.power_w(last_power),
+            "idle_baseline_watts": self.ledger.idle_baseline_w(),
+            "carbon_intensity": {
+                "grams_per_kwh": ci.g_per_kwh,
+                "source": ci.source,
+                "region": ci.region,
+                "basis": ci.basis,
+            },
+            "pue": self.pue,
+            "emissions_budget_grams_per_day": self.budget_g_per_day,
+            "boundary": BOUNDARY,
+            "gpus": [{"gpu": g.gpu, "uuid": g.uuid, "name": g.name} for g in self.gpus],
+        }
+
+    def _current(self) -> _Snapshot:
+        return _Snapshot(
+            self.clock(),
+            tuple(self.ledger.phase_j[p] for p in PHASES),  # type: ignore[arg-type]
+            self._finished_inference,
+            self._completion_tokens,
+            self.emissions_g["operational"],
+            self.emissions_g["embodied"],
+        )
+
+    def _window(self, a: _Snapshot, b: _Snapshot) -> dict[str, Any]:
+        phases: dict[Phase, float] = {
+            p: max(0.0, b.phase_j[i] - a.phase_j[i]) for i, p in enumerate(PHASES)
+        }
+        total = sum(phases.values())
+        attributed = phases["dynamic"] + phases["idle_serving"]
+        requests = b.requests - a.requests
+        tokens = b.completion_tokens - a.completion_tokens
+        operational = b.operational_g - a.operational_g
+        embodied = b.embodied_g - a.embodied_g
+
+        def ratio(x: float, y: float) -> float | None:
+            return x / y if y > 0 else None
+
+        return {
+            "seconds": round(b.time_s - a.time_s, 3),
+            "energy_joules": {"total": total, **phases},
+            "requests": requests,
+            "completion_tokens": tokens,
+            "idle_share": ratio(phases["idle_serving"] + phases["idle_standby"], total),
+            "standby_share": ratio(phases["idle_standby"], total),
+            "joules_per_request_attributed": ratio(attributed, requests),
+            "joules_per_request_all_in": ratio(total, requests),
+            "joules_per_output_token": ratio(attributed, tokens),
+            "joules_per_output_token_all_in": ratio(total, tokens),
+            "grams_per_request": ratio(operational, requests),
+            "sci_grams_per_request": ratio(operational + embodied, requests),
+            "sci_grams_per_1k_tokens": None
+            if tokens <= 0
+            else (operational + embodied) * 1000 / tokens,
+            "emissions_grams": {"operational": operational, "embodied": embodied},
+        }

@@ -1,0 +1,105 @@
+"""Settings: flags over env over file, and one-line errors that name the flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import Credentials, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("LLM_ENERGY_"):
+            monkeypatch.delenv(key)
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag wins over LLM_ENERGY_*, which wins over the YAML file."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        "upstream: http://file:1\nsample_hz: 11\npue: 1.2\nmetrics_listen: 127.0.0.1:9999\n"
+    )
+    monkeypatch.setenv("LLM_ENERGY_SAMPLE_HZ", "22")
+    monkeypatch.setenv("LLM_ENERGY_PUE", "1.3")
+    s = load_settings({"pue": "1.4"}, cfg)
+    assert (s.sample_hz, s.pue, s.metrics_listen) == (22.0, 1.4, "127.0.0.1:9999")
+    assert str(s.upstream) == "http://file:1/"
+
+
+def test_lists_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Comma lists parse the same from env and flags."""
+    monkeypatch.setenv("LLM_ENERGY_GPUS", "GPU-a, GPU-b")
+    s = load_settings({"upstream": "http://x", "idle_watts": "60,70"})
+    assert s.gpus == ("GPU-a", "GPU-b")
+    assert s.idle_watts == (60.0, 70.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({}, "give --upstream URL"),
+        ({"upstream": "http://x", "sample_hz": "500"}, "--sample-hz:"),
+        ({"upstream": "not a url"}, "--upstream:"),
+        ({"upstream": "http://x", "power_source": "tpu"}, "--power-source: expected nvml"),
+        ({"upstream": "http://x", "listen": "8080"}, "--listen: '8080' is not HOST:PORT"),
+        ({"upstream": "http://x", "pue": "0.5"}, "--pue:"),
+        ({"upstream": "http://x", "carbon_provider": "magic"}, "--carbon-provider:"),
+        ({"upstream": "http://x", "idle_watts": "a,b"}, "--idle-watts:"),
+    ],
+)
+def test_bad_values_name_the_flag(flags: dict[str, str], message: str) -> None:
+    """Each bad value becomes one line starting with the flag's name."""
+    with pytest.raises(SettingsError) as exc:
+        load_settings(flags)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_file_key_is_named(tmp_path: Path) -> None:
+    """A typo in the YAML file is refused with the key's name."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("upstream: http://x\nsampel_hz: 3\n")
+    with pytest.raises(SettingsError, match="sampel_hz"):
+        load_settings({}, cfg)
+
+
+def test_credentials_only_from_env() -> None:
+    """Secrets come from LLM_ENERGY_* variables and never print their value."""
+    creds = Credentials.from_env(
+        {"LLM_ENERGY_CARBON_API_TOKEN": "s3cret", "LLM_ENERGY_WATTTIME_USER": "u"}
+    )
+    assert creds.carbon_api_token is not None
+    assert creds.carbon_api_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(creds)
+
+
+def test_run_with_bad_flag_exits_2_with_one_line() -> None:
+    """`run --sample-hz 0` exits 2 with one line on stderr naming the flag."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--sample-hz",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "--sample-hz" in lines[0]

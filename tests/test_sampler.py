@@ -1,0 +1,74 @@
+"""The async sampler: off-loop reads, real intervals, per-GPU errors, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from sidecar.power.base import GpuInfo, PowerSample, ReadError
+from sidecar.sampler import Sampler
+
+GPUS = [GpuInfo("0", "GPU-a", "fake"), GpuInfo("1", "GPU-b", "fake")]
+
+
+class ThreadRecordingSource:
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+        self.t = 0.0
+        self.energy = 0.0
+
+    def open(self) -> list[GpuInfo]:
+        return GPUS
+
+    def read(self) -> list[PowerSample | ReadError]:
+        self.threads.add(threading.get_ident())
+        self.t += 0.1
+        self.energy += 20.0  # 200 W for 0.1 s on GPU 0
+        return [PowerSample(self.t, "0", 100.0, self.energy), ReadError("1", "gpu_lost")]
+
+    def close(self) -> None:
+        return None
+
+
+async def test_reads_run_off_the_event_loop_and_count_errors() -> None:
+    """NVML-style blocking reads never run on the loop thread; a lost GPU is counted, not fatal."""
+    source = ThreadRecordingSource()
+    got: list[PowerSample] = []
+    sampler = Sampler(source, GPUS, hz=100, sink=got.extend)
+    task = asyncio.create_task(sampler.run())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert threading.get_ident() not in source.threads
+    assert sampler.stats.samples["0"] >= 20
+    assert sampler.stats.errors[("1", "gpu_lost")] == sampler.stats.reads
+    assert sampler.stats.mean_interval_s == pytest.approx(0.01, rel=0.6)
+    # reconciled against the counter: 200 W, not the 100 W the readings say
+    assert got
+    assert max(s.power_w for s in got[5:]) == pytest.approx(200.0, rel=0.05)
+
+
+def test_rate_is_bounded() -> None:
+    """More than 100 Hz is refused."""
+    with pytest.raises(ValueError, match="sample rate"):
+        Sampler(ThreadRecordingSource(), GPUS, hz=500, sink=lambda s: None)
+
+
+async def test_a_failing_source_is_counted_and_sampling_goes_on() -> None:
+    """An exception out of read() is counted as `unknown` for every GPU; the loop survives."""
+
+    class Broken(ThreadRecordingSource):
+        def read(self) -> list[PowerSample | ReadError]:
+            raise RuntimeError("driver exploded")
+
+    sampler = Sampler(Broken(), GPUS, hz=50, sink=lambda s: None)
+    task = asyncio.create_task(sampler.run())
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sampler.stats.errors[("0", "unknown")] >= 3
