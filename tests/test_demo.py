@@ -1,0 +1,102 @@
+"""`llm-energy-sidecar demo` runs the whole product, serves /metrics while it runs, exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+from procs import ROOT, free_port
+
+
+async def test_demo_runs_serves_metrics_and_summarises() -> None:
+    """A short demo prints live lines and a final summary, and /metrics answers meanwhile."""
+    port, mport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ENERGY_")}
+    env["LLM_ENERGY_UPSTREAM"] = "http://must-be-ignored.invalid"  # the demo reads no environment
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--duration",
+            "4",
+            "--rps",
+            "6",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            f"127.0.0.1:{mport}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    text = ""
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(60):
+                await asyncio.sleep(0.2)
+                try:
+                    async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
+                        text = await r.text()
+                    if "llm_energy_requests_total{" in text:
+                        break
+                except aiohttp.ClientError:
+                    continue
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 'llm_energy_build_info{mode="proxy",power_source="simulated"' in text
+    assert "J/req" in out
+    assert "summary" in out
+    for label in (
+        "GPU energy",
+        "idle share",
+        "energy per request",
+        "energy per output token",
+        "gCO2e per request",
+    ):
+        assert label in out
+    assert "Traceback" not in err
+
+
+async def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    """SIGINT ends the demo early with its summary and exit status 0."""
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--duration",
+            "60",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            f"127.0.0.1:{mport}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        await asyncio.sleep(3.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "summary" in out
+    assert "Traceback" not in err
