@@ -142,6 +142,36 @@ RUN_HELP: dict[str, str] = {
 }
 
 
+RUN_METAVAR: dict[str, str] = {
+    "upstream": "URL",
+    "observe": "URL",
+    "carbon_api_url": "URL",
+    "listen": "HOST:PORT",
+    "metrics_listen": "HOST:PORT",
+    "power_source": "SOURCE",
+    "gpus": "LIST",
+    "sample_hz": "N",
+    "idle_watts": "W",
+    "region": "CODE",
+    "carbon_zone": "CODE",
+    "carbon_provider": "PROVIDER",
+    "carbon_intensity": "G",
+    "emissions_budget": "G",
+    "carbon_refresh": "S",
+    "upstream_connect_timeout": "S",
+    "upstream_read_timeout": "S",
+    "grace_period": "S",
+    "pue": "F",
+    "model": "NAME",
+    "record": "DIR",
+    "max_models": "N",
+    "gpu_embodied_kg": "KG",
+    "host_embodied_kg": "KG",
+    "lifetime_years": "Y",
+    "log_level": "LEVEL",
+}
+
+
 def _add_run(sub: Any) -> None:
     from sidecar.config import Settings
 
@@ -154,7 +184,9 @@ def _add_run(sub: Any) -> None:
         ),
         argument_default=argparse.SUPPRESS,
     )
-    run.add_argument("--config", type=Path, help="YAML file with the same keys in snake_case")
+    run.add_argument(
+        "--config", type=Path, metavar="FILE", help="YAML file with the same keys in snake_case"
+    )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
@@ -162,7 +194,9 @@ def _add_run(sub: Any) -> None:
                 flag, action="store_const", const="true", dest=name, help=RUN_HELP[name]
             )
         else:
-            run.add_argument(flag, dest=name, metavar=name.upper(), help=RUN_HELP[name])
+            run.add_argument(
+                flag, dest=name, metavar=RUN_METAVAR.get(name, "VALUE"), help=RUN_HELP[name]
+            )
     run.set_defaults(handler=_cmd_run)
 
 

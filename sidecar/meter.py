@@ -335,6 +335,18 @@ class Meter:
             if f.endpoint == OBSERVED:  # a model's stretch of activity, not a request
                 continue
             self.request_j.setdefault(f.model, Histogram()).observe(f.energy_j)
+            log.debug(
+                "request.finished",
+                request_id=f.id,
+                model=f.model,
+                endpoint=f.endpoint,
+                status=f.status,
+                duration_s=round(f.end_s - f.start_s, 4),
+                prompt_tokens=f.prompt_tokens,
+                completion_tokens=f.completion_tokens,
+                dynamic_j=round(f.dynamic_j, 4),
+                idle_j=round(f.idle_j, 4),
+            )
             if self._on_finished is not None:
                 try:
                     self._on_finished(f)
