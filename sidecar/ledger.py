@@ -286,7 +286,11 @@ class Ledger:
             req.model = model
 
     def first_token(self, request_id: str, time_s: float) -> None:
-        """The first response bytes of a streamed request: prefill is over."""
+        """The first response bytes of a streamed request: prefill is over.
+
+        Token events only record; the next sample or :meth:`advance` assigns what
+        they unblocked, so a busy stream costs O(1) per chunk, not O(in flight).
+        """
         req = self._live.get(request_id)
         if req is None or req.first_token_s is not None or req.end_s != _INF:
             return
@@ -296,7 +300,6 @@ class Ledger:
         if req.prompt_work:
             req.segments.append((req.start_s, t, req.prompt_work))
         req.known_s = t
-        self._process()
 
     def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
         """A streamed chunk carrying ``count`` tokens arrived at ``time_s``."""
@@ -317,7 +320,6 @@ class Ledger:
         req.last_chunk_s = t
         req.streamed += count
         req.known_s = max(req.known_s, t)
-        self._process()
 
     def touch(self, request_id: str, time_s: float) -> None:
         """No tokens since the last event, but the request is known to be working up to now."""
@@ -327,7 +329,6 @@ class Ledger:
         t = max(self._clamp(time_s), req.start_s)
         req.last_chunk_s = max(req.last_chunk_s or t, t)
         req.known_s = max(req.known_s, t)
-        self._process()
 
     def finish(
         self,
