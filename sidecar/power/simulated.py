@@ -24,9 +24,34 @@ Clock = Callable[[], float]
 
 @dataclass(slots=True)
 class _Contribution:
-    watts: float = 0.0
+    """One request's draw: ramps up linearly to a new level, drops at once.
+
+    Dropping at once keeps every joule of a request inside its lifetime, so no
+    true dynamic energy can fall into standby (DESIGN.md's rule for the sim).
+    """
+
+    from_w: float = 0.0
+    to_w: float = 0.0
     since_s: float = 0.0
+    counted_s: float = 0.0
     truth_j: float = 0.0
+
+    def level(self, t: float, ramp_s: float) -> float:
+        if self.to_w <= self.from_w or ramp_s <= 0 or t - self.since_s >= ramp_s:
+            return self.to_w
+        return self.from_w + (self.to_w - self.from_w) * max(0.0, t - self.since_s) / ramp_s
+
+    def integral(self, a: float, b: float, ramp_s: float) -> float:
+        """Exact energy drawn in [a, b] (a >= since_s): the ramp is linear, then flat."""
+        if b <= a:
+            return 0.0
+        ramp_end = self.since_s + ramp_s if self.to_w > self.from_w else self.since_s
+        total = 0.0
+        if a < ramp_end:
+            mid = min(b, ramp_end)
+            total += (self.level(a, ramp_s) + self.level(mid, ramp_s)) / 2.0 * (mid - a)
+            a = mid
+        return total + self.to_w * max(0.0, b - a)
 
 
 @dataclass(slots=True)
@@ -34,23 +59,27 @@ class SimulatedGpus:
     """The power model: thread-safe, because the sampler reads it from a worker thread.
 
     ``set_load(rid, t, watts)`` changes a request's total contribution (spread
-    evenly over the GPUs, as tensor parallelism does) from time ``t`` on.
+    evenly over the GPUs, as tensor parallelism does) from time ``t`` on,
+    ramping up over ``ramp_s`` as real kernels and clocks do.
     """
 
     gpus: int = 1
     idle_w: float = 70.0
     noise_w: float = 1.5
     seed: int = 0
+    ramp_s: float = 0.03
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loads: dict[str, _Contribution] = field(default_factory=dict)
-    _total_w: float = 0.0
     _energy_j: float = 0.0  # per GPU, noiseless
     _energy_at_s: float | None = None
 
     def _advance(self, t: float) -> None:
         if self._energy_at_s is not None and t > self._energy_at_s:
-            per_gpu_w = self.idle_w + self._total_w / self.gpus
-            self._energy_j += per_gpu_w * (t - self._energy_at_s)
+            dynamic = sum(
+                c.integral(max(self._energy_at_s, c.since_s), t, self.ramp_s)
+                for c in self._loads.values()
+            )
+            self._energy_j += self.idle_w * (t - self._energy_at_s) + dynamic / self.gpus
         if self._energy_at_s is None or t > self._energy_at_s:
             self._energy_at_s = t
 
@@ -58,14 +87,16 @@ class SimulatedGpus:
         """From ``time_s`` on, ``request_id`` draws ``watts`` (0 ends its contribution)."""
         with self._lock:
             self._advance(time_s)
-            c = self._loads.setdefault(request_id, _Contribution(since_s=time_s))
-            c.truth_j += c.watts * max(0.0, time_s - c.since_s)
-            self._total_w += watts - c.watts
-            c.watts = max(0.0, watts)
-            c.since_s = time_s
+            c = self._loads.get(request_id)
+            if c is None:
+                c = self._loads[request_id] = _Contribution(since_s=time_s, counted_s=time_s)
+            c.truth_j += c.integral(max(c.counted_s, c.since_s), time_s, self.ramp_s)
+            c.from_w = c.level(time_s, self.ramp_s)
+            c.to_w = max(0.0, watts)
+            c.since_s = c.counted_s = time_s
 
     def truth_j(self, request_id: str) -> float:
-        """The request's exact dynamic energy so far, over all GPUs."""
+        """The request's exact dynamic energy up to its last load change, over all GPUs."""
         with self._lock:
             c = self._loads.get(request_id)
             return 0.0 if c is None else c.truth_j
@@ -77,10 +108,13 @@ class SimulatedGpus:
             return 0.0 if c is None else c.truth_j
 
     def power_w(self, time_s: float) -> float:
-        """Noiseless power of one GPU at ``time_s`` (the most recent load applies)."""
+        """Noiseless power of one GPU at ``time_s``."""
         with self._lock:
             self._advance(time_s)
-            return self.idle_w + self._total_w / self.gpus
+            return (
+                self.idle_w
+                + sum(c.level(time_s, self.ramp_s) for c in self._loads.values()) / self.gpus
+            )
 
     def energy_j(self, time_s: float) -> float:
         """Noiseless cumulative energy of one GPU, like NVML's counter."""
