@@ -384,6 +384,34 @@ class TestSelection:
         infos = make_source(FakeNvml(self.gpus()), clocks, gpus=[UUID1], env=env).open()
         assert [g.uuid for g in infos] == [UUID1]
 
+    def test_shared_process_namespace_discovers_the_model_gpus(self, clocks: Clocks) -> None:
+        """With every GPU visible, the GPUs running the model's processes are metered, no others."""
+        gpus = self.gpus()
+        gpus[2].pids = [4242]
+        gpus[0].pids = [999]  # another tenant's process, not in our pod
+        source = NvmlSource(
+            None,
+            clock=clocks.monotonic,
+            wall_clock=clocks.wall,
+            nvml=FakeNvml(gpus),
+            env={"NVIDIA_VISIBLE_DEVICES": "all"},
+            model_pids=lambda: {4242, 7},
+        )
+        assert [g.uuid for g in source.open()] == [UUID2]
+
+    def test_discovery_that_finds_nothing_still_refuses(self, clocks: Clocks) -> None:
+        """No model process on any GPU (host PIDs, no shared namespace): the whole-node guard holds."""
+        source = NvmlSource(
+            None,
+            clock=clocks.monotonic,
+            wall_clock=clocks.wall,
+            nvml=FakeNvml(self.gpus()),
+            env={"NVIDIA_VISIBLE_DEVICES": "all"},
+            model_pids=lambda: {4242},
+        )
+        with pytest.raises(PowerSourceError, match="--gpus"):
+            source.open()
+
     def test_no_gpu_visible(self, clocks: Clocks) -> None:
         """NVML with no device fails open and says what the runtime was asked for."""
         env = {"NVIDIA_VISIBLE_DEVICES": "void"}

@@ -24,14 +24,22 @@ package imports (and the other power sources work) where no driver exists.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSourceError, ReadError
-from sidecar.power.visibility import gpu_env, no_gpu_hint, select_gpus
+from sidecar.power.visibility import (
+    NVIDIA_VISIBLE_DEVICES,
+    foreign_pids,
+    gpu_env,
+    gpus_used_by,
+    no_gpu_hint,
+    parse_nvidia_visible_devices,
+    select_gpus,
+)
 
 __all__ = ["NvmlCapabilities", "NvmlSource", "running_gpu_processes"]
 
@@ -100,8 +108,10 @@ class NvmlSource:
         wall_clock: Callable[[], float] = time.time,
         nvml: Any | None = None,
         env: Mapping[str, str] | None = None,
+        model_pids: Callable[[], Collection[int]] | None = None,
     ) -> None:
         self._selectors = tuple(gpus) if gpus else None
+        self._model_pids = model_pids if model_pids is not None else foreign_pids
         self._clock = clock
         self._wall_clock = wall_clock
         self._nvml: Any | None = nvml
@@ -173,7 +183,14 @@ class NvmlSource:
     def _open_gpus(self, nvml: Any) -> list[_Gpu]:
         env = gpu_env() if self._env is None else self._env
         count = int(nvml.nvmlDeviceGetCount())
-        selectors = select_gpus(self._selectors, env, count)
+        wanted = self._selectors
+        if (
+            wanted is None
+            and count > 1
+            and parse_nvidia_visible_devices(env.get(NVIDIA_VISIBLE_DEVICES)).kind == "all"
+        ):
+            wanted = self._discover(nvml) or None
+        selectors = select_gpus(wanted, env, count)
         if selectors is None:
             if count == 0:
                 hint = no_gpu_hint(env)
@@ -191,6 +208,23 @@ class NvmlSource:
             if all(g.info.uuid != gpu.info.uuid for g in gpus):  # "0" and its UUID, two slices
                 gpus.append(gpu)
         return gpus
+
+    def _discover(self, nvml: Any) -> tuple[str, ...]:
+        """Best effort, with every GPU of the node visible: the GPUs the model's processes use.
+
+        Works when the pod shares its process namespace (``shareProcessNamespace``)
+        and the driver reports PIDs of this namespace; otherwise finds nothing,
+        and the caller refuses to meter the whole node.
+        """
+        try:
+            pids = self._model_pids()
+            found = gpus_used_by(_processes(nvml), pids) if pids else []
+        except (OSError, nvml.NVMLError) as e:
+            _log.info("power.nvml.discovery_failed", error=str(e))
+            return ()
+        if found:
+            _log.info("power.nvml.discovered", gpus=found, processes=len(pids))
+        return tuple(found)
 
     def _resolve(self, nvml: Any, selector: str, count: int) -> tuple[Any, bool]:
         """A physical GPU's handle for one selector, and whether it came from a MIG id."""
