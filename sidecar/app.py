@@ -176,6 +176,9 @@ class Sidecar:
             embodied_g_per_s=embodied.grams_per_second,
             budget_g_per_day=s.emissions_budget,
             on_finished=self._record_request,
+            hold_s=2.5 * OBSERVE_INTERVAL_S
+            if s.observe is not None and s.upstream is None
+            else 0.0,
         )
         self.sampler = Sampler(
             self.source,
@@ -271,6 +274,8 @@ class Sidecar:
         for model in sorted(models):
             meter.observed(
                 model,
+                since_s=delta.start_s,
+                until_s=delta.end_s,
                 running=obs.running.get(model, 0.0),
                 prompt_tokens=delta.prompt_tokens.get(model, 0.0),
                 completion_tokens=delta.generation_tokens.get(model, 0.0),

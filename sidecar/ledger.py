@@ -227,6 +227,8 @@ class Ledger:
     ``idle_watts`` fixes each GPU's baseline (``--idle-watts``); otherwise it is
     estimated with :class:`BaselineEstimator` over ``baseline_window_s``
     (``None``: the whole history, as ``attribute`` does after a first pass).
+    ``hold_s`` keeps every interval back that long before assigning it, for
+    sources of events that report late (observer mode's scrapes).
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class Ledger:
         settle_s: float = SETTLE_S,
         max_wait_s: float = MAX_WAIT_S,
         silent_after_s: float = SILENT_AFTER_S,
+        hold_s: float = 0.0,
     ) -> None:
         idle = dict(idle_watts or {})
         self._gpus: dict[str, _Gpu] = {
@@ -247,7 +250,8 @@ class Ledger:
             raise ValueError("the ledger needs at least one GPU")
         self._settle_s = settle_s
         self._max_wait_s = max_wait_s
-        self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s)
+        self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s, 2.0 * hold_s)
+        self._hold_s = hold_s
         self._first_s = _INF
         self._live: dict[str, _Request] = {}
         self._starts: list[
@@ -478,6 +482,8 @@ class Ledger:
             while state.pending:
                 t0, p0, t1, p1, idle_w = state.pending[0]
                 reqs = self._overlapping(t0, t1)
+                if not force and self._now_s - t1 < self._hold_s:
+                    break  # observer mode: activity is learned up to a scrape late
                 waiting = not force and self._now_s - t1 < self._max_wait_s
                 if waiting and any(r.known_s < t1 for r in reqs):
                     break

@@ -140,9 +140,10 @@ class Meter:
         embodied_g_per_s: float = 0.0,
         budget_g_per_day: float | None = None,
         on_finished: Callable[[FinishedRequest], None] | None = None,
+        hold_s: float = 0.0,
     ) -> None:
         self.gpus = gpus
-        self.ledger = Ledger([g.gpu for g in gpus], idle_watts=idle_watts)
+        self.ledger = Ledger([g.gpu for g in gpus], idle_watts=idle_watts, hold_s=hold_s)
         self.clock = clock
         self.models = ModelLabels(max_models)
         self.default_model = default_model
@@ -244,34 +245,38 @@ class Meter:
         self,
         model: str,
         *,
+        since_s: float,
+        until_s: float,
         running: float,
         prompt_tokens: float,
         completion_tokens: float,
         finished: float,
     ) -> None:
-        """Observer mode: the server's own counters for one model since the last scrape.
+        """Observer mode: the server's own counters for one model over [since_s, until_s].
 
-        While the server reports requests running, the model holds one activity
-        span in the ledger, weighted by the tokens it processed, so dynamic
-        energy splits between models by token throughput. Gives energy per
-        model and per token, not per request: no request is visible here.
+        While the model is active (requests running, or tokens produced since the
+        last scrape: short requests can start and end between two scrapes), it
+        holds one activity span in the ledger, weighted by the tokens it
+        processed, so dynamic energy splits between models by token throughput.
+        The ledger holds intervals back by more than a scrape interval in this
+        mode, so a span can open at the previous scrape. Gives energy per model
+        and per token, not per request: no request is visible here.
         """
         label = self.models(model)
         rid = OBSERVED + ":" + label
-        now = self.clock()
-        open_ = rid in self._observed
-        if running > 0 and not open_:
-            self.ledger.start(rid, now, model=label, endpoint=OBSERVED)
-            self.ledger.first_token(rid, now)
-            self._observed.add(rid)
         work = round(prompt_tokens + completion_tokens)
+        active = running > 0 or work > 0
+        if active and rid not in self._observed:
+            self.ledger.start(rid, since_s, model=label, endpoint=OBSERVED)
+            self.ledger.first_token(rid, since_s)
+            self._observed.add(rid)
         if rid in self._observed:
             if work > 0:
-                self.ledger.tokens(rid, now, work)
-            else:
-                self.ledger.touch(rid, now)
-            if running <= 0:
-                self.ledger.finish(rid, now, status="ok")
+                self.ledger.tokens(rid, until_s, work)
+            if active:
+                self.ledger.touch(rid, until_s)
+            else:  # idle since the last scrape: the span ended there
+                self.ledger.finish(rid, since_s, status="ok")
                 self._observed.discard(rid)
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if n > 0:
