@@ -356,6 +356,10 @@ def print_final(doc: dict[str, Any], counts: dict[str, int]) -> None:
             "gCO2e per request",
             f"{_fmt(s['grams_per_request'], '.5f')} g operational, SCI {_fmt(s['sci_grams_per_request'], '.5f')} g",
         ),
+        (
+            "SCI per 1,000 output tokens",
+            f"{_fmt(s['sci_grams_per_1k_tokens'], '.4f')} gCO2e (operational + embodied)",
+        ),
     ]
     print("\nsummary")
     width = max(len(k) for k, _ in rows)

@@ -64,6 +64,7 @@ async def test_demo_runs_serves_metrics_and_summarises() -> None:
         "energy per request",
         "energy per output token",
         "gCO2e per request",
+        "SCI per 1,000 output tokens",
     ):
         assert label in out
     assert "Traceback" not in err
