@@ -9,7 +9,6 @@ order. The aiohttp applications come from factories that tests also use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -226,8 +225,12 @@ class Sidecar:
         for task in reversed(self._tasks):
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a task that died earlier: report it, and still release the rest
+                log.exception("sidecar.task_failed", task=task.get_name())
         self._tasks.clear()
         if self.sampler is not None:
             self.sampler.flush()
@@ -356,7 +359,8 @@ async def serve(settings: Settings) -> int:
                 sidecar.proxy_app(),
                 access_log=None,
                 handler_cancellation=True,
-                shutdown_timeout=settings.grace_period,
+                # aiohttp reads 0 as "no limit": a zero grace period means a moment
+                shutdown_timeout=max(settings.grace_period, 0.001),
             )
             await proxy_runner.setup()
             host, port = split_host_port(settings.listen)

@@ -46,10 +46,14 @@ class SettingsError(Exception):
 
 
 def _split(value: Any) -> Any:
+    """A comma list from a flag or env, or a YAML list or scalar (``gpus: [0, 1]``)."""
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, int | float):
-        return [value]
+        value = [value]
+    if isinstance(value, list | tuple):
+        # YAML gives ints for GPU indices; floats stay floats for --idle-watts
+        return [v if isinstance(v, float) else str(v) for v in value]
     return value
 
 

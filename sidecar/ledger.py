@@ -567,10 +567,12 @@ class Ledger:
         if not self._ended:
             return
         done_s = self._done_s()
+        every_gpu_s = min(s.assigned_s for s in self._gpus.values())
         keep: list[_Request] = []
         for r in self._ended:
             if force or r.end_s <= done_s:
-                self._emit(r, lagging=not force and r.end_s > done_s)
+                # a silent GPU may come back: keep the request where its late intervals find it
+                self._emit(r, lagging=not force and r.end_s > every_gpu_s)
             else:
                 keep.append(r)
         self._ended = keep

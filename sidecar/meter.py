@@ -169,7 +169,8 @@ class Meter:
         self._finished_inference = 0
         self._completion_tokens = 0
         self._history: deque[_Snapshot] = deque(maxlen=130)
-        self._observed: set[str] = set()
+        self._observed: dict[str, str] = {}  # model label -> its open activity span
+        self._running: dict[str, int] = {}  # observer mode: the server's running count
         self.last_proxied_s: float | None = None
 
     # ------------------------------------------------------------ request events
@@ -263,21 +264,24 @@ class Meter:
         and per token, not per request: no request is visible here.
         """
         label = self.models(model)
-        rid = OBSERVED + ":" + label
+        self._running[label] = max(0, round(running))
         work = round(prompt_tokens + completion_tokens)
         active = running > 0 or work > 0
-        if active and rid not in self._observed:
+        rid = self._observed.get(label)
+        if active and rid is None:
+            # a fresh id per span: the last one may still sit in the ledger's hold
+            rid = f"{OBSERVED}:{label}:{next(self._ids)}"
             self.ledger.start(rid, since_s, model=label, endpoint=OBSERVED)
             self.ledger.first_token(rid, since_s)
-            self._observed.add(rid)
-        if rid in self._observed:
+            self._observed[label] = rid
+        if rid is not None:
             if work > 0:
                 self.ledger.tokens(rid, until_s, work)
             if active:
                 self.ledger.touch(rid, until_s)
             else:  # idle since the last scrape: the span ended there
                 self.ledger.finish(rid, since_s, status="ok")
-                self._observed.discard(rid)
+                del self._observed[label]
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if n > 0:
                 tk = (label, kind)
@@ -360,7 +364,13 @@ class Meter:
 
     # ------------------------------------------------------------------ queries
     def in_flight(self) -> dict[str, int]:
-        return self.ledger.in_flight()
+        """Requests in flight by model: the proxy's, or in observer mode the server's count."""
+        out = self.ledger.in_flight()
+        for label in self._observed:  # an activity span stands in for the running count
+            out[label] = out.get(label, 0) - 1
+        for label, n in self._running.items():
+            out[label] = out.get(label, 0) + n
+        return {k: v for k, v in out.items() if v > 0}
 
     def power_w(self, last_power: dict[str, float]) -> float:
         return sum(last_power.get(g.gpu, 0.0) for g in self.gpus)
@@ -368,13 +378,14 @@ class Meter:
     def summary(self, last_power: dict[str, float]) -> dict[str, Any]:
         """The contract's ``/summary`` document."""
         now = self._current()
-        first = self._history[0] if self._history else now
-        minute_ago = first
-        for snap in self._history:
-            if now.time_s - snap.time_s <= 60.0:
-                minute_ago = snap
-                break
         start = _Snapshot(self.started_s, (0.0, 0.0, 0.0), 0, 0, 0.0, 0.0)
+        minute_ago = start  # in the first minute the window reaches back to the start
+        if now.time_s - self.started_s > 60.0:
+            minute_ago = self._history[0] if self._history else start
+            for snap in self._history:
+                if now.time_s - snap.time_s <= 60.0:
+                    minute_ago = snap
+                    break
         ci = self.intensity
         return {
             "last_minute": self._window(minute_ago, now),

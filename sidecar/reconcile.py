@@ -10,6 +10,7 @@ increase exactly. Pure: the sampler and ``attribute`` share it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Final
@@ -22,14 +23,24 @@ MAX_HOLD_S: Final = 10.0
 
 
 class Reconciler:
-    """One GPU's reconciliation; ``push`` returns the samples ready for the ledger."""
+    """One GPU's reconciliation; ``push`` returns the samples ready for the ledger.
+
+    A window runs from the *anchor* (the last emitted sample whose counter value
+    starts the window) to the next sample whose counter has moved, at least
+    ``min_window_s`` later. Samples are held meanwhile; a counter that refreshes
+    slowly (dcgm-exporter: every 30 s) makes them wait at most ``max_hold_s``,
+    after which they go out unscaled and their energy is taken off the window's
+    counter increase when it finally comes, so the total still matches.
+    """
 
     def __init__(
         self, *, min_window_s: float = MIN_WINDOW_S, max_hold_s: float = MAX_HOLD_S
     ) -> None:
         self._min_window_s = min_window_s
         self._max_hold_s = max_hold_s
-        self._anchor: PowerSample | None = None  # last emitted sample that carried a counter
+        self._anchor: PowerSample | None = None
+        self._last_out: PowerSample | None = None  # the last sample emitted
+        self._released_j = 0.0  # energy of the line emitted since the anchor
         self._held: list[PowerSample] = []
         self.last_scale: float | None = None
 
@@ -37,53 +48,66 @@ class Reconciler:
         """Take one raw sample (time-ordered); emit zero or more reconciled ones."""
         anchor = self._anchor
         if anchor is None or anchor.energy_j is None:
-            if sample.energy_j is None:
-                return [sample]
-            self._anchor = sample
+            if sample.energy_j is not None:
+                self._start_window(sample)
+            self._last_out = sample
             return [sample]
         self._held.append(sample)
         if sample.energy_j is None:
             return self._release_if_stuck(sample.time_s)
         delta_j = sample.energy_j - anchor.energy_j
         if delta_j < 0:  # driver reload: the counter restarted; begin a new window
-            return self._release(scale=None, new_anchor=sample)
+            return self._release(scale=None)
         if delta_j == 0 or sample.time_s - anchor.time_s < self._min_window_s:
             return self._release_if_stuck(sample.time_s)
-        return self._release(scale=self._scale(anchor, delta_j), new_anchor=sample)
+        return self._release(scale=self._scale(delta_j))
 
     def flush(self) -> list[PowerSample]:
         """Emit what is held, unscaled (shutdown or end of a trace)."""
         out, self._held = self._held, []
+        if out:
+            self._last_out = out[-1]
         return out
 
-    def _scale(self, anchor: PowerSample, delta_j: float) -> float | None:
-        """k such that the line through anchor and k-scaled held points integrates to delta."""
+    def _start_window(self, sample: PowerSample) -> None:
+        self._anchor = sample
+        self._released_j = 0.0
+
+    def _scale(self, delta_j: float) -> float | None:
+        """k such that the emitted line, from the anchor on, integrates to ``delta_j``."""
+        prev = self._last_out if self._last_out is not None else self._anchor
+        assert prev is not None
         first = self._held[0]
-        fixed = anchor.power_w * (first.time_s - anchor.time_s) / 2.0
-        scaled = first.power_w * (first.time_s - anchor.time_s) / 2.0
-        for prev, cur in zip(self._held, self._held[1:], strict=False):
-            scaled += (prev.power_w + cur.power_w) / 2.0 * (cur.time_s - prev.time_s)
+        fixed = self._released_j + prev.power_w * (first.time_s - prev.time_s) / 2.0
+        scaled = first.power_w * (first.time_s - prev.time_s) / 2.0 + _trapezoid(self._held)
         if scaled <= 0.0:
             return None
         return max(0.0, (delta_j - fixed) / scaled)
 
-    def _release(self, *, scale: float | None, new_anchor: PowerSample) -> list[PowerSample]:
+    def _release(self, *, scale: float | None) -> list[PowerSample]:
         held, self._held = self._held, []
         self.last_scale = scale
         if scale is not None:
             held = [replace(s, power_w=s.power_w * scale) for s in held]
-        self._anchor = held[-1] if held else new_anchor
+        self._last_out = held[-1]
+        self._start_window(held[-1])
         return held
 
     def _release_if_stuck(self, now_s: float) -> list[PowerSample]:
-        anchor = self._anchor
-        if anchor is None or now_s - anchor.time_s < self._max_hold_s:
+        prev = self._last_out if self._last_out is not None else self._anchor
+        if prev is None or now_s - prev.time_s < self._max_hold_s:
             return []
         held, self._held = self._held, []
-        with_counter = [s for s in held if s.energy_j is not None]
-        if with_counter:
-            self._anchor = with_counter[-1]
+        self._released_j += _trapezoid([prev, *held])
+        self._last_out = held[-1]
         return held
+
+
+def _trapezoid(samples: list[PowerSample]) -> float:
+    return sum(
+        (a.power_w + b.power_w) / 2.0 * (b.time_s - a.time_s)
+        for a, b in itertools.pairwise(samples)
+    )
 
 
 def reconcile_all(samples: Iterable[PowerSample]) -> list[PowerSample]:

@@ -79,7 +79,12 @@ class Sampler:
                 except Exception:  # a source bug must not kill metering; count and go on
                     log.exception("sampler.read_failed")
                     batch = [ReadError(g, "unknown") for g in self._reconcilers]
-                self.ingest(batch)
+                try:
+                    self.ingest(batch)
+                except (
+                    Exception
+                ):  # a failing sink (a full disk under --record) must not stop metering
+                    log.exception("sampler.sink_failed")
                 next_s += self._period_s
                 now = self._clock()
                 if next_s < now:  # fell behind (slow driver): skip, don't burst

@@ -105,6 +105,9 @@ class Proxy:
             timeout=self._timeout,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
+            # servers send long headers (trace ids, cookies); the proxy must not refuse them
+            max_line_size=65536,
+            max_field_size=65536,
         )
 
     async def close(self) -> None:
@@ -195,6 +198,7 @@ class Proxy:
         status: Status = "ok"
         usage_tokens: tuple[int | None, int | None] = (None, None)
         upstream: aiohttp.ClientResponse | None = None
+        counted = 0
         try:
             try:
                 upstream = await self.session.request(
@@ -228,7 +232,6 @@ class Proxy:
             )
             await response.prepare(request)
             first = True
-            counted = 0
             async for chunk in _chunks(upstream):
                 out = chunk
                 if tracker is not None:
@@ -272,6 +275,8 @@ class Proxy:
             log.warning("proxy.upstream_failed", error=type(e).__name__, path=request.path)
             raise
         finally:
+            if usage_tokens == (None, None) and counted:  # cut short: what did stream counts
+                usage_tokens = (None, counted)
             if upstream is not None:
                 if status == "cancelled" or not upstream.content.at_eof():
                     upstream.close()

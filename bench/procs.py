@@ -1,0 +1,224 @@
+"""The processes of the proxy benchmarks: stand-in upstream, nginx, sidecar, load generator.
+
+Each runs on 127.0.0.1 in a temporary directory of its own and is stopped
+by its own process id when the benchmark ends (never by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from bench.common import ROOT, children, free_port, nginx_binary, python
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy_temp;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    upstream model {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+class ProcessError(RuntimeError):
+    """A benchmark process did not start: the message says which and why."""
+
+
+def wait_http(url: str, proc: subprocess.Popen[Any], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``url`` until it answers with any status; fail if ``proc`` dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with status {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as r:
+                r.read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ProcessError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[Any] | None, *, sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its pid: a signal, then a kill if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=5)
+
+
+def _log(tmp: Path, name: str) -> IO[bytes]:
+    return (tmp / f"{name}.log").open("wb")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ENERGY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [python(), "-m", "bench.upstream", str(port)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=_log(tmp, "upstream"),
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc, "the stand-in upstream")
+    return proc, port
+
+
+def start_nginx(tmp: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    exe = nginx_binary()
+    if exe is None:
+        raise ProcessError("nginx is not installed (apt-get install nginx)")
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream_port=upstream_port))
+    tmp.chmod(0o755)
+    proc = subprocess.Popen(
+        [exe, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=_log(tmp, "nginx"),
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc, "nginx")
+    return proc, port
+
+
+def nginx_pids(proc: subprocess.Popen[bytes]) -> list[int]:
+    """nginx's master and its workers: their CPU counts together."""
+    return [proc.pid, *children(proc.pid)]
+
+
+def start_sidecar(
+    tmp: Path, upstream_port: int, *, name: str = "sidecar", uvloop: bool = False
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """The real sidecar process, simulated power source, in front of the upstream."""
+    port, mport = free_port(), free_port()
+    module = "bench.uvloop_sidecar" if uvloop else "sidecar"
+    proc = subprocess.Popen(
+        [
+            python(),
+            "-m",
+            module,
+            "run",
+            "--upstream",
+            f"http://127.0.0.1:{upstream_port}",
+            "--power-source",
+            "simulated",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            f"127.0.0.1:{mport}",
+            "--grace-period",
+            "2",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=_log(tmp, name),
+    )
+    wait_http(f"http://127.0.0.1:{mport}/healthz", proc, f"the sidecar ({name})")
+    wait_http(f"http://127.0.0.1:{port}/health", proc, f"the sidecar's proxy ({name})")
+    return proc, port, mport
+
+
+class LoadGen:
+    """The load generator process: one JSON command in, one JSON answer out."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.proc = subprocess.Popen(
+            [python(), "-m", "bench.loadgen"],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=_log(tmp, "loadgen"),
+            text=True,
+        )
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise ProcessError(
+                f"the load generator exited ({self.proc.poll()}) during {cmd['cmd']}"
+            )
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop(self.proc)
+
+
+def start_bare(
+    tmp: Path, upstream_port: int, *, uvloop: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The bare aiohttp proxy (no metering): the floor a Python proxy starts from."""
+    port = free_port()
+    name = "bare-uvloop" if uvloop else "bare"
+    proc = subprocess.Popen(
+        [python(), "-m", "bench.bare_proxy", str(upstream_port), str(port)]
+        + (["uvloop"] if uvloop else []),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=_log(tmp, name),
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc, f"the {name} proxy")
+    return proc, port

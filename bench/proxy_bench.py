@@ -1,0 +1,243 @@
+"""Proxy benchmarks, side by side with nginx: CPU per request, added latency, memory growth.
+
+One stand-in upstream serves all paths: direct, through nginx (``proxy_buffering
+off``, keep-alive upstream) and through the real sidecar process. Loads
+alternate between nginx and the sidecar and repeat, so a noisy neighbour
+hits both alike; CPU is each proxy's own (``/proc/<pid>/stat``), latency the
+load generator's wall time per request.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import cpu_s, cpu_s_many, median, percentile, rss_mb
+from bench.procs import (
+    LoadGen,
+    nginx_pids,
+    start_bare,
+    start_nginx,
+    start_sidecar,
+    start_upstream,
+    stop,
+)
+
+CHAT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPlan:
+    """Sizes of the proxy benchmarks (``--quick`` or full)."""
+
+    streams: int  # 20-token streamed requests per CPU measurement and proxy
+    plain: int  # non-streaming requests per CPU measurement and proxy
+    reps: int  # alternations nginx/sidecar per CPU figure
+    concurrency: int  # connections of the CPU loads
+    latency_rounds: int
+    latency_concurrency: int
+    latency_delay_s: float  # seconds between the upstream's chunks in latency rounds
+    latency_per_worker: int  # streams each worker runs back to back in the steady rounds
+    latency_burst_rounds: int
+    rss_requests: int
+    rss_warmup: int  # requests before the first reading: allocator arenas and caches settle
+    uvloop: bool  # also a sidecar on uvloop's event loop (the experiment)
+    bare: bool  # also the bare aiohttp proxy (no metering), as the floor
+    max_tokens: int = 20  # tokens (SSE chunks) per streamed response
+
+
+@dataclass(slots=True)
+class Target:
+    name: str
+    url: str
+    pids: Callable[[], Sequence[int]]
+
+
+def _cpu_run(
+    gen: LoadGen, target: Target, *, n: int, concurrency: int, stream: bool
+) -> tuple[float, int, float]:
+    """(CPU seconds, requests served, wall seconds) of one load through ``target``."""
+    pids = target.pids()
+    before = cpu_s_many(pids)
+    r = gen.call(
+        cmd="load",
+        url=target.url,
+        n=n,
+        concurrency=concurrency,
+        stream=stream,
+        max_tokens=20,
+    )
+    after = cpu_s_many(pids)
+    if r["errors"]:
+        raise RuntimeError(f"{r['errors']} of {n} requests failed through {target.name}")
+    return after - before, int(r["ok"]), float(r["elapsed_s"])
+
+
+def cpu_figures(
+    gen: LoadGen, targets: Sequence[Target], plan: ProxyPlan, *, stream: bool
+) -> dict[str, dict[str, float]]:
+    """CPU µs per request for each target, alternating targets ``plan.reps`` times."""
+    n = plan.streams if stream else plan.plain
+    for t in targets:  # warm: connections open, code paths hot
+        _cpu_run(gen, t, n=max(200, n // 10), concurrency=plan.concurrency, stream=stream)
+    acc = {t.name: [0.0, 0, 0.0] for t in targets}
+    for _ in range(plan.reps):
+        for t in targets:
+            cpu, ok, wall = _cpu_run(gen, t, n=n, concurrency=plan.concurrency, stream=stream)
+            a = acc[t.name]
+            a[0] += cpu
+            a[1] += ok
+            a[2] += wall
+    return {
+        name: {
+            "cpu_us_per_request": cpu / ok * 1e6,
+            "requests": ok,
+            "requests_per_s": ok / wall,
+            "cpu_s": cpu,
+        }
+        for name, (cpu, ok, wall) in ((k, (v[0], int(v[1]), v[2])) for k, v in acc.items())
+    }
+
+
+def latency_figures(
+    gen: LoadGen, direct_url: str, targets: Sequence[Target], plan: ProxyPlan
+) -> dict[str, dict[str, float]]:
+    """Median total time of 100 concurrent streams per path, minus direct; steady and burst.
+
+    Steady: 100 streams in flight throughout (workers loop, starts spread over
+    one stream's duration). Burst: 100 streams sent at the same instant, so the
+    figure is dominated by how long the proxy takes to start 100 requests.
+    Rounds interleave the paths (direct, nginx, sidecar, ...) so drift in the
+    machine's load hits every path alike.
+    """
+    urls = {"direct": direct_url, **{t.name: t.url for t in targets}}
+    stream_s = (plan.max_tokens + 2) * plan.latency_delay_s
+    common = {
+        "cmd": "latency",
+        "targets": urls,
+        "concurrency": plan.latency_concurrency,
+        "delay": plan.latency_delay_s,
+        "max_tokens": plan.max_tokens,
+    }
+    gen.call(**common, rounds=1)  # warm: connection pools of every path filled
+    steady = gen.call(
+        **common, rounds=plan.latency_rounds, per_worker=plan.latency_per_worker, stagger_s=stream_s
+    )
+    burst = gen.call(**common, rounds=plan.latency_burst_rounds)
+    out: dict[str, dict[str, float]] = {}
+    for kind, r in (("", steady), ("burst_", burst)):
+        times: dict[str, list[float]] = r["times_s"]
+        base = median(times["direct"])
+        for name, ts in times.items():
+            row = out.setdefault(name, {})
+            row[f"{kind}p50_ms"] = median(ts) * 1e3
+            row[f"{kind}p90_ms"] = percentile(ts, 0.9) * 1e3
+            row[f"{kind}added_p50_ms"] = (median(ts) - base) * 1e3
+            row[f"{kind}errors"] = float(r["errors"][name])
+            row[f"{kind}n"] = float(len(ts))
+    return out
+
+
+def rss_figures(gen: LoadGen, pid: int, url: str, n: int, warmup: int) -> dict[str, float]:
+    """Resident memory of the sidecar before and after ``n`` short requests, per 100k.
+
+    Short requests alternate streamed and plain (5 tokens). The first
+    ``warmup`` requests settle the allocator (RSS rises over the first ten
+    thousand or so, then stays flat), so the figure is steady-state growth.
+    """
+    gen.call(cmd="load", url=url, n=warmup, concurrency=32, mixed=True, max_tokens=5)
+    time.sleep(2.0)  # let the ledger finalise (samples past the ends) before the first reading
+    before = rss_mb(pid)
+    points = [(0, before)]
+    step = max(1, n // 5)
+    done = 0
+    while done < n:
+        k = min(step, n - done)
+        r = gen.call(cmd="load", url=url, n=k, concurrency=32, mixed=True, max_tokens=5)
+        if r["errors"]:
+            raise RuntimeError(f"{r['errors']} of {k} requests failed in the memory run")
+        done += k
+        points.append((done, rss_mb(pid)))
+    time.sleep(2.0)
+    after = rss_mb(pid)
+    # least-squares slope over the steps: one allocator jump weighs less than in end-minus-start
+    xs = [float(x) for x, _ in points]
+    ys = [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return {
+        "requests": float(n),
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_mb_per_100k": (after - before) * 100_000 / n,
+        "slope_mb_per_100k": slope * 100_000,
+    }
+
+
+def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every proxy figure, from one set of processes started and stopped here."""
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        procs: list[Any] = []
+        gen: LoadGen | None = None
+        try:
+            upstream, up_port = start_upstream(tmp)
+            procs.append(upstream)
+            nginx, ng_port = start_nginx(tmp, up_port)
+            procs.append(nginx)
+            sidecar, sc_port, _sc_mport = start_sidecar(tmp, up_port)
+            procs.append(sidecar)
+            targets = [
+                Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(nginx)),
+                Target("proxy", f"http://127.0.0.1:{sc_port}{CHAT}", lambda: [sidecar.pid]),
+            ]
+            if plan.uvloop:
+                uv, uv_port, _ = start_sidecar(tmp, up_port, name="sidecar-uvloop", uvloop=True)
+                procs.append(uv)
+                targets.append(
+                    Target("proxy_uvloop", f"http://127.0.0.1:{uv_port}{CHAT}", lambda: [uv.pid])
+                )
+            if plan.bare:
+                for uvl in (False, True) if plan.uvloop else (False,):
+                    bare, bare_port = start_bare(tmp, up_port, uvloop=uvl)
+                    procs.append(bare)
+                    targets.append(
+                        Target(
+                            "bare_aiohttp_uvloop" if uvl else "bare_aiohttp",
+                            f"http://127.0.0.1:{bare_port}{CHAT}",
+                            (lambda p: lambda: [p])(bare.pid),
+                        )
+                    )
+            gen = LoadGen(tmp)
+            time.sleep(1.0)
+            idle0 = cpu_s(sidecar.pid)
+            t0 = time.monotonic()
+            time.sleep(3.0)
+            idle_pct = (cpu_s(sidecar.pid) - idle0) / (time.monotonic() - t0) * 100
+            log(f"sidecar idle CPU (sampler 10 Hz + ticker): {idle_pct:.2f} % of a core")
+            log("CPU per streamed request ...")
+            stream = cpu_figures(gen, targets, plan, stream=True)
+            log("CPU per plain request ...")
+            plain = cpu_figures(gen, targets, plan, stream=False)
+            log("added latency, 100 concurrent streams, interleaved rounds ...")
+            direct = f"http://127.0.0.1:{up_port}{CHAT}"
+            latency = latency_figures(gen, direct, targets, plan)
+            log(f"memory over {plan.rss_requests} short requests ...")
+            rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
+            return {
+                "sidecar_idle_cpu_percent": idle_pct,
+                "stream": stream,
+                "plain": plain,
+                "latency": latency,
+                "rss": rss,
+            }
+        finally:
+            if gen is not None:
+                gen.close()
+            for p in reversed(procs):
+                stop(p)
