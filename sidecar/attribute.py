@@ -72,6 +72,7 @@ def attribute(
             "idle_standby": ledger.phase_j["idle_standby"],
         },
         "idle_baseline_watts": sum(idle.values()),
+        "prefill_token_weight": ledger.prefill_fit.ratio,
     }
     if carbon_intensity_g_per_kwh is not None:
         out["emissions_grams"] = operational_grams(total, carbon_intensity_g_per_kwh)

@@ -86,8 +86,8 @@ class _Request:
     status: Status = "ok"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    # (t0, t1, work): work spread evenly over [t0, t1]; kept in time order.
-    segments: deque[tuple[float, float, float]] = field(default_factory=deque)
+    # (t0, t1, prefill, decode): token work spread evenly over [t0, t1], in time order
+    segments: deque[tuple[float, float, float, float]] = field(default_factory=deque)
     known_s: float = -_INF  # the work rate is final up to this time
     last_chunk_s: float | None = None
     streamed: int = 0
@@ -99,20 +99,22 @@ class _Request:
         """Whether anything tells how much work this request does (prompt or tokens)."""
         return self.prompt_work is not None or self.streamed > 0 or bool(self.segments)
 
-    def work(self, a: float, b: float, now: float) -> float:
-        """Work done in [a, b]: the integral of the piecewise-constant rate."""
-        total = 0.0
-        for t0, t1, w in self.segments:
+    def work(self, a: float, b: float, now: float) -> tuple[float, float]:
+        """Prefill and decode tokens worked in [a, b]: integrals of piecewise-constant rates."""
+        prefill = decode = 0.0
+        for t0, t1, p, d in self.segments:
             if t1 <= a:
                 continue
             if t0 >= b:
                 break
-            total += _spread(w, t0, t1, a, b)
+            share = _spread(1.0, t0, t1, a, b)
+            prefill += p * share
+            decode += d * share
         if self.first_token_s is None and self.end_s == _INF and self.prompt_work:
             # Still before its first token and we could wait no longer: spread the
             # prompt over the time it has waited so far.
-            total += _spread(self.prompt_work, self.start_s, max(now, b), a, b)
-        return total
+            prefill += _spread(self.prompt_work, self.start_s, max(now, b), a, b)
+        return prefill, decode
 
 
 def _spread(work: float, t0: float, t1: float, a: float, b: float) -> float:
@@ -204,6 +206,70 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+class PrefillFit:
+    """How much a prompt token costs relative to an output token, learned from the GPU.
+
+    Prefill runs as a few large, compute-bound steps; decode as many small,
+    memory-bound ones, so per token they cost very different energy (prefill
+    typically a few percent of decode). Weighing them 1:1 would hand requests
+    in prefill most of a shared interval's dynamic energy. The ledger already
+    knows, per stretch of time, how many prompt tokens (P) and output tokens (D)
+    were worked and how much dynamic energy (E) the GPUs drew, so it fits
+    E = a*P + b*D by least squares over ~1 s bins (forgetting old bins slowly)
+    and weighs a prompt token as a/b output tokens. Until the data can tell
+    (enough bins with prefill and decode both present, a well-conditioned fit),
+    the ratio is ``prior``: 1, the plain reading of token counts.
+    """
+
+    BIN_S: Final = 1.0
+    MIN_BINS: Final = 20
+    FORGET: Final = 0.998  # per bin: a half-life of about six minutes of work
+    BOUNDS: Final = (0.002, 2.0)
+
+    def __init__(self, prior: float = 1.0) -> None:
+        self.prior = prior
+        self._bin = [0.0, 0.0, 0.0, 0.0]  # P, D, E, seconds
+        self._s = [0.0] * 5  # Spp, Spd, Sdd, Spe, Sde
+        self.bins = 0
+        self.ratio = prior
+
+    def observe(self, prefill: float, decode: float, energy_j: float, seconds: float) -> None:
+        b = self._bin
+        b[0] += prefill
+        b[1] += decode
+        b[2] += energy_j
+        b[3] += seconds
+        if b[3] >= self.BIN_S:
+            self._fold()
+
+    def _fold(self) -> None:
+        p, d, e, _ = self._bin
+        self._bin = [0.0, 0.0, 0.0, 0.0]
+        s = self._s
+        for i in range(5):
+            s[i] *= self.FORGET
+        s[0] += p * p
+        s[1] += p * d
+        s[2] += d * d
+        s[3] += p * e
+        s[4] += d * e
+        if p > 0 and d > 0:
+            self.bins += 1
+        self.ratio = self._solve()
+
+    def _solve(self) -> float:
+        spp, spd, sdd, spe, sde = self._s
+        det = spp * sdd - spd * spd
+        if self.bins < self.MIN_BINS or det <= 1e-6 * spp * sdd:
+            return self.prior
+        a = (spe * sdd - sde * spd) / det
+        b = (sde * spp - spe * spd) / det
+        if a <= 0 or b <= 0:
+            return self.prior
+        lo, hi = self.BOUNDS
+        return min(hi, max(lo, a / b))
+
+
 @dataclass(slots=True)
 class _Gpu:
     baseline: BaselineEstimator
@@ -263,6 +329,7 @@ class Ledger:
         self._now_s = -_INF
         self._last_end_s = -_INF
         self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
+        self.prefill_fit = PrefillFit()
         self.model_j: dict[tuple[str, Phase], float] = {}
 
     # ----------------------------------------------------------------- requests
@@ -302,7 +369,7 @@ class Ledger:
         req.first_token_s = t
         req.last_chunk_s = t
         if req.prompt_work:
-            req.segments.append((req.start_s, t, req.prompt_work))
+            req.segments.append((req.start_s, t, req.prompt_work, 0.0))
         req.known_s = t
 
     def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
@@ -315,12 +382,12 @@ class Ledger:
             self.first_token(request_id, t)
         prev = req.last_chunk_s if req.last_chunk_s is not None else t
         if t > prev:
-            req.segments.append((prev, t, float(count)))
+            req.segments.append((prev, t, 0.0, float(count)))
         elif req.segments and req.segments[-1][1] >= t:
-            t0, t1, w = req.segments[-1]
-            req.segments[-1] = (t0, t1, w + count)
+            t0, t1, p, d = req.segments[-1]
+            req.segments[-1] = (t0, t1, p, d + count)
         else:
-            req.segments.append((req.start_s, t, float(count)))
+            req.segments.append((req.start_s, t, 0.0, float(count)))
         req.last_chunk_s = t
         req.streamed += count
         req.known_s = max(req.known_s, t)
@@ -355,12 +422,12 @@ class Ledger:
             req.prompt_work = float(prompt_tokens)
         if req.first_token_s is None:
             # Not streamed: prompt and completion were all computed before the reply.
-            work = (req.prompt_work or 0.0) + float(completion_tokens or 0)
-            if work > 0:
-                req.segments.append((req.start_s, t, work))
+            prefill, decode = req.prompt_work or 0.0, float(completion_tokens or 0)
+            if prefill > 0 or decode > 0:
+                req.segments.append((req.start_s, t, prefill, decode))
         elif req.streamed == 0 and completion_tokens:
             # Known only as a total (a recorded trace): spread between first token and end.
-            req.segments.append((req.first_token_s, t, float(completion_tokens)))
+            req.segments.append((req.first_token_s, t, 0.0, float(completion_tokens)))
         req.end_s = t
         req.known_s = _INF
         self._ended.append(req)
@@ -541,10 +608,14 @@ class Ledger:
         weights: list[float] | None = None
         if dyn > 0.0:
             informed = [r.informed for r in inside]
-            raw = [
-                r.work(a, b, self._now_s) if k else 0.0
+            now = self._now_s
+            works = [
+                r.work(a, b, now) if k else (0.0, 0.0)
                 for r, k in zip(inside, informed, strict=True)
             ]
+            self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
+            ratio = self.prefill_fit.ratio
+            raw = [p * ratio + d for p, d in works]
             n_inf = sum(informed)
             mean = (sum(raw) / n_inf) if n_inf else 1.0
             weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]

@@ -392,6 +392,7 @@ class Meter:
             "since_start": self._window(start, now),
             "power_watts": self.power_w(last_power),
             "idle_baseline_watts": self.ledger.idle_baseline_w(),
+            "prefill_token_weight": self.ledger.prefill_fit.ratio,
             "carbon_intensity": {
                 "grams_per_kwh": ci.g_per_kwh,
                 "source": ci.source,

@@ -73,6 +73,11 @@ class SidecarCollector(Collector):
             phases.add_metric([p], m.ledger.phase_j[p])
         yield phases
         yield GaugeMetricFamily(
+            "llm_energy_prefill_token_weight",
+            "Energy of a prompt token relative to an output token, fitted from the GPU (weighs dynamic shares).",
+            value=m.ledger.prefill_fit.ratio,
+        )
+        yield GaugeMetricFamily(
             "llm_energy_idle_baseline_watts",
             "Idle (memory-resident) power baseline, total over the metered GPUs.",
             value=m.ledger.idle_baseline_w(),

@@ -41,6 +41,7 @@ class Reconciler:
         self._anchor: PowerSample | None = None
         self._last_out: PowerSample | None = None  # the last sample emitted
         self._released_j = 0.0  # energy of the line emitted since the anchor
+        self._carry_j = 0.0  # surplus emitted in the last window, owed by the next
         self._held: list[PowerSample] = []
         self.last_scale: float | None = None
 
@@ -57,6 +58,7 @@ class Reconciler:
             return self._release_if_stuck(sample.time_s)
         delta_j = sample.energy_j - anchor.energy_j
         if delta_j < 0:  # driver reload: the counter restarted; begin a new window
+            self._carry_j = 0.0
             return self._release(scale=None)
         if delta_j == 0 or sample.time_s - anchor.time_s < self._min_window_s:
             return self._release_if_stuck(sample.time_s)
@@ -71,7 +73,7 @@ class Reconciler:
 
     def _start_window(self, sample: PowerSample) -> None:
         self._anchor = sample
-        self._released_j = 0.0
+        self._released_j, self._carry_j = self._carry_j, 0.0
 
     def _scale(self, delta_j: float) -> float | None:
         """k such that the emitted line, from the anchor on, integrates to ``delta_j``."""
@@ -82,7 +84,12 @@ class Reconciler:
         scaled = first.power_w * (first.time_s - prev.time_s) / 2.0 + _trapezoid(self._held)
         if scaled <= 0.0:
             return None
-        return max(0.0, (delta_j - fixed) / scaled)
+        if delta_j < fixed:
+            # More was already emitted than the counter grew (a burst shorter than the
+            # window at a low rate): emit nothing more, and carry the surplus over.
+            self._carry_j = fixed - delta_j
+            return 0.0
+        return (delta_j - fixed) / scaled
 
     def _release(self, *, scale: float | None) -> list[PowerSample]:
         held, self._held = self._held, []

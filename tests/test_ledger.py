@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.ledger import BaselineEstimator, Ledger, estimate_idle_watts
+from sidecar.ledger import BaselineEstimator, Ledger, PrefillFit, estimate_idle_watts
 
 
 def feed(ledger: Ledger, gpu: str, points: list[tuple[float, float]]) -> None:
@@ -209,3 +209,45 @@ class TestBaseline:
         for i in range(20, 40):
             est.observe(float(i), 60.0, standby=True)
         assert est.value_w == 60.0
+
+
+class TestPrefillFit:
+    def test_fit_recovers_the_relative_cost_of_prompt_tokens(self) -> None:
+        """On a batched workload whose prompt tokens cost 1/20 of an output token, the fit finds it."""
+        import statistics
+
+        from sidecar.attribute import attribute
+        from sidecar.trace import PowerRow, RequestRow
+        from sidecar.workload import WorkloadSpec, generate
+
+        spec = WorkloadSpec(duration_s=90, rps=3.0, gpus=1, seed=11)
+        w = generate(spec)
+        power = [PowerRow(t, g, p, e) for t, g, p, e in w.samples]
+        reqs = [
+            RequestRow(
+                r.id,
+                r.model,
+                r.start_s,
+                r.end_s,
+                r.first_token_s,
+                r.prompt_tokens,
+                r.completion_tokens,
+                "ok",
+            )
+            for r in w.requests
+        ]
+        truth = {r.id: r.truth_j for r in w.requests}
+        out = attribute(power, reqs, idle_watts=[spec.idle_w])
+        ratio = out["prefill_token_weight"]
+        assert 0.02 < ratio < 0.15, ratio
+        errors = [
+            abs(r["dynamic_joules"] - truth[r["id"]]) / truth[r["id"]] for r in out["requests"]
+        ]
+        assert statistics.median(errors) < 0.08
+
+    def test_prior_holds_until_the_data_can_tell(self) -> None:
+        """With only decode work seen, the prompt weight stays at its prior of 1."""
+        fit = PrefillFit()
+        for _ in range(100):
+            fit.observe(0.0, 30.0, 36.0, 1.0)
+        assert fit.ratio == 1.0
