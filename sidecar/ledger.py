@@ -130,7 +130,10 @@ class BaselineEstimator:
 
     The median of standby samples taken at least ``settle_s`` after a request
     ended; with fewer than ten, the 5th percentile of all samples; in a sliding
-    window (``run``) before any standby at all, the lowest power seen so far.
+    window (``run``) before any standby, the lowest power seen so far. "Before any
+    standby" is read as before the first ten standby samples, the least a median
+    needs: a sidecar that starts a moment before a busy server would otherwise
+    take the 5th percentile of loaded power for the resident cost.
     With ``window_s=None`` it keeps everything (``attribute``: one baseline per
     trace). Samples are thinned to ``min_spacing_s`` and the statistic is
     recomputed at most every ``recompute_s`` so a 100 Hz sampler stays cheap.
@@ -149,7 +152,7 @@ class BaselineEstimator:
         self._all: deque[tuple[float, float]] = deque()
         self._standby: deque[tuple[float, float]] = deque()
         self._lowest_w = _INF
-        self._seen_standby = False
+        self._standby_seen = 0
         self._last_kept_s = -_INF
         self._computed_at_s = -_INF
         self._value_w: float | None = None
@@ -163,7 +166,7 @@ class BaselineEstimator:
         self._all.append((time_s, power_w))
         if standby:
             self._standby.append((time_s, power_w))
-            self._seen_standby = True
+            self._standby_seen += 1
         if self._window_s is not None:
             horizon = time_s - self._window_s
             for q in (self._all, self._standby):
@@ -178,7 +181,7 @@ class BaselineEstimator:
     def _compute(self) -> float | None:
         if len(self._standby) >= MIN_STANDBY_SAMPLES:
             return _median(sorted(p for _, p in self._standby))
-        if self._window_s is not None and not self._seen_standby:
+        if self._window_s is not None and self._standby_seen < MIN_STANDBY_SAMPLES:
             return self._lowest_w if self._lowest_w < _INF else None
         if self._all:
             return _percentile(sorted(p for _, p in self._all), 0.05)

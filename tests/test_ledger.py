@@ -201,6 +201,15 @@ class TestBaseline:
         est.observe(1.0, 130.0, standby=False)
         assert est.value_w == 80.0
 
+    def test_live_estimator_keeps_lowest_until_a_median_exists(self) -> None:
+        """A few standby readings at start, then busy: the lowest power, not busy power's 5th percentile."""
+        est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
+        for i in range(3):
+            est.observe(i * 0.1, 70.0 + i, standby=True)
+        for i in range(3, 300):
+            est.observe(i * 0.1, 300.0 + (i % 50), standby=False)
+        assert est.value_w == 70.0
+
     def test_live_estimator_window_slides(self) -> None:
         """Samples older than the window stop counting."""
         est = BaselineEstimator(window_s=10.0, recompute_s=0.0)
