@@ -326,7 +326,9 @@ class Ledger:
         self._starts: list[
             tuple[float, str]
         ] = []  # live requests by start, for sample classification
-        self._ended: list[_Request] = []
+        # ended requests awaiting finalisation, by end time: finalising pops, never scans
+        self._ended: list[tuple[float, int, _Request]] = []
+        self._ended_seq = 0
         self._recent: dict[str, _Request] = {}  # finalized, for late intervals of a lagging GPU
         self._finished: list[FinishedRequest] = []
         self._now_s = -_INF
@@ -433,7 +435,8 @@ class Ledger:
             req.segments.append((req.first_token_s, t, 0.0, float(completion_tokens)))
         req.end_s = t
         req.known_s = _INF
-        self._ended.append(req)
+        self._ended_seq += 1
+        heapq.heappush(self._ended, (t, self._ended_seq, req))
         self._last_end_s = max(self._last_end_s, t)
         self._process()
 
@@ -638,18 +641,14 @@ class Ledger:
         self.phase_j[phase] += energy
 
     def _finalize(self, *, force: bool) -> None:
-        if not self._ended:
-            return
-        done_s = self._done_s()
-        every_gpu_s = min(s.assigned_s for s in self._gpus.values())
-        keep: list[_Request] = []
-        for r in self._ended:
-            if force or r.end_s <= done_s:
+        ended = self._ended
+        if ended:
+            done_s = _INF if force else self._done_s()
+            every_gpu_s = min(s.assigned_s for s in self._gpus.values())
+            while ended and ended[0][0] <= done_s:
+                r = heapq.heappop(ended)[2]
                 # a silent GPU may come back: keep the request where its late intervals find it
                 self._emit(r, lagging=not force and r.end_s > every_gpu_s)
-            else:
-                keep.append(r)
-        self._ended = keep
         if self._recent:
             horizon = self._now_s - 60.0
             for rid in [k for k, r in self._recent.items() if r.end_s < horizon or force]:

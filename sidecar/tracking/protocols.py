@@ -377,6 +377,11 @@ class ResponseTracker:
         data = event_data(raw)
         if data is None or data.startswith(b"[DONE]"):
             return 0, "keep"
+        if self._model is not None:
+            fast = _plain_chunk(data)
+            if fast is not None:  # most events of a stream: counted without decoding JSON
+                self._token_events += fast[0]
+                return fast
         obj = _loads(data)
         if not isinstance(obj, dict):
             return 0, "keep"
@@ -551,6 +556,30 @@ def _header_count(value: str) -> int | None:
     except ValueError:
         return None
     return count if count >= 0 else None
+
+
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null\s*[,}]')
+_TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning)"\s*:\s*"(?!")')
+_COMPLEX = re.compile(rb'"(?:tool_calls|function_call|token|details|error)"')
+
+
+def _plain_chunk(data: bytes) -> tuple[int, _Edit] | None:
+    """A plain one-choice OpenAI chunk, read without decoding it; ``None`` when unsure.
+
+    A stream is mostly such chunks (one delta of text each); decoding every one
+    as JSON was the proxy's largest cost. Anything that might carry usage, tool
+    calls, TGI fields, errors or several choices takes the full parse.
+    """
+    if data.count(b'"index"') != 1 or b'"choices"' not in data:
+        return None
+    if _COMPLEX.search(data):
+        return None
+    edit: _Edit = "keep"
+    if b'"usage"' in data:
+        if data.count(b'"usage"') != 1 or not _NULL_USAGE.search(data):
+            return None
+        edit = "null_usage"
+    return (1 if _TEXT.search(data) else 0), edit
 
 
 def _has_output(choice: object) -> bool:
