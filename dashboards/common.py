@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, heatmap, piechart, stat, table, timeseries
 from grafana_foundation_sdk.builders.common import (
@@ -207,6 +207,37 @@ IDLE_THRESHOLDS: Final = ((None, "green"), (0.5, "orange"), (0.7, "red"))
 # Panels --------------------------------------------------------------------------------------
 
 
+_Panel = TypeVar(
+    "_Panel",
+    stat.Panel,
+    timeseries.Panel,
+    bargauge.Panel,
+    piechart.Panel,
+    table.Panel,
+    heatmap.Panel,
+)
+
+
+def _framed(
+    panel: _Panel, title: str, description: str, unit: str, width: int, height: int
+) -> _Panel:
+    """What every panel carries: title, description (what the number means), unit, size."""
+    return (
+        panel.title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(width)
+        .height(height)
+    )
+
+
+def _with_queries(panel: _Panel, queries: Iterable[PrometheusQuery]) -> _Panel:
+    for q in queries:
+        panel = panel.with_target(q)
+    return panel
+
+
 def stat_panel(
     title: str,
     description: str,
@@ -221,13 +252,7 @@ def stat_panel(
 ) -> stat.Panel:
     """A single number (last value of an instant query)."""
     panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
+        _framed(stat.Panel(), title, description, unit, width, height)
         .graph_mode(BigValueGraphMode.NONE)
         .color_mode(BigValueColorMode.VALUE if thresholds else BigValueColorMode.NONE)
         .text_mode(text_mode)
@@ -237,9 +262,7 @@ def stat_panel(
     )
     if decimals is not None:
         panel = panel.decimals(decimals)
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 def timeseries_panel(
@@ -260,13 +283,7 @@ def timeseries_panel(
 ) -> timeseries.Panel:
     """A time series; ``dashed_refs``/``dotted_refs`` draw those queries as unfilled lines."""
     panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
+        _framed(timeseries.Panel(), title, description, unit, width, height)
         .draw_style(GraphDrawStyle.LINE)
         .line_width(1)
         .fill_opacity(fill_opacity)
@@ -301,9 +318,7 @@ def timeseries_panel(
                     ),
                 ],
             )
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 def bargauge_panel(
@@ -320,13 +335,7 @@ def bargauge_panel(
 ) -> bargauge.Panel:
     """Horizontal bars, one per series (use instant queries)."""
     panel = (
-        bargauge.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
+        _framed(bargauge.Panel(), title, description, unit, width, height)
         .orientation(VizOrientation.HORIZONTAL)
         .display_mode(BarGaugeDisplayMode.GRADIENT)
         .show_unfilled(True)
@@ -337,9 +346,7 @@ def bargauge_panel(
         panel = panel.min(min_value)
     if max_value is not None:
         panel = panel.max(max_value)
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 def piechart_panel(
@@ -353,13 +360,7 @@ def piechart_panel(
 ) -> piechart.Panel:
     """A donut of shares (use instant queries)."""
     panel = (
-        piechart.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
+        _framed(piechart.Panel(), title, description, unit, width, height)
         .pie_type(PieChartType.DONUT)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
         .legend(
@@ -370,9 +371,7 @@ def piechart_panel(
             .values([PieChartLegendValues.VALUE, PieChartLegendValues.PERCENT])
         )
     )
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 def table_panel(
@@ -393,13 +392,7 @@ def table_panel(
     the default for the rest.
     """
     panel = (
-        table.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .span(width)
-        .height(height)
+        _framed(table.Panel(), title, description, unit, width, height)
         .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
         .with_transformation(
             dm.DataTransformerConfig(
@@ -417,9 +410,7 @@ def table_panel(
         )
     if sort_by is not None:
         panel = panel.sort_by([TableSortByFieldState().display_name(sort_by).desc(True)])
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 def heatmap_panel(
@@ -433,13 +424,7 @@ def heatmap_panel(
 ) -> heatmap.Panel:
     """A heatmap of pre-bucketed Prometheus histogram data (``format: heatmap``)."""
     panel = (
-        heatmap.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(y_unit)
-        .span(width)
-        .height(height)
+        _framed(heatmap.Panel(), title, description, y_unit, width, height)
         .calculate(False)
         .y_axis(heatmap.YAxisConfig().unit(y_unit))
         .rows_frame(heatmap.RowsHeatmapOptions().layout(HeatmapCellLayout.LE))
@@ -455,9 +440,7 @@ def heatmap_panel(
         )
         .show_legend()
     )
-    for q in queries:
-        panel = panel.with_target(q)
-    return panel
+    return _with_queries(panel, queries)
 
 
 # Dashboards ----------------------------------------------------------------------------------
