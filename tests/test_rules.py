@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from contract import CONTRACT_SERIES
 from tools import require_tool
 
 from deploy.prometheus.generate import (
@@ -42,27 +43,7 @@ CONTRACT_ALERTS = {
     "LLMCarbonIntensityFallback",
 }
 # CONTRACT.md's metric table, plus the histogram's series and Prometheus' own `up`.
-CONTRACT_METRICS = {
-    "llm_energy_gpu_power_watts",
-    "llm_energy_gpu_energy_joules_total",
-    "llm_energy_joules_total",
-    "llm_energy_idle_baseline_watts",
-    "llm_energy_inflight_requests",
-    "llm_energy_requests_total",
-    "llm_energy_request_joules_bucket",
-    "llm_energy_request_joules_sum",
-    "llm_energy_request_joules_count",
-    "llm_energy_model_joules_total",
-    "llm_energy_model_emissions_grams_total",
-    "llm_energy_tokens_total",
-    "llm_energy_emissions_grams_total",
-    "llm_energy_carbon_intensity_grams_per_kwh",
-    "llm_energy_pue",
-    "llm_energy_emissions_budget_grams_per_day",
-    "llm_energy_sampler_samples_total",
-    "llm_energy_sampler_errors_total",
-    "llm_energy_build_info",
-}
+CONTRACT_METRICS = CONTRACT_SERIES | {"up"}
 RECORD_NAME = re.compile(r"^[a-z_]*:[a-z_]+:[a-z0-9_]+$")
 BUDGET_ALERTS = (
     "LLMEmissionsBudgetBurnFast",
