@@ -162,17 +162,28 @@ class Settings(BaseSettings):
     @classmethod
     def without_env(cls, **values: Any) -> Settings:
         """Settings from the given values and defaults only (``demo`` reads no environment)."""
-        token = _config_file.set(None)
-        try:
-            return cls(_env_prefix="LLM_ENERGY_UNUSED_PREFIX_\x00_", **values)
-        finally:
-            _config_file.reset(token)
+        return _ExplicitSettings(**values)
 
     @property
     def mode(self) -> Literal["proxy", "observer", "proxy+observer"]:
         if self.upstream is not None and self.observe is not None:
             return "proxy+observer"
         return "proxy" if self.upstream is not None else "observer"
+
+
+class _ExplicitSettings(Settings):
+    """The same fields and checks, fed only by the values given: no environment, no file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 class Credentials(BaseModel):
