@@ -35,7 +35,6 @@ from sidecar.attribute import attribute
 from sidecar.ledger import Ledger, estimate_idle_watts
 from sidecar.power.base import PowerSample
 from sidecar.reconcile import Reconciler, reconcile_all
-from sidecar.trace import PowerRow, RequestRow
 from sidecar.workload import SyntheticRequest, Workload, WorkloadSpec, generate
 
 PROMPT_ESTIMATE_SPREAD = 0.25
@@ -292,20 +291,7 @@ def run(duration_s: float, *, rps: float = 3.0, gpus: int = 2, seed: int = 11) -
         for r in scored
     ]
     live, conservation = live_replay(wl)
-    power_rows = [PowerRow(t, g, p, e) for t, g, p, e in wl.samples]
-    request_rows = [
-        RequestRow(
-            r.id,
-            r.model,
-            r.start_s,
-            r.end_s,
-            r.first_token_s,
-            r.prompt_tokens,
-            r.completion_tokens,
-            "ok",
-        )
-        for r in wl.requests
-    ]
+    power_rows, request_rows = wl.trace_rows()
     doc = attribute(power_rows, request_rows)
     trace = {q["id"]: float(q["dynamic_joules"]) for q in doc["requests"]}
     reconciled = reconcile_all(PowerSample(t, g, p, e) for t, g, p, e in wl.samples)

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.trace import POWER_COLUMNS, REQUEST_COLUMNS
+from sidecar.trace import POWER_COLUMNS, REQUEST_COLUMNS, PowerRow, RequestRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,24 @@ class Workload:
     requests: list[SyntheticRequest]
     samples: list[tuple[float, str, float, float]] = field(default_factory=list)
     """``(time_s, gpu, power_w, energy_j)`` in time order."""
+
+    def trace_rows(self) -> tuple[list[PowerRow], list[RequestRow]]:
+        """The trace as ``attribute`` reads it, without a round trip through files."""
+        power = [PowerRow(t, g, p, e) for t, g, p, e in self.samples]
+        requests = [
+            RequestRow(
+                r.id,
+                r.model,
+                r.start_s,
+                r.end_s,
+                r.first_token_s,
+                r.prompt_tokens,
+                r.completion_tokens,
+                "ok",
+            )
+            for r in self.requests
+        ]
+        return power, requests
 
     def write(self, directory: Path) -> None:
         """Write the contract's power and requests CSVs."""

@@ -226,25 +226,11 @@ class TestPrefillFit:
         import statistics
 
         from sidecar.attribute import attribute
-        from sidecar.trace import PowerRow, RequestRow
         from sidecar.workload import WorkloadSpec, generate
 
         spec = WorkloadSpec(duration_s=90, rps=3.0, gpus=1, seed=11)
         w = generate(spec)
-        power = [PowerRow(t, g, p, e) for t, g, p, e in w.samples]
-        reqs = [
-            RequestRow(
-                r.id,
-                r.model,
-                r.start_s,
-                r.end_s,
-                r.first_token_s,
-                r.prompt_tokens,
-                r.completion_tokens,
-                "ok",
-            )
-            for r in w.requests
-        ]
+        power, reqs = w.trace_rows()
         truth = {r.id: r.truth_j for r in w.requests}
         out = attribute(power, reqs, idle_watts=[spec.idle_w])
         ratio = out["prefill_token_weight"]
