@@ -35,6 +35,24 @@ def start_sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.P
     )
 
 
+def start_simulated(
+    upstream: str, port: int, metrics_port: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A sidecar on a simulated GPU in front of ``upstream``, listening on 127.0.0.1 only."""
+    return start_sidecar(
+        "--upstream",
+        upstream,
+        "--power-source",
+        "simulated",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        *extra,
+        env=env,
+    )
+
+
 async def wait_http(
     url: str, timeout_s: float = 20.0, proc: subprocess.Popen[str] | None = None
 ) -> None:

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Final
 import aiohttp
 import yaml
 from aiohttp import web
-from procs import free_port, start_sidecar, wait_http
+from procs import free_port, start_simulated, wait_http
 from tools import require_tool
 from upstreams import create_upstream
 
@@ -218,15 +218,10 @@ async def running_sidecar(
     """
     port = port or free_port()
     mport = metrics_port or free_port()
-    proc = start_sidecar(
-        "--upstream",
+    proc = start_simulated(
         upstream_url,
-        "--power-source",
-        "simulated",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
+        port,
+        mport,
         "--log-level",
         "warning",
         "--grace-period",

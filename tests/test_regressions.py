@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from procs import free_port, start_sidecar, wait_http
+from procs import free_port, start_simulated, wait_http
 from prometheus_client.parser import text_string_to_metric_families
 from upstreams import STATE, create_upstream
 
@@ -215,15 +215,10 @@ async def test_grace_period_zero_does_not_wait_for_streams(aiohttp_server: Serve
     """With --grace-period 0, SIGTERM ends the process promptly instead of waiting out streams."""
     upstream = await aiohttp_server(create_upstream())
     port, mport = free_port(), free_port()
-    proc = start_sidecar(
-        "--upstream",
+    proc = start_simulated(
         str(upstream.make_url("/")),
-        "--power-source",
-        "simulated",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
+        port,
+        mport,
         "--grace-period",
         "0",
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from procs import ROOT, free_port, start_sidecar, wait_http
+from procs import ROOT, free_port, start_simulated, wait_http
 from prometheus_client.parser import text_string_to_metric_families
 from upstreams import create_upstream
 
@@ -27,17 +27,12 @@ async def test_sigterm_drains_streams_and_records(
     upstream = await aiohttp_server(create_upstream())
     port, mport = free_port(), free_port()
     rec = tmp_path / "rec"
-    proc = start_sidecar(
-        "--upstream",
+    proc = start_simulated(
         str(upstream.make_url("/")),
-        "--power-source",
-        "simulated",
+        port,
+        mport,
         "--sample-hz",
         "20",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
         "--record",
         str(rec),
         "--grace-period",
@@ -111,15 +106,10 @@ async def test_metrics_has_every_contract_family(aiohttp_server: ServerFactory) 
     """A running sidecar exposes every metric family the contract names."""
     upstream = await aiohttp_server(create_upstream())
     port, mport = free_port(), free_port()
-    proc = start_sidecar(
-        "--upstream",
+    proc = start_simulated(
         str(upstream.make_url("/")),
-        "--power-source",
-        "simulated",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{mport}",
+        port,
+        mport,
         "--emissions-budget",
         "500",
         "--region",
