@@ -308,16 +308,7 @@ class Meter:
         dt = max(0.0, now - self._last_tick_s)
         self._last_tick_s = now
         self.emissions_g["embodied"] += self.embodied_g_per_s * dt
-        self._history.append(
-            _Snapshot(
-                now,
-                tuple(self.ledger.phase_j[p] for p in PHASES),  # type: ignore[arg-type]
-                self._finished_inference,
-                self._completion_tokens,
-                self.emissions_g["operational"],
-                self.emissions_g["embodied"],
-            )
-        )
+        self._history.append(self._current(now))
 
     def flush(self) -> None:
         """Shutdown: assign everything and report every request."""
@@ -405,9 +396,10 @@ class Meter:
             "gpus": [{"gpu": g.gpu, "uuid": g.uuid, "name": g.name} for g in self.gpus],
         }
 
-    def _current(self) -> _Snapshot:
+    def _current(self, time_s: float | None = None) -> _Snapshot:
+        """The cumulative figures now: what ``/summary`` subtracts between two moments."""
         return _Snapshot(
-            self.clock(),
+            self.clock() if time_s is None else time_s,
             tuple(self.ledger.phase_j[p] for p in PHASES),  # type: ignore[arg-type]
             self._finished_inference,
             self._completion_tokens,
