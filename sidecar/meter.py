@@ -24,8 +24,12 @@ from sidecar.power.base import GpuInfo, PowerSample
 
 log = structlog.get_logger("sidecar.meter")
 
-Endpoint = Literal["chat", "completion", "embedding", "generate", "other"]
-ENDPOINTS: Final[tuple[Endpoint, ...]] = ("chat", "completion", "embedding", "generate", "other")
+Endpoint = Literal[
+    "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other"
+]
+ENDPOINTS: Final[tuple[Endpoint, ...]] = (
+    "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other",
+)  # fmt: skip
 REQUEST_BUCKETS_J: Final = (
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5,
 )  # fmt: skip

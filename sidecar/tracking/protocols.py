@@ -39,7 +39,9 @@ __all__ = [
     "parse_request",
 ]
 
-Endpoint = Literal["chat", "completion", "embedding", "generate", "other"]
+Endpoint = Literal[
+    "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other"
+]
 Api = Literal["openai", "tgi", "ollama", "none"]
 
 BYTES_PER_TOKEN: Final = 4
