@@ -13,12 +13,10 @@ How it works (CONTRACT.md fixes the semantics, DESIGN.md gives the reasons):
   constant set of requests in flight and lies wholly above or below the
   baseline: the phases are integrated exactly.
 * ``idle_serving`` is shared equally among the requests in flight;
-  ``dynamic`` by the work each request does in the piece. A request's work
-  is a piecewise-constant rate: its prompt spread over its time to first
-  token, then each streamed chunk's tokens spread over the gap since the
-  previous chunk. The rate up to a time is only known once the next chunk
-  (or the end) arrives, so an interval waits, at most ``max_wait_s``, until
-  every request in it is known through the interval's end.
+  ``dynamic`` by the work each request does in the piece (see
+  :mod:`sidecar.ledger.requests`). The rate up to a time is only known once
+  the next chunk (or the end) arrives, so an interval waits, at most
+  ``max_wait_s``, until every request in it is known through the interval's end.
 * A request's energy is final once every GPU has assigned past its end; it
   is then handed out by :meth:`Ledger.pop_finished` and forgotten, so memory
   follows the requests in flight, not history.
@@ -29,248 +27,18 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final
 
-Phase = Literal["dynamic", "idle_serving", "idle_standby"]
-PHASES: Final[tuple[Phase, ...]] = ("dynamic", "idle_serving", "idle_standby")
-Status = Literal["ok", "error", "cancelled"]
-STATUSES: Final[tuple[Status, ...]] = ("ok", "error", "cancelled")
+from sidecar.ledger.baseline import BASELINE_WINDOW_S, SETTLE_S, BaselineEstimator
+from sidecar.ledger.prefill_fit import PrefillFit
+from sidecar.ledger.requests import INF, PHASES, FinishedRequest, Phase, Request, Status
 
-SETTLE_S: Final = 2.0
-"""Power tails off for a moment after a burst; keep it out of the idle estimate."""
-MIN_STANDBY_SAMPLES: Final = 10
-BASELINE_WINDOW_S: Final = 600.0
 MAX_WAIT_S: Final = 5.0
 SILENT_AFTER_S: Final = 10.0
 """A GPU without samples for this long stops holding finished requests back."""
-_INF: Final = math.inf
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedRequest:
-    """A request whose energy is final: every GPU has been assigned past its end."""
-
-    id: str
-    model: str
-    endpoint: str
-    status: Status
-    start_s: float
-    end_s: float
-    first_token_s: float | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    dynamic_j: float
-    idle_j: float
-
-    @property
-    def energy_j(self) -> float:
-        """Attributed energy: its dynamic share plus its share of the resident cost."""
-        return self.dynamic_j + self.idle_j
-
-
-@dataclass(slots=True)
-class _Request:
-    """Mutable state of one request while the ledger still needs it."""
-
-    id: str
-    model: str
-    endpoint: str
-    start_s: float
-    prompt_work: float | None
-    end_s: float = _INF
-    first_token_s: float | None = None
-    status: Status = "ok"
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    # (t0, t1, prefill, decode): token work spread evenly over [t0, t1], in time order
-    segments: deque[tuple[float, float, float, float]] = field(default_factory=deque)
-    known_s: float = -_INF  # the work rate is final up to this time
-    last_chunk_s: float | None = None
-    streamed: int = 0
-    dynamic_j: float = 0.0
-    idle_j: float = 0.0
-
-    @property
-    def informed(self) -> bool:
-        """Whether anything tells how much work this request does (prompt or tokens)."""
-        return self.prompt_work is not None or self.streamed > 0 or bool(self.segments)
-
-    def work(self, a: float, b: float, now: float) -> tuple[float, float]:
-        """Prefill and decode tokens worked in [a, b]: integrals of piecewise-constant rates."""
-        prefill = decode = 0.0
-        for t0, t1, p, d in self.segments:
-            if t1 <= a:
-                continue
-            if t0 >= b:
-                break
-            share = _spread(1.0, t0, t1, a, b)
-            prefill += p * share
-            decode += d * share
-        if self.first_token_s is None and self.end_s == _INF and self.prompt_work:
-            # Still before its first token and we could wait no longer: spread the
-            # prompt over the time it has waited so far.
-            prefill += _spread(self.prompt_work, self.start_s, max(now, b), a, b)
-        return prefill, decode
-
-
-def _spread(work: float, t0: float, t1: float, a: float, b: float) -> float:
-    """Share of ``work`` (uniform over [t0, t1]) that falls in [a, b]."""
-    if t1 <= t0:  # all at one instant: it belongs to the piece that ends there or later
-        return work if a < t0 <= b else 0.0
-    overlap = min(t1, b) - max(t0, a)
-    return work * overlap / (t1 - t0) if overlap > 0 else 0.0
-
-
-class BaselineEstimator:
-    """Idle (memory-resident) power of one GPU, from its standby samples.
-
-    The median of standby samples taken at least ``settle_s`` after a request
-    ended; with fewer than ten, the 5th percentile of all samples; in a sliding
-    window (``run``) before any standby, the lowest power seen so far. "Before any
-    standby" is read as before the first ten standby samples, the least a median
-    needs: a sidecar that starts a moment before a busy server would otherwise
-    take the 5th percentile of loaded power for the resident cost.
-    With ``window_s=None`` it keeps everything (``attribute``: one baseline per
-    trace). Samples are thinned to ``min_spacing_s`` and the statistic is
-    recomputed at most every ``recompute_s`` so a 100 Hz sampler stays cheap.
-    """
-
-    def __init__(
-        self,
-        *,
-        window_s: float | None = BASELINE_WINDOW_S,
-        min_spacing_s: float = 0.1,
-        recompute_s: float = 1.0,
-    ) -> None:
-        self._window_s = window_s
-        self._spacing_s = min_spacing_s if window_s is not None else 0.0
-        self._recompute_s = recompute_s if window_s is not None else 0.0
-        self._all: deque[tuple[float, float]] = deque()
-        self._standby: deque[tuple[float, float]] = deque()
-        self._lowest_w = _INF
-        self._standby_seen = 0
-        self._last_kept_s = -_INF
-        self._computed_at_s = -_INF
-        self._value_w: float | None = None
-
-    def observe(self, time_s: float, power_w: float, *, standby: bool) -> None:
-        """Record one sample; ``standby`` means no request in flight and settled."""
-        self._lowest_w = min(self._lowest_w, power_w)
-        if time_s - self._last_kept_s < self._spacing_s:
-            return
-        self._last_kept_s = time_s
-        self._all.append((time_s, power_w))
-        if standby:
-            self._standby.append((time_s, power_w))
-            self._standby_seen += 1
-        if self._window_s is not None:
-            horizon = time_s - self._window_s
-            for q in (self._all, self._standby):
-                while q and q[0][0] < horizon:
-                    q.popleft()
-        if self._window_s is not None and (
-            self._value_w is None or time_s - self._computed_at_s >= self._recompute_s
-        ):
-            self._computed_at_s = time_s
-            self._value_w = self._compute()
-
-    def _compute(self) -> float | None:
-        if len(self._standby) >= MIN_STANDBY_SAMPLES:
-            return _median(sorted(p for _, p in self._standby))
-        if self._window_s is not None and self._standby_seen < MIN_STANDBY_SAMPLES:
-            return self._lowest_w if self._lowest_w < _INF else None
-        if self._all:
-            return _percentile(sorted(p for _, p in self._all), 0.05)
-        return None
-
-    @property
-    def value_w(self) -> float | None:
-        """The current estimate, or ``None`` before any sample."""
-        if self._window_s is None:
-            return self._compute()
-        return self._value_w
-
-
-def _median(xs: Sequence[float]) -> float:
-    n = len(xs)
-    mid = n // 2
-    return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
-
-
-def _percentile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile of sorted data (numpy's default method)."""
-    pos = (len(xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-class PrefillFit:
-    """How much a prompt token costs relative to an output token, learned from the GPU.
-
-    Prefill runs as a few large, compute-bound steps; decode as many small,
-    memory-bound ones, so per token they cost very different energy (prefill
-    typically a few percent of decode). Weighing them 1:1 would hand requests
-    in prefill most of a shared interval's dynamic energy. The ledger already
-    knows, per stretch of time, how many prompt tokens (P) and output tokens (D)
-    were worked and how much dynamic energy (E) the GPUs drew, so it fits
-    E = a*P + b*D by least squares over ~1 s bins (forgetting old bins slowly)
-    and weighs a prompt token as a/b output tokens. Until the data can tell
-    (enough bins with prefill and decode both present, a well-conditioned fit),
-    the ratio is ``prior``: 1, the plain reading of token counts.
-    """
-
-    BIN_S: Final = 1.0
-    MIN_BINS: Final = 20
-    FORGET: Final = 0.998  # per bin: a half-life of about six minutes of work
-    BOUNDS: Final = (0.002, 2.0)
-
-    def __init__(self, prior: float = 1.0) -> None:
-        self.prior = prior
-        self._bin = [0.0, 0.0, 0.0, 0.0]  # P, D, E, seconds
-        self._s = [0.0] * 5  # Spp, Spd, Sdd, Spe, Sde
-        self.bins = 0
-        self.ratio = prior
-
-    def observe(self, prefill: float, decode: float, energy_j: float, seconds: float) -> None:
-        b = self._bin
-        b[0] += prefill
-        b[1] += decode
-        b[2] += energy_j
-        b[3] += seconds
-        if b[3] >= self.BIN_S:
-            self._fold()
-
-    def _fold(self) -> None:
-        p, d, e, _ = self._bin
-        self._bin = [0.0, 0.0, 0.0, 0.0]
-        s = self._s
-        for i in range(5):
-            s[i] *= self.FORGET
-        s[0] += p * p
-        s[1] += p * d
-        s[2] += d * d
-        s[3] += p * e
-        s[4] += d * e
-        if p > 0 and d > 0:
-            self.bins += 1
-        self.ratio = self._solve()
-
-    def _solve(self) -> float:
-        spp, spd, sdd, spe, sde = self._s
-        det = spp * sdd - spd * spd
-        if self.bins < self.MIN_BINS or det <= 1e-6 * spp * sdd:
-            return self.prior
-        a = (spe * sdd - sde * spd) / det
-        b = (sde * spp - spe * spd) / det
-        if a <= 0 or b <= 0:
-            return self.prior
-        lo, hi = self.BOUNDS
-        return min(hi, max(lo, a / b))
 
 
 @dataclass(slots=True)
@@ -279,7 +47,7 @@ class _Gpu:
     fixed_idle_w: float | None
     last: tuple[float, float] | None = None  # (time_s, power_w)
     pending: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
-    assigned_s: float = -_INF
+    assigned_s: float = -INF
     energy_j: float = 0.0
 
     @property
@@ -321,18 +89,18 @@ class Ledger:
         self._max_wait_s = max_wait_s
         self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s, 2.0 * hold_s)
         self._hold_s = hold_s
-        self._first_s = _INF
-        self._live: dict[str, _Request] = {}
+        self._first_s = INF
+        self._live: dict[str, Request] = {}
         self._starts: list[
             tuple[float, str]
         ] = []  # live requests by start, for sample classification
         # ended requests awaiting finalisation, by end time: finalising pops, never scans
-        self._ended: list[tuple[float, int, _Request]] = []
+        self._ended: list[tuple[float, int, Request]] = []
         self._ended_seq = 0
-        self._recent: dict[str, _Request] = {}  # finalized, for late intervals of a lagging GPU
+        self._recent: dict[str, Request] = {}  # finalized, for late intervals of a lagging GPU
         self._finished: list[FinishedRequest] = []
-        self._now_s = -_INF
-        self._last_end_s = -_INF
+        self._now_s = -INF
+        self._last_end_s = -INF
         self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
         self.prefill_fit = PrefillFit()
         self.model_j: dict[tuple[str, Phase], float] = {}
@@ -351,7 +119,7 @@ class Ledger:
         if request_id in self._live:
             raise ValueError(f"request {request_id!r} started twice")
         t = self._clamp(time_s)
-        req = _Request(request_id, model, endpoint, t, prompt_tokens, known_s=t)
+        req = Request(request_id, model, endpoint, t, prompt_tokens, known_s=t)
         self._live[request_id] = req
         bisect.insort(self._starts, (t, request_id))
 
@@ -368,7 +136,7 @@ class Ledger:
         they unblocked, so a busy stream costs O(1) per chunk, not O(in flight).
         """
         req = self._live.get(request_id)
-        if req is None or req.first_token_s is not None or req.end_s != _INF:
+        if req is None or req.first_token_s is not None or req.end_s != INF:
             return
         t = max(self._clamp(time_s), req.start_s)
         req.first_token_s = t
@@ -380,7 +148,7 @@ class Ledger:
     def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
         """A streamed chunk carrying ``count`` tokens arrived at ``time_s``."""
         req = self._live.get(request_id)
-        if req is None or req.end_s != _INF or count <= 0:
+        if req is None or req.end_s != INF or count <= 0:
             return
         t = max(self._clamp(time_s), req.start_s)
         if req.first_token_s is None:
@@ -400,7 +168,7 @@ class Ledger:
     def touch(self, request_id: str, time_s: float) -> None:
         """No tokens since the last event, but the request is known to be working up to now."""
         req = self._live.get(request_id)
-        if req is None or req.end_s != _INF or req.first_token_s is None:
+        if req is None or req.end_s != INF or req.first_token_s is None:
             return
         t = max(self._clamp(time_s), req.start_s)
         req.last_chunk_s = max(req.last_chunk_s or t, t)
@@ -417,7 +185,7 @@ class Ledger:
     ) -> None:
         """The last response byte left (or the client left, or the upstream failed)."""
         req = self._live.get(request_id)
-        if req is None or req.end_s != _INF:
+        if req is None or req.end_s != INF:
             return
         t = max(self._clamp(time_s), req.start_s)
         req.status = status
@@ -434,7 +202,7 @@ class Ledger:
             # Known only as a total (a recorded trace): spread between first token and end.
             req.segments.append((req.first_token_s, t, 0.0, float(completion_tokens)))
         req.end_s = t
-        req.known_s = _INF
+        req.known_s = INF
         self._ended_seq += 1
         heapq.heappush(self._ended, (t, self._ended_seq, req))
         self._last_end_s = max(self._last_end_s, t)
@@ -513,7 +281,7 @@ class Ledger:
         """Requests in flight by model (arrived, not yet ended)."""
         out: dict[str, int] = {}
         for r in self._live.values():
-            if r.end_s == _INF:
+            if r.end_s == INF:
                 out[r.model] = out.get(r.model, 0) + 1
         return out
 
@@ -542,7 +310,7 @@ class Ledger:
         (a recorded request is added whole), and waiting is measured in sampled time."""
         if t > self._now_s:
             self._now_s = t
-        if self._first_s == _INF:
+        if self._first_s == INF:
             self._first_s = t
         self._process()
 
@@ -565,7 +333,7 @@ class Ledger:
                 state.assigned_s = t1
                 self._prune(reqs)
 
-    def _overlapping(self, t0: float, t1: float) -> list[_Request]:
+    def _overlapping(self, t0: float, t1: float) -> list[Request]:
         out = [r for r in self._live.values() if r.start_s < t1 and r.end_s > t0]
         if self._recent:
             out.extend(r for r in self._recent.values() if r.start_s < t1 and r.end_s > t0)
@@ -579,7 +347,7 @@ class Ledger:
         t1: float,
         p1: float,
         idle_w: float,
-        reqs: list[_Request],
+        reqs: list[Request],
     ) -> None:
         slope = (p1 - p0) / (t1 - t0)
         cuts = {t0, t1}
@@ -606,7 +374,7 @@ class Ledger:
             dyn_part = energy - idle_part if above else 0.0
             self._share(inside, a, b, idle_part, dyn_part)
 
-    def _share(self, inside: list[_Request], a: float, b: float, idle: float, dyn: float) -> None:
+    def _share(self, inside: list[Request], a: float, b: float, idle: float, dyn: float) -> None:
         self.phase_j["idle_serving"] += idle
         self.phase_j["dynamic"] += dyn
         n = len(inside)
@@ -643,7 +411,7 @@ class Ledger:
     def _finalize(self, *, force: bool) -> None:
         ended = self._ended
         if ended:
-            done_s = _INF if force else self._done_s()
+            done_s = INF if force else self._done_s()
             every_gpu_s = min(s.assigned_s for s in self._gpus.values())
             while ended and ended[0][0] <= done_s:
                 r = heapq.heappop(ended)[2]
@@ -668,14 +436,14 @@ class Ledger:
         ]
         return min(fresh) if fresh else self._now_s
 
-    def _prune(self, reqs: list[_Request]) -> None:
+    def _prune(self, reqs: list[Request]) -> None:
         """Drop work segments every GPU has assigned past: long streams stay cheap."""
         done_s = self._done_s()
         for r in reqs:
             while r.segments and r.segments[0][1] < done_s:
                 r.segments.popleft()
 
-    def _emit(self, r: _Request, *, lagging: bool) -> None:
+    def _emit(self, r: Request, *, lagging: bool) -> None:
         del self._live[r.id]
         i = bisect.bisect_left(self._starts, (r.start_s, r.id))
         if i < len(self._starts) and self._starts[i] == (r.start_s, r.id):
@@ -698,34 +466,3 @@ class Ledger:
                 idle_j=r.idle_j,
             )
         )
-
-
-def estimate_idle_watts(
-    samples: Iterable[tuple[str, float, float]],
-    spans: Iterable[tuple[float, float]],
-    *,
-    settle_s: float = SETTLE_S,
-) -> dict[str, float]:
-    """One baseline per GPU over a whole trace: ``attribute``'s first pass.
-
-    ``samples`` are ``(gpu, time_s, power_w)`` in any order and ``spans`` the
-    ``(start_s, end_s)`` of inference requests. The estimator is the same one
-    the live ledger slides over ten minutes, here over the whole trace.
-    """
-
-    ordered = sorted(samples, key=lambda s: s[1])
-    starts = sorted(spans)
-    estimators: dict[str, BaselineEstimator] = {}
-    ends: list[float] = []
-    i = 0
-    last_end = -_INF
-    for gpu, t, p in ordered:
-        while i < len(starts) and starts[i][0] <= t:
-            heapq.heappush(ends, starts[i][1])
-            i += 1
-        while ends and ends[0] <= t:
-            last_end = max(last_end, heapq.heappop(ends))
-        standby = not ends and t - last_end >= settle_s
-        est = estimators.setdefault(gpu, BaselineEstimator(window_s=None))
-        est.observe(t, max(0.0, p), standby=standby)
-    return {g: (e.value_w or 0.0) for g, e in estimators.items()}

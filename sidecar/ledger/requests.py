@@ -1,0 +1,95 @@
+"""What the ledger knows of one request, and what it hands out once the energy is final.
+
+A request's work is a piecewise-constant rate: its prompt spread over its time
+to first token, then each streamed chunk's tokens spread over the gap since
+the previous chunk. The sharing rule integrates that rate over each piece of
+an interval, so the data lives here, beside its integral.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+Phase = Literal["dynamic", "idle_serving", "idle_standby"]
+PHASES: Final[tuple[Phase, ...]] = ("dynamic", "idle_serving", "idle_standby")
+Status = Literal["ok", "error", "cancelled"]
+STATUSES: Final[tuple[Status, ...]] = ("ok", "error", "cancelled")
+INF: Final = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """A request whose energy is final: every GPU has been assigned past its end."""
+
+    id: str
+    model: str
+    endpoint: str
+    status: Status
+    start_s: float
+    end_s: float
+    first_token_s: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    dynamic_j: float
+    idle_j: float
+
+    @property
+    def energy_j(self) -> float:
+        """Attributed energy: its dynamic share plus its share of the resident cost."""
+        return self.dynamic_j + self.idle_j
+
+
+@dataclass(slots=True)
+class Request:
+    """Mutable state of one request while the ledger still needs it."""
+
+    id: str
+    model: str
+    endpoint: str
+    start_s: float
+    prompt_work: float | None
+    end_s: float = INF
+    first_token_s: float | None = None
+    status: Status = "ok"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # (t0, t1, prefill, decode): token work spread evenly over [t0, t1], in time order
+    segments: deque[tuple[float, float, float, float]] = field(default_factory=deque)
+    known_s: float = -INF  # the work rate is final up to this time
+    last_chunk_s: float | None = None
+    streamed: int = 0
+    dynamic_j: float = 0.0
+    idle_j: float = 0.0
+
+    @property
+    def informed(self) -> bool:
+        """Whether anything tells how much work this request does (prompt or tokens)."""
+        return self.prompt_work is not None or self.streamed > 0 or bool(self.segments)
+
+    def work(self, a: float, b: float, now: float) -> tuple[float, float]:
+        """Prefill and decode tokens worked in [a, b]: integrals of piecewise-constant rates."""
+        prefill = decode = 0.0
+        for t0, t1, p, d in self.segments:
+            if t1 <= a:
+                continue
+            if t0 >= b:
+                break
+            share = spread(1.0, t0, t1, a, b)
+            prefill += p * share
+            decode += d * share
+        if self.first_token_s is None and self.end_s == INF and self.prompt_work:
+            # Still before its first token and we could wait no longer: spread the
+            # prompt over the time it has waited so far.
+            prefill += spread(self.prompt_work, self.start_s, max(now, b), a, b)
+        return prefill, decode
+
+
+def spread(work: float, t0: float, t1: float, a: float, b: float) -> float:
+    """Share of ``work`` (uniform over [t0, t1]) that falls in [a, b]."""
+    if t1 <= t0:  # all at one instant: it belongs to the piece that ends there or later
+        return work if a < t0 <= b else 0.0
+    overlap = min(t1, b) - max(t0, a)
+    return work * overlap / (t1 - t0) if overlap > 0 else 0.0
