@@ -1,0 +1,368 @@
+"""What a response reports, followed chunk by chunk as it streams to the client.
+
+The proxy calls this on the hot path, so it is pure (no I/O, no clock, no
+logging) and cheap: framing is chosen once per response and most stream
+events are read from bytes without decoding JSON. It never raises on what a
+server sends: malformed JSON or SSE only means the tracker learns less, and
+the client receives the bytes the server sent (unless the proxy asked for the
+injected usage chunk to be stripped). Completion text is never kept beyond
+the bytes in transit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from sidecar.tracking.openai_chunks import Edit, has_output, plain_chunk, without_null_usage
+from sidecar.tracking.requests import RequestInfo
+from sidecar.tracking.sse import EventSplitter, LineSplitter, Piece, event_data
+from sidecar.tracking.wire import (
+    count,
+    escaped,
+    header_count,
+    identity,
+    json_mime,
+    loads,
+    model_name,
+)
+
+__all__ = ["Fed", "ResponseTracker", "Usage"]
+
+_SALVAGE_TAIL: Final = 64 * 1024
+_USAGE_KEY: Final = re.compile(rb'"usage"\s*:\s*\{')
+_MODEL_PAIR: Final = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+_Mode = Literal["pass", "sse", "ndjson", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fed:
+    """The outcome of one response chunk.
+
+    ``tokens`` counts token-bearing events completed by this chunk (streamed
+    token times); ``out`` is what to send to the client: the chunk itself,
+    unless the usage chunk is being stripped.
+    """
+
+    tokens: int
+    out: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the response reported, once it has ended.
+
+    ``None`` means the server did not say. ``model`` is the response's own
+    model field (the request's is in :class:`RequestInfo`). ``token_events``
+    is the number of token-bearing streamed events seen, a fallback for
+    ``completion_tokens`` when a stream carried no usage.
+    """
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    model: str | None
+    token_events: int = 0
+
+
+class ResponseTracker:
+    """Follows one response body chunk by chunk, learning token times and usage.
+
+    The framing is chosen once from the response headers: SSE for
+    ``text/event-stream`` (OpenAI and TGI streams), NDJSON for Ollama, a
+    bounded buffer for a plain JSON body, and pass-through for anything it
+    cannot read cheaply (compressed bodies, other content types, non-inference
+    paths). It keeps at most ``max_buffer`` bytes whatever arrives.
+
+    With ``strip_usage_chunk`` (only after :func:`inject_include_usage`),
+    complete SSE events are released once framed, the usage-only chunk
+    (``choices: []`` with a ``usage`` object) is dropped and the
+    ``"usage": null`` member the injection made the server add to the other
+    chunks is removed; every other byte goes out unchanged. Events over the
+    cap pass unparsed and unedited. At end of stream the caller must send
+    :meth:`flush`'s bytes.
+    """
+
+    __slots__ = (
+        "_completion",
+        "_done",
+        "_events",
+        "_info",
+        "_json_parts",
+        "_json_size",
+        "_lines",
+        "_max",
+        "_mode",
+        "_model",
+        "_prompt",
+        "_streamed_usage",
+        "_streaming",
+        "_strip",
+        "_tail",
+        "_token_events",
+        "_usage",
+    )
+
+    def __init__(
+        self,
+        info: RequestInfo,
+        content_type: str | None,
+        content_encoding: str | None,
+        headers: Mapping[str, str],
+        *,
+        strip_usage_chunk: bool = False,
+        max_buffer: int = 1 << 20,
+    ) -> None:
+        self._info = info
+        self._max = max(max_buffer, 1)
+        self._mode: _Mode = _choose_mode(info, content_type, content_encoding)
+        self._streaming = _is_stream(info, content_type)
+        self._strip = strip_usage_chunk and self._mode == "sse"
+        self._events = EventSplitter(self._max, hold=self._strip) if self._mode == "sse" else None
+        self._lines = LineSplitter(self._max) if self._mode == "ndjson" else None
+        self._json_parts: list[bytes] | None = [] if self._mode == "json" else None
+        self._json_size = 0
+        self._tail: bytes | None = None  # the last bytes of an over-cap JSON body
+        self._prompt: int | None = None
+        self._completion: int | None = None
+        self._model: str | None = None
+        self._streamed_usage = 0  # continuous usage: completion tokens already counted
+        self._token_events = 0
+        self._done = False
+        self._usage: Usage | None = None
+        self._read_headers(headers)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the response is a token stream (SSE or NDJSON), whatever the request said.
+
+        Read from the response's content type, so TGI's ``/generate_stream``
+        and servers that stream by default count as streams even when the
+        request body did not say so.
+        """
+        return self._streaming
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the body kept right now; never more than ``max_buffer`` (+1 pending CR)."""
+        if self._events is not None:
+            return self._events.held_bytes
+        if self._lines is not None:
+            return self._lines.held_bytes
+        return self._json_size if self._tail is None else len(self._tail)
+
+    def feed(self, chunk: bytes) -> Fed:
+        """Take the next response chunk; returns its token events and the bytes to send."""
+        if self._done or not chunk:
+            return Fed(0, chunk)
+        if self._events is not None:
+            return self._feed_sse(chunk)
+        if self._lines is not None:
+            return Fed(sum(self._on_ndjson(line) for line in self._lines.feed(chunk)), chunk)
+        if self._json_parts is not None or self._tail is not None:
+            self._feed_json(chunk)
+        return Fed(0, chunk)
+
+    def flush(self) -> bytes:
+        """End of body: parse what is left and return the bytes still to send.
+
+        Always ``b""`` except in strip mode, where an unterminated last event
+        is held until now. Idempotent; :meth:`finish` calls it too.
+        """
+        if self._done:
+            return b""
+        self._done = True
+        if self._events is not None:
+            return self._pieces(self._events.close()).out
+        if self._lines is not None:
+            for line in self._lines.close():
+                self._on_ndjson(line)
+        elif self._json_parts is not None:
+            self._absorb_json(loads(b"".join(self._json_parts)))
+            self._json_parts = None
+        elif self._tail is not None:
+            self._salvage(self._tail)
+            self._tail = None
+        return b""
+
+    def finish(self) -> Usage:
+        """What the response reported; call once the body has ended (idempotent)."""
+        if self._usage is None:
+            self.flush()
+            completion = self._completion
+            if completion is None and self._info.endpoint == "embedding":
+                completion = 0 if self._prompt is not None else None
+            self._usage = Usage(self._prompt, completion, self._model, self._token_events)
+        return self._usage
+
+    # ------------------------------------------------------------------ internals
+    def _read_headers(self, headers: Mapping[str, str]) -> None:
+        """TGI reports counts in headers on non-stream responses; the body may refine them."""
+        for key, value in headers.items():
+            name = key.lower()
+            if name == "x-prompt-tokens":
+                self._prompt = header_count(value)
+            elif name == "x-generated-tokens":
+                self._completion = header_count(value)
+
+    def _feed_sse(self, chunk: bytes) -> Fed:
+        assert self._events is not None
+        fed = self._pieces(self._events.feed(chunk))
+        return fed if self._strip else Fed(fed.tokens, chunk)
+
+    def _pieces(self, pieces: list[Piece]) -> Fed:
+        """Parse framed SSE pieces; in strip mode, also the bytes to send (see :meth:`_unasked`)."""
+        tokens = 0
+        out: list[bytes] = []
+        for piece in pieces:
+            raw = piece.raw
+            if piece.intact:
+                count, edit = self._on_sse(raw)
+                tokens += count
+                if self._strip and piece.complete:
+                    if edit == "drop":
+                        continue
+                    if edit == "null_usage":
+                        raw = without_null_usage(raw)
+            if self._strip:
+                out.append(raw)
+        return Fed(tokens, out[0] if len(out) == 1 else b"".join(out))
+
+    def _on_sse(self, raw: bytes) -> tuple[int, Edit]:
+        """Token events in one SSE event, and what strip mode must do to it.
+
+        With ``include_usage`` an OpenAI-conformant server sends one extra
+        chunk (``choices: []`` and a ``usage`` object: dropped) and puts
+        ``"usage": null`` in every other chunk ("All other chunks will also
+        include a usage field, but with a null value"): that member is removed
+        too, so a client that did not ask sees the bytes it would have seen.
+        """
+        data = event_data(raw)
+        if data is None or data.startswith(b"[DONE]"):
+            return 0, "keep"
+        if self._model is not None:
+            fast = plain_chunk(data)
+            if fast is not None:  # most events of a stream: counted without decoding JSON
+                self._token_events += fast[0]
+                return fast
+        obj = loads(data)
+        if not isinstance(obj, dict):
+            return 0, "keep"
+        self._absorb(obj)
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        edit: Edit = "null_usage" if "usage" in obj and usage is None else "keep"
+        if isinstance(choices, list):
+            if not choices and isinstance(usage, dict):
+                return 0, "drop"
+            count = self._openaitokens_for(choices, usage)
+        else:
+            count = 1 if isinstance(obj.get("token"), dict) else 0  # TGI token event
+        self._token_events += count
+        return count, edit
+
+    def _openaitokens_for(self, choices: list[object], usage: object) -> int:
+        """One per choice with output, unless the chunk reports cumulative usage (vLLM)."""
+        if isinstance(usage, dict):
+            cumulative = count(usage.get("completion_tokens"))
+            if cumulative is not None:
+                new = max(cumulative - self._streamed_usage, 0)
+                self._streamed_usage = max(cumulative, self._streamed_usage)
+                return new
+        return sum(1 for choice in choices if has_output(choice))
+
+    def _on_ndjson(self, line: bytes) -> int:
+        """Ollama: every ``done: false`` object is a token; counts ride on the last one."""
+        obj = loads(line) if line.strip() else None
+        if not isinstance(obj, dict):
+            return 0
+        self._absorb(obj)
+        prompt = count(obj.get("prompt_eval_count"))
+        if prompt is not None:
+            self._prompt = prompt
+        completion = count(obj.get("eval_count"))
+        if completion is not None:
+            self._completion = completion
+        if obj.get("done") is False:
+            self._token_events += 1
+            return 1
+        return 0
+
+    def _feed_json(self, chunk: bytes) -> None:
+        keep = min(_SALVAGE_TAIL, self._max)
+        if self._tail is not None:
+            if len(chunk) >= keep:
+                self._tail = chunk[-keep:]
+            else:
+                self._tail = self._tail[max(len(self._tail) + len(chunk) - keep, 0) :] + chunk
+            return
+        assert self._json_parts is not None
+        if self._json_size + len(chunk) <= self._max:
+            self._json_parts.append(chunk)
+            self._json_size += len(chunk)
+            return
+        # Over the cap: stop buffering; keep only a tail where `usage` may be salvaged.
+        self._tail = b"".join([*self._json_parts, chunk])[-keep:]
+        self._json_parts, self._json_size = None, 0
+
+    def _absorb_json(self, obj: object) -> None:
+        if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+            obj = obj[0]  # TGI's compatibility route answers a one-element list
+        if isinstance(obj, dict):
+            self._absorb(obj)
+
+    def _absorb(self, obj: dict[str, object]) -> None:
+        """Model and counts from OpenAI ``usage`` or TGI ``details``, wherever they appear."""
+        model = model_name(obj.get("model"))
+        if model is not None:
+            self._model = model
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._take(count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")))
+        details = obj.get("details")
+        if isinstance(details, dict):
+            self._take(count(details.get("input_length")), count(details.get("generated_tokens")))
+
+    def _take(self, prompt: int | None, completion: int | None) -> None:
+        if prompt is not None:
+            self._prompt = prompt
+        if completion is not None:
+            self._completion = completion
+
+    def _salvage(self, tail: bytes) -> None:
+        """Over-cap bodies (large embedding batches) end with ``usage``: read it from the tail."""
+        matches = [m for m in _USAGE_KEY.finditer(tail) if not escaped(tail, m.start())]
+        if matches:
+            brace = matches[-1].end() - 1
+            try:
+                usage, _ = json.JSONDecoder().raw_decode(tail[brace:].decode("utf-8", "replace"))
+            except ValueError:
+                usage = None
+            if isinstance(usage, dict):
+                self._absorb({"usage": usage})
+        models = [m for m in _MODEL_PAIR.finditer(tail) if not escaped(tail, m.start())]
+        if models:
+            self._absorb({"model": loads(models[-1].group(1))})
+
+
+def _choose_mode(info: RequestInfo, content_type: str | None, encoding: str | None) -> _Mode:
+    """Pick the framing once, from what the response says it is."""
+    if info.endpoint == "other" or not identity(encoding):
+        return "pass"
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime == "text/event-stream" or (not mime and info.stream and info.api != "ollama"):
+        return "sse"
+    if mime == "application/x-ndjson" or (info.api == "ollama" and json_mime(mime)):
+        return "ndjson"
+    if json_mime(mime):
+        return "json"
+    return "pass"
+
+
+def _is_stream(info: RequestInfo, content_type: str | None) -> bool:
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime in ("text/event-stream", "application/x-ndjson"):
+        return True
+    return not mime and info.stream
