@@ -7,6 +7,7 @@ from collections.abc import Generator
 
 import pytest
 import structlog
+from vllm_server import vllm, vllm_factory  # noqa: F401  (session fixtures: one real vLLM)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,0 +1,483 @@
+"""A real vLLM behind the sidecar: every API shape counts the tokens vLLM itself counted.
+
+The reference is vLLM's own ``vllm:prompt_tokens_total`` and ``vllm:generation_tokens_total``,
+read before and after each shape's requests; the sidecar (a real process, simulated GPU)
+must book the same deltas within 1 %. Clients are the official ``openai`` package where it
+speaks the shape, raw HTTP for the Anthropic-shape ``/v1/messages``.
+Run with ``-rP`` to see the measured figures per shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from procs import free_port, start_sidecar, start_simulated
+from prometheus_client.parser import text_string_to_metric_families
+from vllm_server import VllmServer, http_status
+
+pytestmark = pytest.mark.vllm
+
+MAX_TOKENS = 40
+REQUESTS_PER_SHAPE = 3
+SETTLE_TIMEOUT_S = 60.0
+PROMPTS = (
+    "the sidecar counts every joule",
+    "café naïve über 東京: how many watts does a prefill of this prompt take",
+    "idle baseline carbon grams model server batch queue decode",
+)
+
+
+@dataclass
+class Sidecar:
+    """A sidecar process with its stderr drained (its log lines must not fill the pipe)."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    metrics_url: str
+    log: deque[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _drain(proc: subprocess.Popen[str], log: deque[str]) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        log.append(line)
+
+
+def run_sidecar(proc: subprocess.Popen[str], port: int, mport: int) -> Sidecar:
+    """Waits (synchronously: session fixtures have no loop) for ``/healthz``."""
+    log: deque[str] = deque(maxlen=2000)
+    threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
+    sidecar = Sidecar(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics", log)
+    deadline = time.monotonic() + 30
+    while http_status(f"http://127.0.0.1:{mport}/healthz") != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sidecar.stop()
+            raise RuntimeError("sidecar did not start:\n" + "".join(log)[-3000:])
+        time.sleep(0.1)
+    return sidecar
+
+
+@pytest.fixture(scope="module")
+def proxy(vllm: VllmServer) -> Generator[Sidecar, None, None]:
+    """The sidecar in proxy mode in front of the session's vLLM, default flags."""
+    port, mport = free_port(), free_port()
+    sidecar = run_sidecar(start_simulated(vllm.url, port, mport), port, mport)
+    yield sidecar
+    sidecar.stop()
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200, url
+        return await r.text()
+
+
+def total(text: str, sample: str, **labels: str) -> float:
+    """Sum of the samples named ``sample`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the sidecar and vLLM had booked at one moment."""
+
+    ours_prompt: float
+    ours_completion: float
+    ours_requests: float  # llm_energy_request_joules_count: finished inference requests
+    ours_by_endpoint: dict[str, float]
+    vllm_prompt: float
+    vllm_completion: float
+    vllm_finished: float
+
+    def minus(self, before: Counts) -> Counts:
+        endpoints = self.ours_by_endpoint.keys() | before.ours_by_endpoint.keys()
+        return Counts(
+            self.ours_prompt - before.ours_prompt,
+            self.ours_completion - before.ours_completion,
+            self.ours_requests - before.ours_requests,
+            {
+                e: self.ours_by_endpoint.get(e, 0.0) - before.ours_by_endpoint.get(e, 0.0)
+                for e in endpoints
+            },
+            self.vllm_prompt - before.vllm_prompt,
+            self.vllm_completion - before.vllm_completion,
+            self.vllm_finished - before.vllm_finished,
+        )
+
+
+async def counts(sidecar: Sidecar, vllm: VllmServer) -> Counts:
+    ours, theirs = await asyncio.gather(scrape(sidecar.metrics_url), scrape(vllm.metrics_url))
+    endpoints = {
+        s.labels["endpoint"]
+        for f in text_string_to_metric_families(ours)
+        for s in f.samples
+        if s.name == "llm_energy_requests_total"
+    }
+    return Counts(
+        total(ours, "llm_energy_tokens_total", kind="prompt"),
+        total(ours, "llm_energy_tokens_total", kind="completion"),
+        total(ours, "llm_energy_request_joules_count"),
+        {e: total(ours, "llm_energy_requests_total", endpoint=e) for e in endpoints},
+        total(theirs, "vllm:prompt_tokens_total"),
+        total(theirs, "vllm:generation_tokens_total"),
+        total(theirs, "vllm:request_success_total"),
+    )
+
+
+async def settled(
+    sidecar: Sidecar, vllm: VllmServer, before: Counts, n: int, ready: Callable[[Counts], bool]
+) -> Counts:
+    """The deltas once vLLM finished ``n`` requests and ``ready`` holds (or the time is up:
+    the caller's assertions then show what was missing)."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_TIMEOUT_S
+    while True:
+        delta = (await counts(sidecar, vllm)).minus(before)
+        if (delta.vllm_finished >= n and ready(delta)) or (
+            asyncio.get_running_loop().time() > deadline
+        ):
+            return delta
+        await asyncio.sleep(0.25)
+
+
+async def steady(sidecar: Sidecar, vllm: VllmServer) -> Counts:
+    """Counts once two reads 1.5 s apart agree: every scrape of past work is in."""
+    previous = await counts(sidecar, vllm)
+    for _ in range(20):
+        await asyncio.sleep(1.5)
+        now = await counts(sidecar, vllm)
+        if now == previous:
+            break
+        previous = now
+    return now
+
+
+def within_1_percent(ours: float, theirs: float) -> bool:
+    return abs(ours - theirs) <= 0.01 * theirs
+
+
+# ------------------------------------------------------------------ shapes
+
+Shape = Callable[[str, str, int], Awaitable[None]]  # (base url, prompt, seed)
+
+
+def client(base: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
+
+
+async def chat_stream(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)  # asked for none
+
+
+async def chat_stream_usage(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].choices == []
+
+
+async def chat(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        done = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+        )
+    assert done.usage is not None
+
+
+async def completion_stream(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+
+
+async def completion_stream_usage(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.completions.create(
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None
+
+
+async def completion(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        done = await c.completions.create(
+            model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, seed=seed
+        )
+    assert done.usage is not None
+
+
+async def responses_stream(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.responses.create(
+            model="tiny-llama",
+            input=prompt,
+            max_output_tokens=MAX_TOKENS,
+            stream=True,
+            extra_body={"seed": seed},
+        )
+        events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+
+
+async def responses(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        done = await c.responses.create(
+            model="tiny-llama",
+            input=prompt,
+            max_output_tokens=MAX_TOKENS,
+            extra_body={"seed": seed},
+        )
+    assert done.usage is not None
+
+
+async def messages_call(base: str, prompt: str, seed: int, stream: bool) -> None:
+    body = {
+        "model": "tiny-llama",
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": stream,
+    }
+    async with aiohttp.ClientSession() as s, s.post(f"{base}/v1/messages", json=body) as r:
+        text = await r.text()
+        assert r.status == 200, text[:500]
+    if stream:
+        assert "event: message_stop" in text
+
+
+async def messages_stream(base: str, prompt: str, seed: int) -> None:
+    await messages_call(base, prompt, seed, stream=True)
+
+
+async def messages(base: str, prompt: str, seed: int) -> None:
+    await messages_call(base, prompt, seed, stream=False)
+
+
+SHAPES: dict[str, tuple[Shape, str]] = {  # name: (client call, contract endpoint label)
+    "chat-stream": (chat_stream, "chat"),
+    "chat-stream-usage": (chat_stream_usage, "chat"),
+    "chat": (chat, "chat"),
+    "completion-stream": (completion_stream, "completion"),
+    "completion-stream-usage": (completion_stream_usage, "completion"),
+    "completion": (completion, "completion"),
+    "responses-stream": (responses_stream, "responses"),
+    "responses": (responses, "responses"),
+    "messages-stream": (messages_stream, "chat"),
+    "messages": (messages, "chat"),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_tokens_match_vllm_counters(proxy: Sidecar, vllm: VllmServer, shape: str) -> None:
+    """Through the proxy, each API shape books vLLM's own prompt and generation token deltas
+    (within 1 %), under its contract endpoint label, and every request reaches the energy
+    histogram."""
+    call, endpoint = SHAPES[shape]
+    n = REQUESTS_PER_SHAPE
+    before = await counts(proxy, vllm)
+    await asyncio.gather(*(call(proxy.url, PROMPTS[i], 100 + i) for i in range(n)))
+    d = await settled(
+        proxy,
+        vllm,
+        before,
+        n,
+        lambda d: (
+            d.ours_requests >= n
+            and within_1_percent(d.ours_prompt, d.vllm_prompt)
+            and within_1_percent(d.ours_completion, d.vllm_completion)
+        ),
+    )
+    print(
+        f"figures shape={shape} prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
+        f" completion ours={d.ours_completion:g} vllm={d.vllm_completion:g}"
+        f" requests histogram={d.ours_requests:g} endpoint[{endpoint}]={d.ours_by_endpoint.get(endpoint, 0):g}"
+    )
+    assert d.vllm_finished == n
+    assert d.vllm_prompt > 0
+    assert d.vllm_completion > 0
+    assert d.ours_requests == n, "every request in llm_energy_request_joules"
+    assert d.ours_by_endpoint.get(endpoint, 0.0) == n, d.ours_by_endpoint
+    assert within_1_percent(d.ours_prompt, d.vllm_prompt), (d.ours_prompt, d.vllm_prompt)
+    assert within_1_percent(d.ours_completion, d.vllm_completion), (
+        d.ours_completion,
+        d.vllm_completion,
+    )
+
+
+# ------------------------------------------------------------------ what the client receives
+
+
+def keys(value: Any) -> Any:
+    """The shape of a JSON value: member names all the way down, values left out."""
+    if isinstance(value, dict):
+        return {k: keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [keys(v) for v in value]
+    return type(value).__name__
+
+
+async def sse_events(url: str, body: dict[str, Any]) -> list[Any]:
+    """The ``data:`` payloads of a streamed response, JSON-decoded (``[DONE]`` kept as is)."""
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        assert r.status == 200
+        raw = await r.text()
+    assert raw.endswith("data: [DONE]\n\n")
+    out: list[Any] = []
+    for line in raw.splitlines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(
+        choice.get("delta", {}).get("content") or choice.get("text") or ""
+        for e in events
+        if isinstance(e, dict)
+        for choice in e["choices"]
+    )
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_client_receives_what_vllm_sends(
+    proxy: Sidecar, vllm: VllmServer, path: str, include_usage: bool
+) -> None:
+    """A greedy stream through the proxy has the same chunks, member names and text as the
+    same request sent to vLLM directly: no usage chunk and no ``"usage": null`` for a client
+    that asked for none, the usage chunk for one that asked."""
+    body: dict[str, Any] = {
+        "model": "tiny-llama",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "seed": 7,
+        "stream": True,
+    }
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": PROMPTS[1]}]
+    else:
+        body["prompt"] = PROMPTS[1]
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    direct = await sse_events(vllm.url + path, body)
+    proxied = await sse_events(proxy.url + path, body)
+    assert [keys(e) for e in proxied] == [keys(e) for e in direct]
+    assert text_of(proxied) == text_of(direct)
+    chunks = [e for e in proxied if isinstance(e, dict)]
+    if include_usage:
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["prompt_tokens"] > 0
+    else:
+        assert all("usage" not in c and c["choices"] for c in chunks)
+
+
+# ------------------------------------------------------------------ observer mode
+
+
+async def test_observer_tokens_exact(vllm: VllmServer) -> None:
+    """``run --observe`` on vLLM's /metrics books exactly vLLM's own token deltas."""
+    mport = free_port()
+    proc = start_sidecar(
+        "--observe",
+        vllm.metrics_url,
+        "--power-source",
+        "simulated",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+    )
+    observer = await asyncio.to_thread(run_sidecar, proc, free_port(), mport)
+    try:
+        # Its first scrape is its zero: wait until a request is seen, then measure from there.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT_S
+        start = await counts(observer, vllm)
+        while True:
+            await completion(vllm.url, PROMPTS[0], 1)
+            await asyncio.sleep(2.5)  # an observer scrapes once a second
+            now = await counts(observer, vllm)
+            if now.ours_completion > start.ours_completion or loop.time() > deadline:
+                break
+        assert now.ours_completion > start.ours_completion, "the observer never saw a request"
+        before = await steady(observer, vllm)
+        n = 4
+        await asyncio.gather(
+            chat_stream(vllm.url, PROMPTS[0], 1),
+            chat(vllm.url, PROMPTS[1], 2),
+            completion_stream(vllm.url, PROMPTS[2], 3),
+            responses(vllm.url, PROMPTS[1], 4),
+        )
+        d = await settled(
+            observer,
+            vllm,
+            before,
+            n,
+            lambda d: d.ours_prompt == d.vllm_prompt and d.ours_completion == d.vllm_completion,
+        )
+        print(
+            f"figures observer prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
+            f" completion ours={d.ours_completion:g} vllm={d.vllm_completion:g}"
+        )
+        assert d.vllm_finished == n
+        assert d.ours_prompt == d.vllm_prompt
+        assert d.ours_completion == d.vllm_completion
+    finally:
+        await asyncio.to_thread(observer.stop)
