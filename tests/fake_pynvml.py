@@ -14,12 +14,16 @@ mistake in the code under test fails a test:
 
 Each :class:`FakeGpu` is scripted by its attributes, which tests change between
 reads: the power the driver reports, its energy counter, its sample buffer, and
-errors to raise from named functions.
+errors to raise from named functions. The failures that need a re-initialisation
+are scripted too: a GPU that hangs inside a call (``gate``), a GPU lost from the
+bus (``lost``), and a driver reload (:meth:`FakeNvml.reload_driver`), after which
+handles from before fail with ``GpuIsLost`` and the energy counters restart.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -46,6 +50,9 @@ class FakeGpu:
     mig_uuids: tuple[str, ...] = ()
     pids: list[int] = field(default_factory=list)
     faults: dict[str, Exception] = field(default_factory=dict)  # function name -> raised
+    lost: bool = False  # fell off the bus: device calls raise GpuIsLost, lookups NotFound
+    gate: threading.Event | None = None  # device calls block until the event is set (a hang)
+    device_calls: int = 0  # device calls made on this GPU's handles, hung ones included
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class FakeHandle:
 
     index: int
     mig: int | None = None
+    generation: int = 0  # the driver load it came from; stale after a reload
 
 
 class FakeNvml:
@@ -65,6 +73,7 @@ class FakeNvml:
         self.init_count = 0
         self.shutdown_count = 0
         self.calls: list[str] = []
+        self.generation = 0
         self._initialised = 0
         # The real constants and exception classes, so values cannot drift from the library.
         for name in dir(real):
@@ -74,6 +83,13 @@ class FakeNvml:
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the fake lacks: fail loudly, like an AttributeError on the module.
         raise AttributeError(f"fake pynvml has no {name!r}")
+
+    def reload_driver(self, energy_mj: int = 0) -> None:
+        """The kernel driver was reloaded: old handles go stale, energy counters restart."""
+        self.generation += 1
+        for gpu in self.gpus:
+            if gpu.energy_mj is not None:
+                gpu.energy_mj = energy_mj
 
     # -- library -------------------------------------------------------------
 
@@ -101,15 +117,17 @@ class FakeNvml:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise real.NVMLError(real.NVML_ERROR_INVALID_ARGUMENT)
-        return FakeHandle(index)
+        return FakeHandle(index, generation=self.generation)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeHandle:
         self._enter("nvmlDeviceGetHandleByUUID")
         for index, gpu in enumerate(self.gpus):
+            if gpu.lost:
+                continue
             if gpu.uuid == uuid:
-                return FakeHandle(index)
+                return FakeHandle(index, generation=self.generation)
             if uuid in gpu.mig_uuids:
-                return FakeHandle(index, mig=gpu.mig_uuids.index(uuid))
+                return FakeHandle(index, mig=gpu.mig_uuids.index(uuid), generation=self.generation)
         raise real.NVMLError(real.NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
@@ -131,7 +149,7 @@ class FakeNvml:
         self._gpu("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", handle)
         if handle.mig is None:
             raise real.NVMLError(real.NVML_ERROR_INVALID_ARGUMENT)
-        return FakeHandle(handle.index)
+        return FakeHandle(handle.index, generation=handle.generation)
 
     def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:
         gpu = self._physical("nvmlDeviceGetMigMode", handle)
@@ -194,6 +212,11 @@ class FakeNvml:
     def _gpu(self, name: str, handle: FakeHandle) -> FakeGpu:
         self._enter(name)
         gpu = self.gpus[handle.index]
+        gpu.device_calls += 1
+        if gpu.gate is not None:
+            gpu.gate.wait()
+        if gpu.lost or handle.generation != self.generation:
+            raise real.NVMLError(real.NVML_ERROR_GPU_IS_LOST)
         if name in gpu.faults:
             raise gpu.faults[name]
         return gpu

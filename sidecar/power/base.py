@@ -11,11 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-ErrorReason = Literal["not_supported", "gpu_lost", "unknown"]
+ErrorReason = Literal["not_supported", "gpu_lost", "unknown", "timeout", "not_mapped"]
+"""Why a read failed. ``timeout``: the GPU's read outlived its deadline (a hung driver
+call; the GPU is skipped until the call returns). ``not_mapped``: the source is up but
+does not yet know this pod's GPUs (dcgm-exporter before the kubelet maps the pod)."""
 
 
 class PowerSourceError(Exception):
     """A source cannot start (no driver, unknown GPU, bad file): one line for the user."""
+
+
+class PowerSourcePending(PowerSourceError):
+    """The source answers but cannot name this pod's GPUs yet: retry later, do not exit.
+
+    dcgm-exporter maps a pod to its GPUs through the kubelet's pod-resources API a
+    few seconds after the pod starts, so a sidecar that starts first sees nothing.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +36,7 @@ class GpuInfo:
     gpu: str  # the `gpu` label: NVML index as the container sees it, or the source's own id
     uuid: str
     name: str
+    mig: bool = False  # the GPU is in MIG mode: its power covers every slice, not ours alone
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,20 +17,42 @@ offset taken at open. NVML exceptions stop at this boundary: start-up failures
 become :class:`PowerSourceError`, per-read failures a :class:`ReadError` for
 that GPU alone.
 
+Faults that last: each GPU reads in its own thread with a deadline
+(:mod:`sidecar.power.deadline`), so a hung call costs that GPU alone (reason
+``timeout``). After ``reinit_after`` reads in a row without a power sample on
+some GPU (lost from the bus, a driver reload, NVML uninitialised under us),
+NVML is shut down, started again and every GPU re-resolved by its UUID, on a
+capped exponential backoff with jitter, never while a hung call is still
+inside the driver. A GPU keeps its ``gpu`` label across a re-init, so its
+ledger line and reconciler carry on; a reloaded driver's energy counter
+restarts, which the reconciler reads as a new window.
+
 pynvml is imported inside :meth:`NvmlSource.open`, never at import time, so the
 package imports (and the other power sources work) where no driver exists.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from sidecar.power.backoff import Backoff
 from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSourceError, ReadError
+from sidecar.power.deadline import DeadlineReader, TimedOut
+from sidecar.power.nvml_lib import (
+    import_pynvml,
+    processes,
+    running_gpu_processes,
+    supported,
+    text,
+    value_member,
+)
 from sidecar.power.visibility import (
     NVIDIA_VISIBLE_DEVICES,
     foreign_pids,
@@ -44,6 +66,7 @@ from sidecar.power.visibility import (
 __all__ = ["NvmlCapabilities", "NvmlSource", "running_gpu_processes"]
 
 _log = structlog.get_logger(__name__)
+_import_pynvml = import_pynvml  # the name bench/gpu_check.py reaches for
 
 _MW_PER_W = 1000.0
 _MJ_PER_J = 1000.0
@@ -51,17 +74,10 @@ _US_PER_S = 1_000_000
 # Re-anchor wall-clock timestamps when the wall clock has moved this far against
 # the monotonic one since the last anchor (an NTP step, a VM resumed).
 _MAX_CLOCK_SKEW_S = 0.5
-
-# ``nvmlValueType_t`` constant name -> the member of ``c_nvmlValue_t`` it selects.
-_VALUE_MEMBERS = {
-    "NVML_VALUE_TYPE_DOUBLE": "dVal",
-    "NVML_VALUE_TYPE_UNSIGNED_INT": "uiVal",
-    "NVML_VALUE_TYPE_UNSIGNED_LONG": "ulVal",
-    "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG": "ullVal",
-    "NVML_VALUE_TYPE_SIGNED_LONG_LONG": "sllVal",
-    "NVML_VALUE_TYPE_SIGNED_INT": "siVal",
-    "NVML_VALUE_TYPE_UNSIGNED_SHORT": "usVal",
-}
+READ_TIMEOUT_S = 0.5
+"""Longest wait for one GPU's read; calls normally take micro- to milliseconds."""
+REINIT_AFTER_READS = 10
+"""Reads in a row without a power sample on a GPU before NVML is re-initialised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +103,7 @@ class _Gpu:
     caps: NvmlCapabilities
     last_seen_us: int  # newest buffer timestamp handed out (µs, wall clock)
     last_time_s: float  # newest sample time handed out (s, monotonic clock)
+    failed_reads: int = 0  # reads in a row that gave no power sample
 
 
 class NvmlSource:
@@ -109,7 +126,17 @@ class NvmlSource:
         nvml: Any | None = None,
         env: Mapping[str, str] | None = None,
         model_pids: Callable[[], Collection[int]] | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        reinit_after: int = REINIT_AFTER_READS,
+        backoff: Backoff | None = None,
     ) -> None:
+        self._reader: DeadlineReader[list[PowerSample | ReadError]] = DeadlineReader(
+            read_timeout_s, thread_name_prefix="nvml-gpu"
+        )
+        self._reinit_after = max(1, reinit_after)
+        self._backoff = backoff if backoff is not None else Backoff(clock=clock)
+        self.reinits = 0
+        """Successful re-initialisations since open (tests and logs)."""
         self._selectors = tuple(gpus) if gpus else None
         self._model_pids = model_pids if model_pids is not None else foreign_pids
         self._clock = clock
@@ -159,10 +186,21 @@ class NvmlSource:
         """Poll every GPU once; a GPU that fails yields a :class:`ReadError`, the others carry on."""
         if not self._initialised:
             raise RuntimeError("NvmlSource.read() called before open()")
+        if self._reinit_due():
+            self._reinit()
         self._check_clock_anchor()
+        calls = {g.info.gpu: functools.partial(self._read_gpu_safe, g) for g in self._gpus}
+        results = self._reader.run(calls)
         out: list[PowerSample | ReadError] = []
         for gpu in self._gpus:
-            out.extend(self._read_gpu(gpu))
+            result = results[gpu.info.gpu]
+            if isinstance(result, TimedOut):
+                result = [self._timed_out(gpu.info.gpu)]
+            if any(isinstance(r, PowerSample) for r in result):
+                gpu.failed_reads = 0
+            else:
+                gpu.failed_reads += 1
+            out.extend(result)
         return out
 
     def close(self) -> None:
@@ -171,12 +209,68 @@ class NvmlSource:
             return
         self._initialised = False
         self._gpus = []
+        self._reader.close()
         nvml = self._nvml
         assert nvml is not None  # set by open() before _initialised
         try:
             nvml.nvmlShutdown()
         except nvml.NVMLError as e:
             _log.warning("power.nvml.shutdown_failed", error=str(e))
+
+    # -- re-init ------------------------------------------------------------
+
+    def _reinit_due(self) -> bool:
+        """A GPU failed long enough, the backoff allows a try, and no call is inside NVML."""
+        if all(g.failed_reads < self._reinit_after for g in self._gpus):
+            return False
+        return self._backoff.due() and self._reader.idle()
+
+    def _reinit(self) -> None:
+        """Shut NVML down, start it again and re-resolve every GPU by its UUID."""
+        nvml = self._nvml
+        assert nvml is not None
+        failing = [g.info.gpu for g in self._gpus if g.failed_reads >= self._reinit_after]
+        _log.warning("power.nvml.reinit", gpus=failing, attempt=self._backoff.failures + 1)
+        with suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as e:
+            delay_s = self._backoff.failed()
+            _log.warning("power.nvml.reinit_failed", error=str(e), retry_in_s=round(delay_s, 2))
+            return
+        missing: list[str] = []
+        for index, gpu in enumerate(self._gpus):
+            try:
+                self._gpus[index] = self._reresolve(nvml, gpu)
+            except (nvml.NVMLError, PowerSourceError) as e:
+                missing.append(gpu.info.gpu)
+                _log.warning(
+                    "power.nvml.reresolve_failed",
+                    gpu=gpu.info.gpu,
+                    uuid=gpu.info.uuid,
+                    error=str(e),
+                )
+        if missing:
+            delay_s = self._backoff.failed()
+            _log.warning("power.nvml.reinit_partial", missing=missing, retry_in_s=round(delay_s, 2))
+            return
+        self._backoff.succeeded()
+        self.reinits += 1
+        self._logged_failures.clear()  # a fault after recovery is news again
+        _log.info("power.nvml.reinit_done", gpus=[g.info.gpu for g in self._gpus])
+
+    def _reresolve(self, nvml: Any, gpu: _Gpu) -> _Gpu:
+        """The same GPU by UUID after a re-init: a fresh handle, its label and clocks kept."""
+        handle = nvml.nvmlDeviceGetHandleByUUID(gpu.info.uuid)
+        fresh = self._probe(nvml, handle, gpu.caps.mig)
+        return replace(
+            fresh,
+            info=gpu.info,
+            last_seen_us=max(gpu.last_seen_us, fresh.last_seen_us),
+            last_time_s=gpu.last_time_s,
+            failed_reads=gpu.failed_reads,  # reset by the next read that works
+        )
 
     # -- open ---------------------------------------------------------------
 
@@ -218,7 +312,7 @@ class NvmlSource:
         """
         try:
             pids = self._model_pids()
-            found = gpus_used_by(_processes(nvml), pids) if pids else []
+            found = gpus_used_by(processes(nvml), pids) if pids else []
         except (OSError, nvml.NVMLError) as e:
             _log.info("power.nvml.discovery_failed", error=str(e))
             return ()
@@ -252,7 +346,7 @@ class NvmlSource:
         seen: list[tuple[str, Any]] = []
         for index in range(count):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            seen.append((_text(nvml.nvmlDeviceGetUUID(handle)), handle))
+            seen.append((text(nvml.nvmlDeviceGetUUID(handle)), handle))
         matches = [handle for uuid, handle in seen if uuid.startswith(prefix)]
         if len(matches) == 1:
             return matches[0]
@@ -282,10 +376,11 @@ class NvmlSource:
         """Identity and capabilities of one GPU, read once so no read has to guess."""
         info = GpuInfo(
             gpu=str(nvml.nvmlDeviceGetIndex(handle)),
-            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-            name=_text(nvml.nvmlDeviceGetName(handle)),
+            uuid=text(nvml.nvmlDeviceGetUUID(handle)),
+            name=text(nvml.nvmlDeviceGetName(handle)),
+            mig=from_mig_id or self._mig_mode(nvml, handle),
         )
-        instant = _supported(nvml, lambda: self._instant_power_mw(nvml, handle))
+        instant = supported(nvml, lambda: self._instant_power_mw(nvml, handle))
         if not instant:
             try:
                 nvml.nvmlDeviceGetPowerUsage(handle)
@@ -293,9 +388,9 @@ class NvmlSource:
                 raise PowerSourceError(
                     f"GPU {info.gpu} ({info.uuid}) gives no power reading: {e}"
                 ) from e
-        energy = _supported(nvml, lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+        energy = supported(nvml, lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
         buffer, last_seen_us = self._probe_buffer(nvml, handle)
-        mig = from_mig_id or self._mig_mode(nvml, handle)
+        mig = info.mig
         caps = NvmlCapabilities(
             instant_power=instant, energy_counter=energy, sample_buffer=buffer, mig=mig
         )
@@ -347,6 +442,14 @@ class NvmlSource:
 
     # -- read ---------------------------------------------------------------
 
+    def _read_gpu_safe(self, gpu: _Gpu) -> list[PowerSample | ReadError]:
+        """One GPU's read in its worker thread; a bug here costs that GPU's read, not the poll."""
+        try:
+            return self._read_gpu(gpu)
+        except Exception:
+            _log.exception("power.nvml.read_crashed", gpu=gpu.info.gpu)
+            return [ReadError(gpu=gpu.info.gpu, reason="unknown")]
+
     def _read_gpu(self, gpu: _Gpu) -> list[PowerSample | ReadError]:
         nvml = self._nvml
         assert nvml is not None
@@ -391,7 +494,7 @@ class NvmlSource:
             )
         except nvml.NVMLError_NotFound:
             return []  # nothing new in the buffer: the caller reads one instant sample
-        member = _value_member(nvml, value_type)
+        member = value_member(nvml, value_type)
         fresh = sorted(
             ((int(s.timeStamp), getattr(s.sampleValue, member)) for s in raw),
             key=lambda pair: pair[0],
@@ -417,6 +520,13 @@ class NvmlSource:
             raise nvml.NVMLError(field.nvmlReturn)
         return int(field.value.uiVal)
 
+    def _timed_out(self, gpu: str) -> ReadError:
+        """A read that outlived its deadline; logged once per GPU until a re-init."""
+        if (gpu, "timeout") not in self._logged_failures:
+            self._logged_failures.add((gpu, "timeout"))
+            _log.warning("power.nvml.read_timed_out", gpu=gpu, timeout_s=self._reader.timeout_s)
+        return ReadError(gpu=gpu, reason="timeout")
+
     def _failed(self, nvml: Any, gpu: str, error: Exception) -> ReadError:
         """Translate an NVML error into a counted reason; log each (GPU, reason) once."""
         reason: ErrorReason
@@ -430,61 +540,3 @@ class NvmlSource:
             self._logged_failures.add((gpu, reason))
             _log.warning("power.nvml.read_failed", gpu=gpu, reason=reason, error=str(error))
         return ReadError(gpu=gpu, reason=reason)
-
-
-def running_gpu_processes(nvml: Any | None = None) -> list[tuple[str, list[int]]]:
-    """NVML's compute processes per GPU, as ``(uuid, pids)``, for GPU discovery.
-
-    Feed it to :func:`sidecar.power.visibility.gpus_used_by`. Starts and stops
-    NVML itself. Raises :class:`PowerSourceError` where NVML cannot start.
-    """
-    module = nvml if nvml is not None else _import_pynvml()
-    try:
-        module.nvmlInit()
-    except module.NVMLError as e:
-        raise PowerSourceError(f"NVML did not start ({e})") from e
-    try:
-        return list(_processes(module))
-    except module.NVMLError as e:
-        raise PowerSourceError(f"NVML could not list GPU processes: {e}") from e
-    finally:
-        module.nvmlShutdown()
-
-
-def _processes(nvml: Any) -> Iterator[tuple[str, list[int]]]:
-    for index in range(int(nvml.nvmlDeviceGetCount())):
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        pids = [int(p.pid) for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
-        yield _text(nvml.nvmlDeviceGetUUID(handle)), pids
-
-
-def _import_pynvml() -> Any:
-    try:
-        import pynvml  # lazy on purpose: no driver work at import time
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise PowerSourceError(f"the nvml power source needs nvidia-ml-py: {e}") from e
-    return pynvml
-
-
-def _supported(nvml: Any, call: Callable[[], object]) -> bool:
-    """Whether an optional NVML call works on this GPU; a lost GPU still fails open."""
-    try:
-        call()
-    except nvml.NVMLError as e:
-        if isinstance(e, nvml.NVMLError_GpuIsLost):
-            raise
-        return False
-    return True
-
-
-def _value_member(nvml: Any, value_type: int) -> str:
-    """Which ``c_nvmlValue_t`` member holds a value of ``value_type``."""
-    for constant, member in _VALUE_MEMBERS.items():
-        if getattr(nvml, constant) == value_type:
-            return member
-    return "uiVal"  # power samples are unsigned int mW on every driver seen
-
-
-def _text(value: str | bytes) -> str:
-    """pynvml returns str on Python 3; older releases returned bytes."""
-    return value.decode() if isinstance(value, bytes) else value
