@@ -193,21 +193,48 @@ class TestBaseline:
         got = estimate_idle_watts(samples, [(0.0, 100.0)])
         assert got["0"] == pytest.approx(101.0)
 
-    def test_live_estimator_starts_at_lowest_seen(self) -> None:
-        """Before any standby, the sliding estimator reports the lowest power seen."""
+    def test_live_estimator_starts_from_a_low_percentile_not_one_reading(self) -> None:
+        """Before any standby, a lone 0 W reading among the first samples does not pin the baseline."""
         est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
-        est.observe(0.0, 120.0, standby=False)
-        est.observe(0.5, 80.0, standby=False)
-        est.observe(1.0, 130.0, standby=False)
-        assert est.value_w == 80.0
+        est.observe(0.0, 0.0, standby=False)
+        assert est.value_w is None  # one reading is no estimate
+        for i in range(1, 30):
+            est.observe(i * 0.1, 120.0 + i, standby=False)
+        assert est.value_w is not None and 120.0 < est.value_w < 125.0
+        assert est.basis == "startup"
 
-    def test_live_estimator_keeps_lowest_until_a_median_exists(self) -> None:
-        """A few standby readings at start, then busy: the lowest power, not busy power's 5th percentile."""
+    def test_live_estimator_uses_what_it_saw_before_the_first_request(self) -> None:
+        """A few readings before the first request, then busy: their median, basis startup."""
         est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
-        for i in range(3):
-            est.observe(i * 0.1, 70.0 + i, standby=True)
-        for i in range(3, 300):
+        for i in range(5):
+            est.observe(i * 0.1, 70.0 + i, standby=True, before_request=True)
+        for i in range(5, 300):
             est.observe(i * 0.1, 300.0 + (i % 50), standby=False)
+        assert est.value_w == 72.0
+        assert est.basis == "startup"
+
+    def test_live_estimator_holds_the_last_standby_median_under_load(self) -> None:
+        """When the window holds no standby any more, the last standby median is held."""
+        est = BaselineEstimator(window_s=60.0, recompute_s=0.0)
+        for i in range(100):
+            est.observe(i * 0.1, 70.0 + (i % 3), standby=True)
+        assert est.basis == "standby"
+        for i in range(100, 2000):  # 190 s always busy: the window slides past all standby
+            est.observe(i * 0.1, 300.0 + (i % 50), standby=False)
+        assert est.value_w == 71.0
+        assert est.basis == "held"
+        for i in range(2000, 2020):
+            est.observe(i * 0.1, 65.0, standby=True)
+        assert est.value_w == 65.0 and est.basis == "standby"
+
+    def test_power_before_the_upstream_answered_is_forgotten(self) -> None:
+        """Readings before the model server answered (model not loaded) leave the estimate."""
+        est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
+        for i in range(50):
+            est.observe(i * 0.1, 20.0, standby=True, before_request=True)
+        est.upstream_ready(5.0)
+        for i in range(50, 55):
+            est.observe(i * 0.1, 70.0, standby=True, before_request=True)
         assert est.value_w == 70.0
 
     def test_live_estimator_window_slides(self) -> None:

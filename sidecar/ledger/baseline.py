@@ -12,7 +12,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, Literal
 
 SETTLE_S: Final = 2.0
 """Power tails off for a moment after a burst; keep it out of the idle estimate."""
@@ -21,18 +21,33 @@ BASELINE_WINDOW_S: Final = 600.0
 INF: Final = math.inf
 
 
+Basis = Literal["configured", "standby", "held", "startup"]
+BASES: Final[tuple[Basis, ...]] = ("startup", "held", "standby", "configured")
+"""Weakest first: where GPUs differ, the sidecar reports the weakest basis in force."""
+STARTUP_SAMPLES: Final = 100
+"""How many first samples the start-up estimate looks at (10 s at the default rate)."""
+MIN_STARTUP_SAMPLES: Final = 3
+"""Fewer readings than this are no estimate: a lone 0 W sample must not pin the baseline."""
+STARTUP_QUANTILE: Final = 0.10
+
+
 class BaselineEstimator:
     """Idle (memory-resident) power of one GPU, from its standby samples.
 
     The median of standby samples taken at least ``settle_s`` after a request
-    ended; with fewer than ten, the 5th percentile of all samples; in a sliding
-    window (``run``) before any standby, the lowest power seen so far. "Before any
-    standby" is read as before the first ten standby samples, the least a median
-    needs: a sidecar that starts a moment before a busy server would otherwise
-    take the 5th percentile of loaded power for the resident cost.
-    With ``window_s=None`` it keeps everything (``attribute``: one baseline per
-    trace). Samples are thinned to ``min_spacing_s`` and the statistic is
-    recomputed at most every ``recompute_s`` so a 100 Hz sampler stays cheap.
+    ended. With ``window_s=None`` (``attribute``: one baseline per trace) it
+    keeps everything, and with fewer than ten standby samples falls back to the
+    5th percentile of all samples.
+
+    In a sliding window (``run``) the fallbacks differ, because a server that is
+    never idle would otherwise hand its loaded power to the baseline: with too
+    few standby samples in the window it *holds* the last standby median (basis
+    ``held``); before any standby median it uses the median of what it saw
+    after the upstream answered and before the first request (``startup``), and
+    with fewer than three such readings the 10th percentile of its first
+    samples, never a single reading. Samples are thinned to ``min_spacing_s``
+    and the statistic is recomputed at most every ``recompute_s`` so a 100 Hz
+    sampler stays cheap.
     """
 
     def __init__(
@@ -47,45 +62,73 @@ class BaselineEstimator:
         self._recompute_s = recompute_s if window_s is not None else 0.0
         self._all: deque[tuple[float, float]] = deque()
         self._standby: deque[tuple[float, float]] = deque()
-        self._lowest_w = INF
-        self._standby_seen = 0
+        self._first: list[float] = []  # the first samples (live: after the upstream answered)
+        self._before_request: list[float] = []  # ... and of those, before the first request
+        self._held_w: float | None = None
         self._last_kept_s = -INF
         self._computed_at_s = -INF
         self._value_w: float | None = None
+        self.basis: Basis = "startup"
 
-    def observe(self, time_s: float, power_w: float, *, standby: bool) -> None:
-        """Record one sample; ``standby`` means no request in flight and settled."""
-        self._lowest_w = min(self._lowest_w, power_w)
-        if time_s - self._last_kept_s < self._spacing_s:
-            return
+    def observe(
+        self, time_s: float, power_w: float, *, standby: bool, before_request: bool = False
+    ) -> None:
+        """Record one sample; ``standby`` means no request in flight and settled,
+        ``before_request`` that no request has arrived yet since start."""
+        if time_s - self._last_kept_s < 0.9 * self._spacing_s:
+            return  # (0.9: a sampler at exactly 1/spacing, with jitter, keeps every reading)
         self._last_kept_s = time_s
-        self._all.append((time_s, power_w))
+        if len(self._first) < STARTUP_SAMPLES:
+            self._first.append(power_w)
+            if before_request:
+                self._before_request.append(power_w)
+        if self._window_s is None:
+            self._all.append((time_s, power_w))
         if standby:
             self._standby.append((time_s, power_w))
-            self._standby_seen += 1
         if self._window_s is not None:
             horizon = time_s - self._window_s
-            for q in (self._all, self._standby):
-                while q and q[0][0] < horizon:
-                    q.popleft()
+            while self._standby and self._standby[0][0] < horizon:
+                self._standby.popleft()
         if self._window_s is not None and (
             self._value_w is None or time_s - self._computed_at_s >= self._recompute_s
         ):
             self._computed_at_s = time_s
             self._value_w = self._compute()
 
+    def upstream_ready(self, time_s: float) -> None:
+        """The model server answered at ``time_s``: what came before was a lower state
+        (the model not loaded yet), not its resident cost, so forget it."""
+        while self._standby and self._standby[0][0] < time_s:
+            self._standby.popleft()
+        self._first.clear()
+        self._before_request.clear()
+        self._held_w = None
+        self._value_w = None
+        self._computed_at_s = -INF
+
     def _compute(self) -> float | None:
         if len(self._standby) >= MIN_STANDBY_SAMPLES:
-            return median(sorted(p for _, p in self._standby))
-        if self._window_s is not None and self._standby_seen < MIN_STANDBY_SAMPLES:
-            return self._lowest_w if self._lowest_w < INF else None
-        if self._all:
-            return percentile(sorted(p for _, p in self._all), 0.05)
+            self.basis = "standby"
+            value = median(sorted(p for _, p in self._standby))
+            self._held_w = value
+            return value
+        if self._window_s is None:
+            self.basis = "startup"
+            return percentile(sorted(p for _, p in self._all), 0.05) if self._all else None
+        if self._held_w is not None:
+            self.basis = "held"
+            return self._held_w
+        self.basis = "startup"
+        if len(self._before_request) >= MIN_STARTUP_SAMPLES:
+            return median(sorted(self._before_request))
+        if len(self._first) >= MIN_STARTUP_SAMPLES:
+            return percentile(sorted(self._first), STARTUP_QUANTILE)
         return None
 
     @property
     def value_w(self) -> float | None:
-        """The current estimate, or ``None`` before any sample."""
+        """The current estimate, or ``None`` before there is one."""
         if self._window_s is None:
             return self._compute()
         return self._value_w

@@ -32,13 +32,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from sidecar.ledger.baseline import BASELINE_WINDOW_S, SETTLE_S, BaselineEstimator
+from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
 from sidecar.ledger.prefill_fit import PrefillFit
 from sidecar.ledger.requests import INF, PHASES, FinishedRequest, Phase, Request, Status
 
 MAX_WAIT_S: Final = 5.0
-SILENT_AFTER_S: Final = 10.0
-"""A GPU without samples for this long stops holding finished requests back."""
+SILENT_AFTER_S: Final = 30.0
+"""A GPU without samples for this long stops holding finished requests back (longer
+than the reconciler holds samples of a slow counter, so a dcgm GPU is not "silent")."""
+GAP_PERIODS: Final = 3.0
+"""A silence longer than this many sample periods is a gap (CONTRACT.md)."""
 
 
 @dataclass(slots=True)
@@ -46,9 +49,15 @@ class _Gpu:
     baseline: BaselineEstimator
     fixed_idle_w: float | None
     last: tuple[float, float] | None = None  # (time_s, power_w)
+    last_counter_j: float | None = None
     pending: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
     assigned_s: float = -INF
     energy_j: float = 0.0
+    gap_s: float = 0.0
+
+    @property
+    def basis(self) -> Basis:
+        return "configured" if self.fixed_idle_w is not None else self.baseline.basis
 
     @property
     def idle_w(self) -> float:
@@ -66,6 +75,10 @@ class Ledger:
     (``None``: the whole history, as ``attribute`` does after a first pass).
     ``hold_s`` keeps every interval back that long before assigning it, for
     sources of events that report late (observer mode's scrapes).
+    ``sample_period_s`` is the sampler's period (``None``: no gaps, every
+    interval is drawn): two samples further apart than three periods bound a gap, through which the power line is not drawn (the
+    energy counter's increase is spread evenly over it where both ends carry a
+    counter reading; without one nothing is invented).
     """
 
     def __init__(
@@ -78,7 +91,10 @@ class Ledger:
         max_wait_s: float = MAX_WAIT_S,
         silent_after_s: float = SILENT_AFTER_S,
         hold_s: float = 0.0,
+        sample_period_s: float | None = None,
     ) -> None:
+        if sample_period_s is not None and not sample_period_s > 0:
+            raise ValueError(f"sample_period_s must be positive, got {sample_period_s}")
         idle = dict(idle_watts or {})
         self._gpus: dict[str, _Gpu] = {
             g: _Gpu(BaselineEstimator(window_s=baseline_window_s), idle.get(g)) for g in gpus
@@ -89,7 +105,10 @@ class Ledger:
         self._max_wait_s = max_wait_s
         self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s, 2.0 * hold_s)
         self._hold_s = hold_s
+        self._gap_after_s = INF if sample_period_s is None else GAP_PERIODS * sample_period_s
         self._first_s = INF
+        self._first_request_s = INF
+        self._ready_s: float | None = None
         self._live: dict[str, Request] = {}
         self._starts: list[
             tuple[float, str]
@@ -104,6 +123,10 @@ class Ledger:
         self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
         self.prefill_fit = PrefillFit()
         self.model_j: dict[tuple[str, Phase], float] = {}
+        self.unattributed_j = 0.0
+        """Energy of requests in flight that no finished request can carry: activity
+        never heard from as a request, and a silent GPU's late share of requests
+        already handed out. Part of ``dynamic + idle_serving``, in no request."""
 
     # ----------------------------------------------------------------- requests
     def start(
@@ -114,20 +137,49 @@ class Ledger:
         model: str,
         endpoint: str = "chat",
         prompt_tokens: float | None = None,
+        provisional: bool = False,
+        attributable: bool = True,
     ) -> None:
-        """An inference request arrived. ``prompt_tokens`` may be an estimate."""
+        """An inference request arrived. ``prompt_tokens`` may be an estimate.
+
+        ``provisional``: ``model`` is not confirmed yet; the request's shares reach
+        :attr:`model_j` only once :meth:`relabel` settles the label (or at its end).
+        ``attributable=False``: activity in flight that is no request of its own
+        (its shares go to :attr:`unattributed_j`, and it is never handed out).
+        """
         if request_id in self._live:
             raise ValueError(f"request {request_id!r} started twice")
         t = self._clamp(time_s)
         req = Request(request_id, model, endpoint, t, prompt_tokens, known_s=t)
+        req.booked = not provisional
+        req.attributable = attributable
         self._live[request_id] = req
         bisect.insort(self._starts, (t, request_id))
+        self._first_request_s = min(self._first_request_s, t)
 
-    def relabel(self, request_id: str, model: str) -> None:
-        """The model became known after the start (named by the response, not the request)."""
+    def relabel(self, request_id: str, model: str, *, final: bool = True) -> None:
+        """The model label changed after the start (the response named it, or the
+        label became final): a provisional request's shares so far are booked under it."""
         req = self._live.get(request_id)
-        if req is not None:
-            req.model = model
+        if req is None:
+            return
+        req.model = model
+        if final and not req.booked:
+            self._book(req)
+
+    def upstream_ready(self, time_s: float) -> None:
+        """The model server answered (its model is loaded): the first call counts.
+
+        Power seen before it is a lower state, not the resident cost, so the
+        start-up baseline looks only at what came after.
+        """
+        if self._ready_s is not None:
+            return
+        self._ready_s = time_s
+        if self._first_request_s < INF:
+            return  # requests already came: the start-up window is closed
+        for state in self._gpus.values():
+            state.baseline.upstream_ready(time_s)
 
     def first_token(self, request_id: str, time_s: float) -> None:
         """The first response bytes of a streamed request: prefill is over.
@@ -234,18 +286,32 @@ class Ledger:
         )
 
     # ------------------------------------------------------------------ samples
-    def sample(self, gpu: str, time_s: float, power_w: float) -> None:
-        """One power reading of ``gpu``; closes the interval since its previous one."""
+    def sample(
+        self, gpu: str, time_s: float, power_w: float, energy_j: float | None = None
+    ) -> None:
+        """One power reading of ``gpu`` (``energy_j``: its hardware counter, where it
+        has one); closes the interval since its previous reading."""
         state = self._gpus[gpu]
         p = max(0.0, power_w)
         t = time_s
         if state.last is not None and t <= state.last[0]:
             return  # duplicate or out-of-order reading: the interval is already closed
-        state.baseline.observe(t, p, standby=self._is_standby(t))
+        state.baseline.observe(
+            t, p, standby=self._is_standby(t), before_request=t < self._first_request_s
+        )
         if state.last is not None:
             t0, p0 = state.last
-            state.pending.append((t0, p0, t, p, state.idle_w))
+            if t - t0 > self._gap_after_s:
+                state.gap_s += t - t0
+                flat_w = 0.0  # no counter: nothing is invented over the gap
+                e0 = state.last_counter_j
+                if e0 is not None and energy_j is not None and energy_j >= e0:
+                    flat_w = (energy_j - e0) / (t - t0)
+                state.pending.append((t0, flat_w, t, flat_w, state.idle_w))
+            else:
+                state.pending.append((t0, p0, t, p, state.idle_w))
         state.last = (t, p)
+        state.last_counter_j = energy_j
         self._tick(t)
 
     def advance(self, now_s: float) -> None:
@@ -270,6 +336,19 @@ class Ledger:
     def gpu_energy_j(self, gpu: str) -> float:
         """Energy measured on ``gpu`` and already assigned to phases."""
         return self._gpus[gpu].energy_j
+
+    def gap_s(self, gpu: str) -> float:
+        """Seconds of ``gpu``'s closed gaps: silences longer than three sample periods,
+        counted whole once the next reading ends them."""
+        return self._gpus[gpu].gap_s
+
+    def idle_basis(self) -> Basis:
+        """The rule behind the baseline in force: the weakest over the GPUs."""
+        return min((s.basis for s in self._gpus.values()), key=BASES.index)
+
+    def open_j(self) -> float:
+        """Energy already shared to requests not handed out yet (for the invariant)."""
+        return sum(r.dynamic_j + r.idle_j for r in self._live.values() if r.attributable)
 
     def idle_baseline_w(self, gpu: str | None = None) -> float:
         """The baseline of one GPU, or the total over GPUs (what outputs call it)."""
@@ -398,12 +477,26 @@ class Ledger:
         total_w = sum(weights) if weights else 1.0
         for i, r in enumerate(inside):
             d = dyn * weights[i] / total_w if weights else 0.0
+            if r.emitted or not r.attributable:
+                self.unattributed_j += each_idle + d
+                continue
             r.idle_j += each_idle
             r.dynamic_j += d
-            key_i: tuple[str, Phase] = (r.model, "idle_serving")
-            key_d: tuple[str, Phase] = (r.model, "dynamic")
-            self.model_j[key_i] = self.model_j.get(key_i, 0.0) + each_idle
-            self.model_j[key_d] = self.model_j.get(key_d, 0.0) + d
+            if r.first_token_s is None or b <= r.first_token_s:
+                r.prefill_j += each_idle + d
+            if r.booked:
+                self._add_model(r.model, each_idle, d)
+
+    def _add_model(self, model: str, idle: float, dyn: float) -> None:
+        key_i: tuple[str, Phase] = (model, "idle_serving")
+        key_d: tuple[str, Phase] = (model, "dynamic")
+        self.model_j[key_i] = self.model_j.get(key_i, 0.0) + idle
+        self.model_j[key_d] = self.model_j.get(key_d, 0.0) + dyn
+
+    def _book(self, r: Request) -> None:
+        """A provisional label became final: its shares so far go to its model."""
+        r.booked = True
+        self._add_model(r.model, r.idle_j, r.dynamic_j)
 
     def _add_phase(self, phase: Phase, energy: float) -> None:
         self.phase_j[phase] += energy
@@ -451,6 +544,11 @@ class Ledger:
         if lagging:
             self._recent[r.id] = r
         r.segments.clear()
+        r.emitted = True
+        if not r.attributable:
+            return
+        if not r.booked:
+            self._book(r)
         self._finished.append(
             FinishedRequest(
                 id=r.id,
@@ -464,5 +562,18 @@ class Ledger:
                 completion_tokens=r.completion_tokens,
                 dynamic_j=r.dynamic_j,
                 idle_j=r.idle_j,
+                prefill_j=self._prefill_j(r),
             )
         )
+
+    def _prefill_j(self, r: Request) -> float:
+        """Its energy before the first token; unknown first token (not streamed):
+        split by token work, prompt tokens weighed as the sharing rule weighs them."""
+        energy = r.dynamic_j + r.idle_j
+        if r.first_token_s is not None:
+            return min(max(r.prefill_j, 0.0), energy)
+        prefill = (r.prompt_work or 0.0) * self.prefill_fit.ratio
+        decode = float(r.completion_tokens or 0)
+        if decode <= 0.0:
+            return energy  # no output tokens: all of it was prompt work
+        return energy * prefill / (prefill + decode)

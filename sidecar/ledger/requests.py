@@ -35,11 +35,18 @@ class FinishedRequest:
     completion_tokens: int | None
     dynamic_j: float
     idle_j: float
+    prefill_j: float = 0.0
+    """The part of ``energy_j`` spent before the first token (CONTRACT.md, Stages)."""
 
     @property
     def energy_j(self) -> float:
         """Attributed energy: its dynamic share plus its share of the resident cost."""
         return self.dynamic_j + self.idle_j
+
+    @property
+    def decode_j(self) -> float:
+        """The rest of ``energy_j``: defined by difference, so the two stages sum exactly."""
+        return self.energy_j - self.prefill_j
 
 
 @dataclass(slots=True)
@@ -63,6 +70,15 @@ class Request:
     streamed: int = 0
     dynamic_j: float = 0.0
     idle_j: float = 0.0
+    prefill_j: float = 0.0
+    booked: bool = True
+    """Whether its model label is final: shares go to the per-model totals as they come.
+    A provisional label (a name no successful response has confirmed yet) keeps them
+    on the request until :meth:`Ledger.relabel` or the end settles it."""
+    attributable: bool = True
+    """False for activity the ledger knows of but cannot hand to any request."""
+    emitted: bool = False
+    """Handed out already; a lagging GPU's late share can no longer reach it."""
 
     @property
     def informed(self) -> bool:
