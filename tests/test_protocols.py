@@ -222,14 +222,13 @@ class TestClassify:
             ("GET", "/v1/models"),
             ("GET", "/metrics"),
             ("POST", "/metrics"),
-            ("POST", "/v1/chat/completions/"),
-            ("POST", "/prefix/v1/chat/completions"),
             ("POST", "/api/tags"),
-            ("POST", "/"),
+            ("PUT", "/not/a/route"),
+            ("DELETE", "/v1/chat/completions"),
         ],
     )
     def test_everything_else_is_other(self, method: str, path: str) -> None:
-        """Non-POST methods and unknown or prefixed paths hold no energy."""
+        """Non-POST methods and known non-inference paths hold no energy."""
         assert classify(method, path) == ("other", "none")
 
 

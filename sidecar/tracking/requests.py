@@ -21,8 +21,23 @@ from sidecar.tracking.wire import (
 
 __all__ = ["RequestInfo", "inject_include_usage", "parse_request"]
 
-# Request fields that carry prompt text in any of the three APIs.
-_PROMPT_FIELDS: Final = ("messages", "prompt", "inputs", "input", "system", "suffix")
+# Request fields that carry prompt text in any of the APIs (SGLang: text, input_ids;
+# Responses: instructions; rerank and score: query, documents, text_1, text_2).
+_PROMPT_FIELDS: Final = (
+    "messages",
+    "prompt",
+    "inputs",
+    "input",
+    "system",
+    "suffix",
+    "instructions",
+    "text",
+    "input_ids",
+    "query",
+    "documents",
+    "text_1",
+    "text_2",
+)
 _MAX_DEPTH: Final = 8  # how deep prompt measuring looks into nested lists and parts
 
 
@@ -56,7 +71,8 @@ def parse_request(
 
     ``body`` is the whole body when the proxy chose to read it (JSON, under
     its size cap) and ``None`` otherwise. ``path`` only matters for TGI,
-    whose ``/generate_stream`` streams without saying so in the body.
+    whose ``/generate_stream`` streams without saying so in the body
+    (SGLang's ``/generate`` says ``"stream": true``).
     Malformed JSON yields defaults with an estimate from the body's length.
     """
     if endpoint == "other" or api == "none":
@@ -69,8 +85,10 @@ def parse_request(
         return RequestInfo(endpoint, api, None, default_stream, tokens_for(len(body)), False)
     stream = default_stream
     flag = obj.get("stream")
-    if api == "openai":
+    if api in ("openai", "responses", "anthropic"):
         stream = flag is True
+    elif api == "tgi":
+        stream = default_stream or flag is True  # SGLang's /generate streams on request
     elif api == "ollama" and endpoint != "embedding":
         stream = flag is not False
     options = obj.get("stream_options")

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from sidecar.tracking.budget import ParseBudget
+from sidecar.tracking.event_scan import Scan, anthropic_event, meta_counts, responses_event
 from sidecar.tracking.openai_chunks import Edit, has_output, plain_chunk, without_null_usage
 from sidecar.tracking.requests import RequestInfo
 from sidecar.tracking.sse import EventSplitter, LineSplitter, Piece, event_data
@@ -74,35 +76,52 @@ class ResponseTracker:
     ``text/event-stream`` (OpenAI and TGI streams), NDJSON for Ollama, a
     bounded buffer for a plain JSON body, and pass-through for anything it
     cannot read cheaply (compressed bodies, other content types, non-inference
-    paths). It keeps at most ``max_buffer`` bytes whatever arrives.
+    paths). It keeps at most ``max_buffer`` bytes whatever arrives, and with a
+    ``budget`` only what the shared :class:`ParseBudget` grants: past it the
+    body passes unparsed (a stripped stream keeps framing: it must, to stay
+    byte-exact, and holds one event at a time). :meth:`release` returns the
+    reservation; the proxy calls it however the response ends.
+
+    The dialect follows the request's API: OpenAI chunks (most read from
+    bytes), Responses and Messages events (only the usage-bearing ones
+    decoded), TGI token events or SGLang's cumulative ``meta_info`` counts on
+    ``/generate`` (told apart by the shape), Ollama NDJSON.
 
     With ``strip_usage_chunk`` (only after :func:`inject_include_usage`),
     complete SSE events are released once framed, the usage-only chunk
     (``choices: []`` with a ``usage`` object) is dropped and the
     ``"usage": null`` member the injection made the server add to the other
-    chunks is removed; every other byte goes out unchanged. Events over the
+    chunks is removed, unless ``keep_null_usage`` (a server that writes it
+    whether asked or not, such as SGLang); every other byte goes out
+    unchanged. A server that reports usage in every chunk on its own (vLLM's
+    ``--enable-force-include-usage``) keeps its usage chunk too. Events over the
     cap pass unparsed and unedited. At end of stream the caller must send
     :meth:`flush`'s bytes.
     """
 
     __slots__ = (
+        "_budget",
         "_completion",
         "_done",
         "_events",
         "_info",
         "_json_parts",
         "_json_size",
+        "_keep_null",
         "_lines",
         "_max",
         "_mode",
         "_model",
         "_prompt",
+        "_reserved",
+        "_server_usage",
         "_streamed_usage",
         "_streaming",
         "_strip",
         "_tail",
         "_token_events",
         "_usage",
+        "null_usage_seen",
     )
 
     def __init__(
@@ -113,7 +132,9 @@ class ResponseTracker:
         headers: Mapping[str, str],
         *,
         strip_usage_chunk: bool = False,
+        keep_null_usage: bool = False,
         max_buffer: int = 1 << 20,
+        budget: ParseBudget | None = None,
     ) -> None:
         self._info = info
         self._max = max(max_buffer, 1)
@@ -132,6 +153,11 @@ class ResponseTracker:
         self._token_events = 0
         self._done = False
         self._usage: Usage | None = None
+        self._keep_null = keep_null_usage
+        self._server_usage = False  # the server put usage in a content chunk unasked
+        self.null_usage_seen = False  # a chunk carried `"usage": null` (see the proxy)
+        self._budget = budget
+        self._reserved = 0
         self._read_headers(headers)
 
     @property
@@ -158,12 +184,39 @@ class ResponseTracker:
         if self._done or not chunk:
             return Fed(0, chunk)
         if self._events is not None:
-            return self._feed_sse(chunk)
-        if self._lines is not None:
-            return Fed(sum(self._on_ndjson(line) for line in self._lines.feed(chunk)), chunk)
-        if self._json_parts is not None or self._tail is not None:
-            self._feed_json(chunk)
-        return Fed(0, chunk)
+            fed = self._feed_sse(chunk)
+        elif self._lines is not None:
+            fed = Fed(sum(self._on_ndjson(line) for line in self._lines.feed(chunk)), chunk)
+        else:
+            if self._json_parts is not None or self._tail is not None:
+                self._feed_json(chunk)
+            fed = Fed(0, chunk)
+        if self._budget is not None:
+            self._settle()
+        return fed
+
+    def release(self) -> None:
+        """Give back the budget held for this response; idempotent, parsing stops."""
+        if self._budget is not None and self._reserved:
+            self._budget.give(self._reserved)
+        self._reserved = 0
+        self._budget = None
+
+    def _settle(self) -> None:
+        """Match the reservation to the bytes held; past the budget, stop parsing."""
+        assert self._budget is not None
+        need = self.held_bytes - self._reserved
+        if need < 0:
+            self._budget.give(-need)
+            self._reserved += need
+        elif need > 0:
+            if self._budget.take(need):
+                self._reserved += need
+            elif not self._strip:  # unparsed from here on; a stripped stream must keep framing
+                self._events = self._lines = None
+                self._json_parts, self._json_size, self._tail = None, 0, None
+                self._mode = "pass"
+                self.release()
 
     def flush(self) -> bytes:
         """End of body: parse what is left and return the bytes still to send.
@@ -174,6 +227,12 @@ class ResponseTracker:
         if self._done:
             return b""
         self._done = True
+        try:
+            return self._drain()
+        finally:
+            self.release()
+
+    def _drain(self) -> bytes:
         if self._events is not None:
             return self._pieces(self._events.close()).out
         if self._lines is not None:
@@ -192,7 +251,7 @@ class ResponseTracker:
         if self._usage is None:
             self.flush()
             completion = self._completion
-            if completion is None and self._info.endpoint == "embedding":
+            if completion is None and self._info.endpoint in ("embedding", "pooling"):
                 completion = 0 if self._prompt is not None else None
             self._usage = Usage(self._prompt, completion, self._model, self._token_events)
         return self._usage
@@ -222,9 +281,9 @@ class ResponseTracker:
                 count, edit = self._on_sse(raw)
                 tokens += count
                 if self._strip and piece.complete:
-                    if edit == "drop":
+                    if edit == "drop" and not self._server_usage:
                         continue
-                    if edit == "null_usage":
+                    if edit == "null_usage" and not self._keep_null:
                         raw = without_null_usage(raw)
             if self._strip:
                 out.append(raw)
@@ -242,10 +301,18 @@ class ResponseTracker:
         data = event_data(raw)
         if data is None or data.startswith(b"[DONE]"):
             return 0, "keep"
+        api = self._info.api
+        if api == "responses" or api == "anthropic":
+            scan = responses_event(data) if api == "responses" else anthropic_event(data)
+            return self._scanned(scan, data), "keep"
+        if api == "tgi" and b'"meta_info"' in data:
+            return self._sglang(data), "keep"
         if self._model is not None:
             fast = plain_chunk(data)
             if fast is not None:  # most events of a stream: counted without decoding JSON
                 self._token_events += fast[0]
+                if fast[1] == "null_usage":
+                    self.null_usage_seen = True
                 return fast
         obj = loads(data)
         if not isinstance(obj, dict):
@@ -254,16 +321,44 @@ class ResponseTracker:
         choices = obj.get("choices")
         usage = obj.get("usage")
         edit: Edit = "null_usage" if "usage" in obj and usage is None else "keep"
+        if edit == "null_usage":
+            self.null_usage_seen = True
         if isinstance(choices, list):
             if not choices and isinstance(usage, dict):
                 return 0, "drop"
-            count = self._openaitokens_for(choices, usage)
+            if choices and isinstance(usage, dict):
+                self._server_usage = True
+            count = self._openai_tokens(choices, usage)
         else:
             count = 1 if isinstance(obj.get("token"), dict) else 0  # TGI token event
         self._token_events += count
         return count, edit
 
-    def _openaitokens_for(self, choices: list[object], usage: object) -> int:
+    def _scanned(self, scan: Scan, data: bytes) -> int:
+        """Responses and Messages events: a token time, or the usage of a final event."""
+        if scan == "token":
+            self._token_events += 1
+            return 1
+        if scan == "parse":
+            obj = loads(data)
+            if isinstance(obj, dict):
+                self._absorb(obj)
+        return 0
+
+    def _sglang(self, data: bytes) -> int:
+        """SGLang ``/generate``: cumulative counts in every event; new tokens are the increase."""
+        prompt, cumulative = meta_counts(data)
+        if prompt is not None:
+            self._prompt = prompt
+        if cumulative is None:
+            return 0
+        self._completion = cumulative
+        new = max(cumulative - self._streamed_usage, 0)
+        self._streamed_usage = max(cumulative, self._streamed_usage)
+        self._token_events += new
+        return new
+
+    def _openai_tokens(self, choices: list[object], usage: object) -> int:
         """One per choice with output, unless the chunk reports cumulative usage (vLLM)."""
         if isinstance(usage, dict):
             cumulative = count(usage.get("completion_tokens"))
@@ -308,22 +403,48 @@ class ResponseTracker:
         self._json_parts, self._json_size = None, 0
 
     def _absorb_json(self, obj: object) -> None:
-        if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        if isinstance(obj, list) and obj and all(isinstance(o, dict) for o in obj):
+            metas = [o.get("meta_info") for o in obj]
+            if all(isinstance(m, dict) for m in metas):  # SGLang batch: one entry per prompt
+                self._sum_meta([m for m in metas if isinstance(m, dict)])
+                self._absorb({"model": obj[0].get("model")})
+                return
             obj = obj[0]  # TGI's compatibility route answers a one-element list
         if isinstance(obj, dict):
             self._absorb(obj)
 
+    def _sum_meta(self, metas: list[dict[str, object]]) -> None:
+        prompts = [count(m.get("prompt_tokens")) for m in metas]
+        completions = [count(m.get("completion_tokens")) for m in metas]
+        self._take(
+            sum(p for p in prompts if p is not None) if None not in prompts else None,
+            sum(c for c in completions if c is not None) if None not in completions else None,
+        )
+
     def _absorb(self, obj: dict[str, object]) -> None:
-        """Model and counts from OpenAI ``usage`` or TGI ``details``, wherever they appear."""
+        """Model and counts wherever a dialect puts them.
+
+        OpenAI ``usage`` (``prompt_tokens``/``completion_tokens``), Responses
+        and Messages ``usage`` (``input_tokens``/``output_tokens``, nested in
+        ``response`` or ``message`` when streamed), TGI ``details``, SGLang
+        ``meta_info``.
+        """
         model = model_name(obj.get("model"))
         if model is not None:
             self._model = model
+        for key in ("response", "message"):  # Responses' final event, Messages' message_start
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                self._absorb(inner)
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._take(count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")))
+            self._take(*_usage_counts(usage))
         details = obj.get("details")
         if isinstance(details, dict):
             self._take(count(details.get("input_length")), count(details.get("generated_tokens")))
+        meta = obj.get("meta_info")
+        if isinstance(meta, dict):
+            self._sum_meta([meta])
 
     def _take(self, prompt: int | None, completion: int | None) -> None:
         if prompt is not None:
@@ -347,9 +468,28 @@ class ResponseTracker:
             self._absorb({"model": loads(models[-1].group(1))})
 
 
+def _usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
+    """(prompt, completion) from a ``usage`` object of any dialect.
+
+    Anthropic's ``input_tokens`` leaves out cached input (``cache_read_input_tokens``,
+    ``cache_creation_input_tokens``; vLLM follows it): the model still saw it, so
+    it is added back. Responses' ``input_tokens`` already includes cached tokens.
+    """
+    prompt = count(usage.get("prompt_tokens"))
+    completion = count(usage.get("completion_tokens"))
+    if prompt is None:
+        prompt = count(usage.get("input_tokens"))
+        if prompt is not None:
+            for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                prompt += count(usage.get(key)) or 0
+    if completion is None:
+        completion = count(usage.get("output_tokens"))
+    return prompt, completion
+
+
 def _choose_mode(info: RequestInfo, content_type: str | None, encoding: str | None) -> _Mode:
     """Pick the framing once, from what the response says it is."""
-    if info.endpoint == "other" or not identity(encoding):
+    if info.endpoint == "other" or info.api == "none" or not identity(encoding):
         return "pass"
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime == "text/event-stream" or (not mime and info.stream and info.api != "ollama"):

@@ -23,7 +23,10 @@ __all__ = [
 Endpoint = Literal[
     "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other"
 ]
-Api = Literal["openai", "tgi", "ollama", "none"]
+Api = Literal["openai", "responses", "anthropic", "tgi", "ollama", "none"]
+"""The wire dialect: ``openai`` (chat, completions, embeddings, pooling), ``responses``
+(OpenAI Responses), ``anthropic`` (Messages), ``tgi`` (native ``/generate``, TGI's or
+SGLang's: the response's shape tells them apart), ``ollama`` (NDJSON), ``none``."""
 
 BYTES_PER_TOKEN: Final = 4
 """Rough UTF-8 bytes per token for English text with BPE tokenizers (CONTRACT.md)."""
