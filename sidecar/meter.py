@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ REQUEST_BUCKETS_J: Final = (
 OTHER_MODEL: Final = "other"
 OBSERVED: Final = "observed"
 """Ledger endpoint of observer mode's per-model activity spans."""
+OBSERVED_STALE_S: Final = 30.0
+"""An activity span the observer has not renewed for this long ends where it was last seen."""
+PROXY_WINS_S: Final = 60.0
+"""With the proxy in the path, its per-request view wins for this long after a request."""
+NO_TENANT: Final = "none"
+STAGES: Final = ("prefill", "decode")
 BOUNDARY: Final = (
     "energy of the metered GPUs only; CPU, memory, network and cooling are outside "
     "(PUE scales emissions, not joules)"
@@ -74,11 +81,19 @@ class FixedIntensity:
 
 
 class ModelLabels:
-    """Bounded ``model`` label values: the first ``limit`` names seen, then ``other``."""
+    """Bounded ``model`` label values: the first ``limit`` names seen, then ``other``.
+
+    Calling registers a name; the meter calls it only for names a successful
+    response confirmed, so a client's typos cannot use up the label budget.
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._known: set[str] = set()
+
+    def known(self, model: str) -> bool:
+        """Whether ``model`` is a registered label (without registering it)."""
+        return model in self._known
 
     def __call__(self, model: str) -> str:
         if model in self._known:
@@ -118,6 +133,9 @@ class _Snapshot:
     completion_tokens: int
     operational_g: float
     embodied_g: float
+    prompt_tokens: int = 0
+    prefill_j: float = 0.0
+    decode_j: float = 0.0
 
 
 @dataclass(slots=True)
@@ -125,7 +143,10 @@ class _Open:
     """A request the proxy is tracking; counters are bumped when it ends."""
 
     model: str
+    """The ledger's label for it now: provisional until a response confirms it."""
     endpoint: Endpoint
+    tenant: str | None = None
+    response_model: str | None = None
 
 
 class Meter:
@@ -145,12 +166,22 @@ class Meter:
         budget_g_per_day: float | None = None,
         on_finished: Callable[[FinishedRequest], None] | None = None,
         hold_s: float = 0.0,
+        sample_period_s: float | None = None,
+        tenants: bool = False,
     ) -> None:
         self.gpus = gpus
-        self.ledger = Ledger([g.gpu for g in gpus], idle_watts=idle_watts, hold_s=hold_s)
+        self.ledger = Ledger(
+            [g.gpu for g in gpus],
+            idle_watts=idle_watts,
+            hold_s=hold_s,
+            sample_period_s=sample_period_s,
+        )
         self.clock = clock
         self.models = ModelLabels(max_models)
         self.default_model = default_model
+        self.models(default_model)  # configured, so always a label
+        self.tenants = tenants
+        """Whether tenant showback is on (set by the first request that names a tenant)."""
         self.intensity = intensity
         self.pue = pue
         self.embodied_g_per_s = embodied_g_per_s
@@ -158,6 +189,8 @@ class Meter:
         self._on_finished = on_finished
         self.listener: LoadListener | None = None
         self._ids = itertools.count(1)
+        # request ids are unique across restarts, so appended --record files attribute cleanly
+        self._id_prefix = secrets.token_hex(4)
         self._open: dict[str, _Open] = {}
         self.started_s = clock()
         self._last_tick_s = self.started_s
@@ -173,9 +206,16 @@ class Meter:
         self._finished_inference = 0
         self._completion_tokens = 0
         self._history: deque[_Snapshot] = deque(maxlen=130)
-        self._observed: dict[str, str] = {}  # model label -> its open activity span
+        self._observed: dict[str, tuple[str, float]] = {}  # label -> (open span, renewed at)
         self._running: dict[str, int] = {}  # observer mode: the server's running count
         self.last_proxied_s: float | None = None
+        self.stage_j: dict[tuple[str, str], float] = {}  # (model, stage) of finished requests
+        self.tenant_j: dict[str, float] = {}
+        self.tenant_g: dict[str, float] = {}
+        self._tenant_of: dict[str, str | None] = {}  # ended, awaiting the ledger's final figure
+        self._prompt_tokens = 0
+        self._prefill_j = 0.0
+        self._decode_j = 0.0
 
     # ------------------------------------------------------------ request events
     def request_started(
@@ -184,24 +224,51 @@ class Meter:
         model: str | None,
         prompt_tokens: float | None,
         time_s: float | None = None,
+        *,
+        tenant: str | None = None,
     ) -> str:
-        """An inference request arrived (at ``time_s``, default now); returns its id."""
-        rid = f"r{next(self._ids)}"
-        label = self.models(model or self.default_model)
-        self.last_proxied_s = self.clock()
-        self._open[rid] = _Open(label, endpoint)
-        t = self.clock() if time_s is None else time_s
-        self.ledger.start(rid, t, model=label, endpoint=endpoint, prompt_tokens=prompt_tokens)
+        """An inference request arrived (at ``time_s``, default now); returns its id.
+
+        ``tenant`` is the request's showback label, already bounded by the caller.
+        The model label is provisional until the response: a name becomes a label
+        only once a successful response confirms it (the response's name preferred).
+        """
+        rid = f"{self._id_prefix}-r{next(self._ids)}"
+        name = model or self.default_model
+        now = self.clock()
+        self.last_proxied_s = now
+        self._end_observed_spans(now)  # the proxy's per-request view wins from here
+        if tenant is not None:
+            self.tenants = True
+        self._open[rid] = _Open(name, endpoint, tenant)
+        t = now if time_s is None else time_s
+        provisional = model is None or not self.models.known(name)
+        self.ledger.start(
+            rid, t, model=name, endpoint=endpoint, prompt_tokens=prompt_tokens,
+            provisional=provisional,
+        )  # fmt: skip
         if self.listener is not None:
             self.listener.started(rid)
         return rid
 
     def model_learned(self, rid: str, model: str) -> None:
-        """The response named the model (the request did not): relabel before it ends."""
+        """The response named the model: it becomes the label if the request succeeds."""
         req = self._open.get(rid)
-        if req is not None and req.model == self.models(self.default_model):
-            req.model = self.models(model)
-            self.ledger.relabel(rid, req.model)
+        if req is not None:
+            req.response_model = model
+
+    def _final_label(self, req: _Open, status: Status) -> str:
+        """A request that did not fail registers its model's name (the response's name
+        first; a client that left did not make the server fail); a failed one (a
+        404 for a mistyped name, an upstream down) uses a name only if it is a label
+        already, else ``other``, so failures cannot use up the label budget."""
+        name = req.response_model or req.model
+        if status != "error":
+            return self.models(name)
+        for candidate in (req.response_model, req.model):
+            if candidate is not None and self.models.known(candidate):
+                return candidate
+        return OTHER_MODEL
 
     def first_token(self, rid: str) -> None:
         self.ledger.first_token(rid, self.clock())
@@ -218,10 +285,21 @@ class Meter:
         status: Status,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        *,
+        tenant: str | None = None,
     ) -> None:
+        """The request ended. ``tenant``, when given, replaces the label given at the
+        start (the caller may downgrade it once it knows whether the response succeeded)."""
         req = self._open.pop(rid, None)
         if req is None:
             return
+        if tenant is not None:
+            req.tenant = tenant
+            self.tenants = True
+        label = self._final_label(req, status)
+        self.ledger.relabel(rid, label, final=True)
+        req.model = label
+        self._tenant_of[rid] = req.tenant
         self.ledger.finish(
             rid,
             self.clock(),
@@ -239,6 +317,7 @@ class Meter:
                 self.tokens[tk] = self.tokens.get(tk, 0) + n
         self._finished_inference += 1
         self._completion_tokens += completion_tokens or 0
+        self._prompt_tokens += prompt_tokens or 0
         self._collect()
 
     def other_request(self, status: Status) -> None:
@@ -267,22 +346,26 @@ class Meter:
         mode, so a span can open at the previous scrape. Gives energy per model
         and per token, not per request: no request is visible here.
         """
+        self.ledger.upstream_ready(since_s)  # the server answers: its model is loaded
+        if self._proxy_active():
+            return  # the proxy sees every request itself; counting these too would double
         label = self.models(model)
         self._running[label] = max(0, round(running))
         work = round(prompt_tokens + completion_tokens)
         active = running > 0 or work > 0
-        rid = self._observed.get(label)
+        span = self._observed.get(label)
+        rid = span[0] if span is not None else None
         if active and rid is None:
             # a fresh id per span: the last one may still sit in the ledger's hold
             rid = f"{OBSERVED}:{label}:{next(self._ids)}"
             self.ledger.start(rid, since_s, model=label, endpoint=OBSERVED)
             self.ledger.first_token(rid, since_s)
-            self._observed[label] = rid
         if rid is not None:
             if work > 0:
                 self.ledger.tokens(rid, until_s, work)
             if active:
                 self.ledger.touch(rid, until_s)
+                self._observed[label] = (rid, until_s)
             else:  # idle since the last scrape: the span ended there
                 self.ledger.finish(rid, since_s, status="ok")
                 del self._observed[label]
@@ -297,16 +380,40 @@ class Meter:
         self._completion_tokens += round(max(0.0, completion_tokens))
         self._collect()
 
+    def _proxy_active(self) -> bool:
+        last = self.last_proxied_s
+        return last is not None and self.clock() - last < PROXY_WINS_S
+
+    def _end_observed_spans(self, now: float, *, stale_only: bool = False) -> None:
+        """An activity span never outlives the observer's view of it: spans end where
+        the observer last renewed them once the proxy takes over or the observer
+        falls silent, and the server's running count they stood for goes with them."""
+        for label, (rid, seen_s) in list(self._observed.items()):
+            if stale_only and now - seen_s < OBSERVED_STALE_S:
+                continue
+            self.ledger.finish(rid, seen_s, status="ok")
+            del self._observed[label]
+            self._running.pop(label, None)
+        if not stale_only:
+            self._running.clear()
+
+    def upstream_answered(self) -> None:
+        """The model server answered (readiness): the start-up baseline begins now."""
+        self.ledger.upstream_ready(self.clock())
+
     # --------------------------------------------------------------- power, time
     def on_samples(self, samples: Iterable[PowerSample]) -> None:
+        gpus = self.ledger.gpus
         for s in samples:
-            if s.gpu in self.ledger.gpus:
-                self.ledger.sample(s.gpu, s.time_s, s.power_w)
+            if s.gpu in gpus:
+                self.ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
         self._collect()
 
     def tick(self) -> None:
         """Once a second or so: let bounded waits expire, accrue embodied, snapshot."""
         now = self.clock()
+        if self._observed:
+            self._end_observed_spans(now, stale_only=True)
         self.ledger.advance(now)
         self._collect()
         dt = max(0.0, now - self._last_tick_s)
@@ -339,6 +446,8 @@ class Meter:
             if f.endpoint == OBSERVED:  # a model's stretch of activity, not a request
                 continue
             self.request_j.setdefault(f.model, Histogram()).observe(f.energy_j)
+            self._book_stages(f)
+            self._book_tenant(f, intensity)
             log.debug(
                 "request.finished",
                 request_id=f.id,
@@ -350,6 +459,7 @@ class Meter:
                 completion_tokens=f.completion_tokens,
                 dynamic_j=round(f.dynamic_j, 4),
                 idle_j=round(f.idle_j, 4),
+                prefill_j=round(f.prefill_j, 4),
             )
             if self._on_finished is not None:
                 try:
@@ -357,10 +467,35 @@ class Meter:
                 except Exception:  # a recorder fault must not stop accounting
                     log.exception("meter.on_finished_failed")
 
+    def _book_stages(self, f: FinishedRequest) -> None:
+        for stage, joules in (("prefill", f.prefill_j), ("decode", f.decode_j)):
+            key = (f.model, stage)
+            self.stage_j[key] = self.stage_j.get(key, 0.0) + joules
+        self._prefill_j += f.prefill_j
+        self._decode_j += f.decode_j
+
+    def _book_tenant(self, f: FinishedRequest, intensity: float) -> None:
+        """Showback: a finished request's attributed energy, and its operational grams
+        at the intensity in force when its energy became final, under its tenant."""
+        tenant = self._tenant_of.pop(f.id, None)
+        if not self.tenants:
+            return
+        label = tenant or NO_TENANT
+        self.tenant_j[label] = self.tenant_j.get(label, 0.0) + f.energy_j
+        grams = operational_grams(f.energy_j, intensity, self.pue)
+        self.tenant_g[label] = self.tenant_g.get(label, 0.0) + grams
+
     # ------------------------------------------------------------------ queries
     def in_flight(self) -> dict[str, int]:
-        """Requests in flight by model: the proxy's, or in observer mode the server's count."""
-        out = self.ledger.in_flight()
+        """Requests in flight by model: the proxy's, or in observer mode the server's count.
+
+        Requests whose model is not a label yet (no successful response confirmed
+        it) count under ``other``, so the gauge's label values stay bounded.
+        """
+        out: dict[str, int] = {}
+        for model, n in self.ledger.in_flight().items():
+            label = model if self.models.known(model) else OTHER_MODEL
+            out[label] = out.get(label, 0) + n
         for label in self._observed:  # an activity span stands in for the running count
             out[label] = out.get(label, 0) - 1
         for label, n in self._running.items():
@@ -387,6 +522,7 @@ class Meter:
             "since_start": self._window(start, now),
             "power_watts": self.power_w(last_power),
             "idle_baseline_watts": self.ledger.idle_baseline_w(),
+            "idle_baseline_basis": self.ledger.idle_basis(),
             "prefill_token_weight": self.ledger.prefill_fit.ratio,
             "carbon_intensity": {
                 "grams_per_kwh": ci.g_per_kwh,
@@ -409,6 +545,9 @@ class Meter:
             self._completion_tokens,
             self.emissions_g["operational"],
             self.emissions_g["embodied"],
+            self._prompt_tokens,
+            self._prefill_j,
+            self._decode_j,
         )
 
     def _window(self, a: _Snapshot, b: _Snapshot) -> dict[str, Any]:
@@ -419,6 +558,7 @@ class Meter:
         attributed = phases["dynamic"] + phases["idle_serving"]
         requests = b.requests - a.requests
         tokens = b.completion_tokens - a.completion_tokens
+        prompt = b.prompt_tokens - a.prompt_tokens
         operational = b.operational_g - a.operational_g
         embodied = b.embodied_g - a.embodied_g
 
@@ -430,12 +570,15 @@ class Meter:
             "energy_joules": {"total": total, **phases},
             "requests": requests,
             "completion_tokens": tokens,
+            "prompt_tokens": prompt,
             "idle_share": ratio(phases["idle_serving"] + phases["idle_standby"], total),
             "standby_share": ratio(phases["idle_standby"], total),
             "joules_per_request_attributed": ratio(attributed, requests),
             "joules_per_request_all_in": ratio(total, requests),
             "joules_per_output_token": ratio(attributed, tokens),
             "joules_per_output_token_all_in": ratio(total, tokens),
+            "prefill_joules_per_prompt_token": ratio(b.prefill_j - a.prefill_j, prompt),
+            "decode_joules_per_output_token": ratio(b.decode_j - a.decode_j, tokens),
             "grams_per_request": ratio(operational, requests),
             "sci_grams_per_request": ratio(operational + embodied, requests),
             "sci_grams_per_1k_tokens": None
