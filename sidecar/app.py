@@ -32,6 +32,7 @@ from sidecar.server import create_metrics_app
 from sidecar.trace import TraceRecorder
 from sidecar.tracking.observer import Observation, ObservationDelta, Observer
 from sidecar.tracking.proxy import Proxy
+from sidecar.tracking.tenant import build_tenants
 
 log = structlog.get_logger("sidecar.app")
 
@@ -135,6 +136,12 @@ class Sidecar:
             drive_simulated if drive_simulated is not None else simulated is None
         ) and self.simulated is not None
         self.carbon = build_intensity(settings, self.env)
+        self.tenants = build_tenants(  # raises a one-line ValueError without the salt
+            header=settings.tenant_header,
+            from_api_key=settings.tenant_from_api_key,
+            salt=_secret(Credentials.from_env(self.env).tenant_salt),
+            max_tenants=settings.max_tenants,
+        )
         self._carbon_session: aiohttp.ClientSession | None = None
         self.source: PowerSource | None = None
         self.gpus: list[GpuInfo] = []
@@ -196,6 +203,7 @@ class Sidecar:
                 connect_timeout_s=s.upstream_connect_timeout,
                 read_timeout_s=s.upstream_read_timeout,
                 inject_usage=s.inject_usage,
+                tenants=self.tenants,
                 clock=self.clock,
             )
             await self.proxy.start()

@@ -134,7 +134,16 @@ RUN_HELP: dict[str, str] = {
     "gpu_embodied_kg": "manufacturing emissions per GPU in kg (default by GPU model)",
     "host_embodied_kg": "manufacturing emissions of the host in kg (default 2500 per 8-GPU server)",
     "lifetime_years": "hardware lifetime for amortising embodied emissions",
-    "inject_usage": "add stream_options.include_usage to streaming OpenAI requests; strip the extra chunk",
+    "inject_usage": (
+        "add stream_options.include_usage to streaming OpenAI requests and strip the extra "
+        "chunk, for exact token counts (default on; --no-inject-usage turns it off)"
+    ),
+    "tenant_header": "request header naming the tenant for showback (for example x-tenant-id)",
+    "tenant_from_api_key": (
+        "tenant = first 12 hex digits of SHA-256(salt + bearer token); "
+        "salt from LLM_ENERGY_TENANT_SALT (required)"
+    ),
+    "max_tenants": "distinct tenant labels before the rest become 'other' (default 50)",
     "upstream_connect_timeout": "seconds to connect to the upstream (default 5)",
     "upstream_read_timeout": "longest silence between upstream bytes, seconds (default 600)",
     "grace_period": "on SIGTERM, seconds in-flight requests may take to finish (default 30)",
@@ -165,6 +174,8 @@ RUN_METAVAR: dict[str, str] = {
     "model": "NAME",
     "record": "DIR",
     "max_models": "N",
+    "max_tenants": "N",
+    "tenant_header": "NAME",
     "gpu_embodied_kg": "KG",
     "host_embodied_kg": "KG",
     "lifetime_years": "Y",
@@ -193,6 +204,14 @@ def _add_run(sub: Any) -> None:
             run.add_argument(
                 flag, action="store_const", const="true", dest=name, help=RUN_HELP[name]
             )
+            if field.default is True:  # a flag that is on by default can be turned off
+                run.add_argument(
+                    "--no-" + flag[2:],
+                    action="store_const",
+                    const="false",
+                    dest=name,
+                    help=argparse.SUPPRESS,
+                )
         else:
             run.add_argument(
                 flag, dest=name, metavar=RUN_METAVAR.get(name, "VALUE"), help=RUN_HELP[name]

@@ -109,7 +109,12 @@ class Settings(BaseSettings):
     gpu_embodied_kg: float | None = Field(None, ge=0)
     host_embodied_kg: float | None = Field(None, ge=0)
     lifetime_years: float | None = Field(None, gt=0)
-    inject_usage: bool = False
+    inject_usage: bool = True
+    tenant_header: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+    )
+    tenant_from_api_key: bool = False
+    max_tenants: int = Field(50, ge=1, le=10000)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(600.0, gt=0)
     grace_period: float = Field(30.0, ge=0)
@@ -194,6 +199,7 @@ class Credentials(BaseModel):
     carbon_api_token: SecretStr | None = None
     watttime_user: str | None = None
     watttime_password: SecretStr | None = None
+    tenant_salt: SecretStr | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Credentials:
@@ -201,7 +207,10 @@ class Credentials(BaseModel):
             return env.get(ENV_PREFIX + name.upper()) or None
 
         return cls.model_validate(
-            {k: get(k) for k in ("carbon_api_token", "watttime_user", "watttime_password")}
+            {
+                k: get(k)
+                for k in ("carbon_api_token", "watttime_user", "watttime_password", "tenant_salt")
+            }
         )
 
 

@@ -82,6 +82,20 @@ class SidecarCollector(Collector):
             "Idle (memory-resident) power baseline, total over the metered GPUs.",
             value=m.ledger.idle_baseline_w(),
         )
+        basis = GaugeMetricFamily(
+            "llm_energy_idle_baseline_info",
+            "The rule behind the idle baseline in force (always 1): configured, standby, held "
+            "or startup; the weakest where GPUs differ.",
+            labels=["basis"],
+        )
+        basis.add_metric([m.ledger.idle_basis()], 1)
+        yield basis
+        yield CounterMetricFamily(
+            "llm_energy_unattributed_joules",
+            "Energy of requests in flight that no finished request carries (traces mode: "
+            "requests never heard from; a silent GPU's late share of requests already final).",
+            value=m.ledger.unattributed_j,
+        )
 
         inflight = GaugeMetricFamily(
             "llm_energy_inflight_requests", "Inference requests in flight.", labels=["model"]
@@ -115,6 +129,30 @@ class SidecarCollector(Collector):
         for (model, phase), j in sorted(m.ledger.model_j.items()):
             model_j.add_metric([model, phase], j)
         yield model_j
+        stage_j = CounterMetricFamily(
+            "llm_energy_model_stage_joules",
+            "Attributed energy of finished requests by stage: prefill (to the first token), decode.",
+            labels=["model", "stage"],
+        )
+        for (model, stage), j in sorted(m.stage_j.items()):
+            stage_j.add_metric([model, stage], j)
+        yield stage_j
+        if m.tenants:
+            tenant_j = CounterMetricFamily(
+                "llm_energy_tenant_joules",
+                "Attributed energy of finished requests per tenant (showback).",
+                labels=["tenant"],
+            )
+            tenant_g = CounterMetricFamily(
+                "llm_energy_tenant_emissions_grams",
+                "Operational grams CO2e of each tenant's attributed energy.",
+                labels=["tenant"],
+            )
+            for tenant, j in sorted(m.tenant_j.items()):
+                tenant_j.add_metric([tenant], j)
+                tenant_g.add_metric([tenant], m.tenant_g.get(tenant, 0.0))
+            yield tenant_j
+            yield tenant_g
         model_g = CounterMetricFamily(
             "llm_energy_model_emissions_grams",
             "Operational grams CO2e of each model's attributed energy.",
@@ -164,6 +202,15 @@ class SidecarCollector(Collector):
         for gpu, n in sorted(stats.samples.items()):
             samples.add_metric([gpu], n)
         yield samples
+        gaps = CounterMetricFamily(
+            "llm_energy_sampler_gap_seconds",
+            "Time not covered by samples: silences longer than three sample periods, counted "
+            "whole when the next reading ends them (the validity gate for that GPU's figures).",
+            labels=["gpu"],
+        )
+        for g in m.gpus:
+            gaps.add_metric([g.gpu], m.ledger.gap_s(g.gpu))
+        yield gaps
         errors = CounterMetricFamily(
             "llm_energy_sampler_errors",
             "Failed power reads, per GPU and reason.",

@@ -266,13 +266,13 @@ async def test_upstream_down_gives_502(aiohttp_client: ClientFactory) -> None:
 
 @pytest.mark.parametrize("code", [400, 404, 500, 503])
 async def test_upstream_errors_are_counted(rig: Rig, code: int) -> None:
-    """4xx and 5xx from the server pass through and count as `error`."""
+    """4xx and 5xx from the server pass through and count as `error` (an unknown POST here)."""
     direct, proxied, resp = await both(rig, "POST", f"/status/{code}", json={})
     assert resp.status == code
     assert proxied == direct
     assert (
         await rig.value(
-            "llm_energy_requests_total", model="default", endpoint="other", status="error"
+            "llm_energy_requests_total", model="default", endpoint="unknown", status="error"
         )
         == 1
     )
@@ -369,22 +369,29 @@ async def test_non_inference_paths_hold_no_energy(rig: Rig) -> None:
     assert rig.sidecar.meter.in_flight() == {}
 
 
-async def test_inject_usage_counts_exactly_and_hides_the_chunk(
-    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory
-) -> None:
-    """With --inject-usage the client sees the stream it asked for; the sidecar gets exact usage."""
-    async for rig in make_rig(aiohttp_server, aiohttp_client, inject_usage=True):
-        body = {
-            "model": "inj",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": True,
-            "max_tokens": 9,
-        }
-        direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
-        assert proxied == direct
-        assert b'"usage"' not in proxied
-        assert await rig.value("llm_energy_tokens_total", model="inj", kind="completion") == 9
-        assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 11
+async def test_inject_usage_counts_exactly_and_hides_the_chunk(rig: Rig) -> None:
+    """By default the client sees the stream it asked for; the sidecar gets exact usage.
+
+    The first stream of an upstream goes as is (it shows whether the server
+    writes `"usage": null` unasked); the ones after it are injected.
+    """
+    body = {
+        "model": "inj",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "max_tokens": 9,
+    }
+    assert rig.sidecar.proxy is not None
+    assert rig.sidecar.proxy.injecting
+    direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
+    assert proxied == direct
+    assert rig.sidecar.proxy.null_usage_unasked is False
+    assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 0
+    direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
+    assert proxied == direct
+    assert b'"usage"' not in proxied
+    assert await rig.value("llm_energy_tokens_total", model="inj", kind="completion") == 18
+    assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 11
 
 
 async def test_summary_schema(rig: Rig) -> None:

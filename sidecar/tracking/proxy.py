@@ -2,10 +2,23 @@
 
 Bodies stream both ways without being held whole; the upstream client never
 decompresses, so a gzip body reaches the client exactly as the server sent
-it. Only small JSON request bodies are read before forwarding (to learn the
-model and whether the reply streams); response bytes go to a protocol
-tracker that counts tokens as they pass. Every metering call is wrapped:
-a fault there is logged and counted, and the user's request goes on.
+it. Only JSON request bodies up to :data:`MAX_PARSED_BODY` are read before
+forwarding (to learn the model and whether the reply streams), and only while
+the shared :class:`ParseBudget` has room; response bytes go to a protocol
+tracker that counts tokens as they pass, within the same budget. Whatever is
+not read streams through with aiohttp's bounded buffers (flow control), so
+memory stays bounded with any number of large requests in flight. Every
+metering call is wrapped: a fault there is logged and counted, and the
+user's request goes on.
+
+Usage injection (on by default) asks OpenAI-compatible streams for their
+usage chunk and strips it, with the ``"usage": null`` members an upstream
+adds only because it was asked, so the client gets the bytes it would have
+got. Whether an upstream writes ``"usage": null`` unasked (SGLang does, vLLM
+does not) is learned from its first stream that was not injected; until then
+nothing is injected. An upstream that refuses ``stream_options`` (a 4xx that
+names it, before any byte reached the client) gets the original body at
+once, and injection stops for it.
 """
 
 from __future__ import annotations
@@ -23,17 +36,22 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.ledger import Status
 from sidecar.meter import Meter
+from sidecar.tracking.budget import ParseBudget
 from sidecar.tracking.protocols import (
+    RequestInfo,
     ResponseTracker,
     classify,
     inject_include_usage,
     parse_request,
 )
+from sidecar.tracking.tenant import TenantLabels
 
 log = structlog.get_logger("sidecar.proxy")
 
 MAX_PARSED_BODY: Final = 1 << 20
 """Request bodies larger than this stream through unparsed (prompt estimated from length)."""
+ERROR_PEEK: Final = 64 << 10
+"""How much of a 4xx answer to an injected body is read to look for ``stream_options``."""
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
@@ -69,6 +87,26 @@ def _forwardable(
     return out
 
 
+class _Held:
+    """Bytes of one request reserved in the budget; released once, as early as possible."""
+
+    __slots__ = ("_budget", "n_bytes")
+
+    def __init__(self, budget: ParseBudget) -> None:
+        self._budget = budget
+        self.n_bytes = 0
+
+    def take(self, n_bytes: int) -> bool:
+        if self._budget.take(n_bytes):
+            self.n_bytes += n_bytes
+            return True
+        return False
+
+    def release(self) -> None:
+        self._budget.give(self.n_bytes)
+        self.n_bytes = 0
+
+
 class Proxy:
     """Forwards to one upstream and tells the meter what happened."""
 
@@ -79,7 +117,9 @@ class Proxy:
         *,
         connect_timeout_s: float,
         read_timeout_s: float,
-        inject_usage: bool = False,
+        inject_usage: bool = True,
+        budget: ParseBudget | None = None,
+        tenants: TenantLabels | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._meter = meter
@@ -91,9 +131,18 @@ class Proxy:
             sock_read=read_timeout_s,
         )
         self._inject_usage = inject_usage
+        self.null_usage_unasked: bool | None = None
+        """Whether the upstream writes ``"usage": null`` in chunks unasked; ``None``: not seen yet."""
+        self.budget = budget if budget is not None else ParseBudget()
+        self._tenants = tenants
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self.inflight = 0
+
+    @property
+    def injecting(self) -> bool:
+        """Whether usage injection is on for this upstream (it stops if the upstream refuses)."""
+        return self._inject_usage
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -135,75 +184,131 @@ class Proxy:
         arrived = self._clock()
         endpoint, api = classify(request.method, request.path)
         inference = endpoint != "other"
-        body: bytes | None = None
-        length = request.content_length
-        small = length is not None and length <= MAX_PARSED_BODY
-        if inference and small and request.body_exists:
-            body = await request.read()
-        info = self._safe(
-            "parse_request",
-            parse_request,
-            endpoint,
-            api,
-            body if _is_json(request.headers.get("Content-Type")) else None,
-            request.headers.get("Content-Type"),
-            path=request.path,
-        )
-        if inference and info is not None and body is None and length:
-            info = _with_estimate(info, length)
-        strip_usage = False
-        if (
-            inference
-            and info is not None
-            and body is not None
-            and self._inject_usage
-            and api == "openai"
+        held = _Held(self.budget)
+        try:
+            body: bytes | None = None
+            length = request.content_length
+            if (
+                inference
+                and api != "none"  # unknown paths: no token information to read
+                and length is not None
+                and length <= MAX_PARSED_BODY
+                and request.body_exists
+                and held.take(length)
+            ):
+                body = await request.read()
+            content_type = request.headers.get("Content-Type")
+            info = self._safe(
+                "parse_request",
+                parse_request,
+                endpoint,
+                api,
+                body if _is_json(content_type) else None,
+                content_type,
+                path=request.path,
+            )
+            if inference and info is not None and body is None and length and api != "none":
+                info = _with_estimate(info, length)
+            original: bytes | None = None
+            if body is not None and info is not None and self._should_inject(info):
+                injected = self._safe("inject_usage", inject_include_usage, body)
+                if injected is not None and held.take(len(injected)):
+                    original, body = body, injected
+            tenant: str | None = None
+            if inference and self._tenants is not None:
+                tenant = self._safe("tenant", self._tenants.candidate, request.headers)
+            rid: str | None = None
+            if inference:
+                rid = self._safe(
+                    "start",
+                    self._meter.request_started,
+                    endpoint,
+                    info.model if info is not None else None,
+                    info.prompt_tokens_estimate if info is not None else None,
+                    arrived,
+                )
+            self.inflight += 1
+            try:
+                return await self._forward(request, body, original, held, rid, info, tenant)
+            finally:
+                self.inflight -= 1
+        finally:
+            held.release()
+
+    def _should_inject(self, info: RequestInfo) -> bool:
+        """Inject only where the stripped stream is sure to be the one the client would get."""
+        return (
+            self._inject_usage
+            and info.api == "openai"
+            and info.endpoint in ("chat", "completion")
             and info.stream
             and not info.wants_usage
-        ):
-            injected = self._safe("inject_usage", inject_include_usage, body)
-            if injected is not None:
-                body, strip_usage = injected, True
-        rid: str | None = None
-        if inference:
-            rid = self._safe(
-                "start",
-                self._meter.request_started,
-                endpoint,
-                info.model if info is not None else None,
-                info.prompt_tokens_estimate if info is not None else None,
-                arrived,
-            )
-        self.inflight += 1
-        try:
-            return await self._forward(request, body, rid, info, strip_usage)
-        finally:
-            self.inflight -= 1
+            and self.null_usage_unasked is not None
+        )
+
+    async def _send(
+        self, request: web.Request, body: bytes | None, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        if body is not None:
+            headers["Content-Length"] = str(len(body))
+        data: Any = body if body is not None else (request.content if request.body_exists else None)
+        url = self._upstream + request.rel_url.raw_path_qs
+        return await self.session.request(
+            request.method, url, headers=headers, data=data, allow_redirects=False
+        )
+
+    async def _refused_injection(self, upstream: aiohttp.ClientResponse) -> bytes | None:
+        """A 4xx to an injected body: ``None`` if it names ``stream_options``, else its first bytes.
+
+        The bytes read (at most :data:`ERROR_PEEK`) go to the client first, so
+        an error about anything else reaches it exactly as sent.
+        """
+        parts: list[bytes] = []
+        size = 0
+        while size < ERROR_PEEK:
+            part = await upstream.content.read(ERROR_PEEK - size)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        peek = b"".join(parts)
+        if b"stream_options" in peek and _identity(upstream.headers.get("Content-Encoding")):
+            return None
+        return peek
 
     async def _forward(
         self,
         request: web.Request,
         body: bytes | None,
+        original: bytes | None,
+        held: _Held,
         rid: str | None,
         info: Any,
-        strip_usage: bool,
+        tenant: str | None,
     ) -> web.StreamResponse:
         headers = _forwardable(request.headers, drop=frozenset({"host", "content-length"}))
-        if body is not None:
-            headers["Content-Length"] = str(len(body))
-        elif request.content_length is not None:
+        if body is None and request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-        data: Any = body if body is not None else (request.content if request.body_exists else None)
-        url = self._upstream + request.rel_url.raw_path_qs
+        strip_usage = original is not None
         status: Status = "ok"
         usage_tokens: tuple[int | None, int | None] = (None, None)
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
+        prefix = b""
         try:
             try:
-                upstream = await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False
-                )
+                upstream = await self._send(request, body, headers)
+                if strip_usage and 400 <= upstream.status < 500:
+                    peek = await self._refused_injection(upstream)
+                    if peek is None:  # the upstream refuses stream_options: send the original
+                        refused = upstream.status
+                        upstream.release()
+                        upstream = None
+                        self._stop_injecting(upstream_status=refused)
+                        strip_usage = False
+                        upstream = await self._send(request, original, headers)
+                    else:
+                        prefix, strip_usage = peek, False  # another 4xx: to the client as is
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 status = "error"
                 log.warning("proxy.upstream_unreachable", error=type(e).__name__, path=request.path)
@@ -211,12 +316,15 @@ class Proxy:
                     {"error": {"message": "upstream unreachable", "type": "upstream_unavailable"}},
                     status=502,
                 )
+            finally:
+                body = original = None  # sent: the budget's bytes may go now
+                held.release()
             if upstream.status >= 400:
                 status = "error"
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             drop = frozenset({"content-length"}) if strip_usage else frozenset()
             response.headers.extend(_forwardable(upstream.headers, drop=drop))
-            tracker = None
+            tracker: ResponseTracker | None = None
             if rid is not None and info is not None:
                 tracker = self._safe(
                     "tracker",
@@ -226,43 +334,51 @@ class Proxy:
                     upstream.headers.get("Content-Encoding"),
                     upstream.headers,
                     strip_usage_chunk=strip_usage,
+                    keep_null_usage=bool(self.null_usage_unasked),
+                    max_buffer=MAX_PARSED_BODY,
+                    budget=self.budget,
                 )
             streamed = bool(info is not None and info.stream) or bool(
                 tracker is not None and tracker.streaming
             )
-            await response.prepare(request)
-            first = True
-            async for chunk in _chunks(upstream):
-                out = chunk
+            try:
+                await response.prepare(request)
+                first = True
+                async for chunk in _chunks(upstream, prefix):
+                    out = chunk
+                    if tracker is not None:
+                        fed = self._safe("feed", tracker.feed, chunk)
+                        if fed is not None:
+                            out = fed.out
+                            if first and streamed:
+                                self._safe("first_token", self._meter.first_token, rid)
+                            if fed.tokens and streamed:
+                                counted += fed.tokens
+                                self._safe("tokens", self._meter.tokens_streamed, rid, fed.tokens)
+                        elif strip_usage:
+                            tracker, out = None, chunk  # tracker broke: pass raw bytes from now on
+                    first = False
+                    if out:
+                        await response.write(out)
+                if tracker is not None:  # strip mode holds back an unterminated last event
+                    tail = self._safe("flush", tracker.flush)
+                    if tail:
+                        await response.write(tail)
+                await response.write_eof()
                 if tracker is not None:
-                    fed = self._safe("feed", tracker.feed, chunk)
-                    if fed is not None:
-                        out = fed.out
-                        if first and streamed:
-                            self._safe("first_token", self._meter.first_token, rid)
-                        if fed.tokens and streamed:
-                            counted += fed.tokens
-                            self._safe("tokens", self._meter.tokens_streamed, rid, fed.tokens)
-                    elif strip_usage:
-                        tracker, out = None, chunk  # tracker broke: pass raw bytes from now on
-                first = False
-                if out:
-                    await response.write(out)
-            if tracker is not None:  # strip mode holds back an unterminated last event
-                tail = self._safe("flush", tracker.flush)
-                if tail:
-                    await response.write(tail)
-            await response.write_eof()
-            if tracker is not None:
-                usage = self._safe("usage", tracker.finish)
-                if usage is not None:
-                    # no usage in the stream: its chunks are the best count there is
-                    completion = usage.completion_tokens
-                    if completion is None and streamed and (usage.token_events or counted):
-                        completion = usage.token_events or counted
-                    usage_tokens = (usage.prompt_tokens, completion)
-                    if usage.model and rid is not None and (info is None or not info.model):
-                        self._safe("model", self._meter.model_learned, rid, usage.model)
+                    usage = self._safe("usage", tracker.finish)
+                    if usage is not None:
+                        # no usage in the stream: its chunks are the best count there is
+                        completion = usage.completion_tokens
+                        if completion is None and streamed and (usage.token_events or counted):
+                            completion = usage.token_events or counted
+                        usage_tokens = (usage.prompt_tokens, completion)
+                        if usage.model and rid is not None:
+                            self._safe("model", self._meter.model_learned, rid, usage.model)
+                    self._learn_null_usage(info, tracker, strip_usage, upstream.status)
+            finally:
+                if tracker is not None:
+                    self._safe("release", tracker.release)
             return response
         except asyncio.CancelledError:
             status = "cancelled"  # the client went away: stop the upstream call now
@@ -283,14 +399,55 @@ class Proxy:
                 else:
                     upstream.release()
             if rid is not None:
-                self._safe("finish", self._meter.request_finished, rid, status, *usage_tokens)
+                extra: dict[str, Any] = {}
+                if tenant is not None and self._tenants is not None:
+                    extra["tenant"] = self._safe(
+                        "tenant_label", self._tenants.label, tenant, ok=status == "ok"
+                    )
+                self._safe(
+                    "finish", self._meter.request_finished, rid, status, *usage_tokens, **extra
+                )
             else:
                 self._safe("other", self._meter.other_request, status)
 
+    def _stop_injecting(self, *, upstream_status: int) -> None:
+        if self._inject_usage:
+            self._inject_usage = False
+            log.warning(
+                "proxy.inject_usage_refused",
+                upstream=self._upstream,
+                status=upstream_status,
+                action="original body resent; injection off for this upstream",
+            )
 
-async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    def _learn_null_usage(
+        self, info: Any, tracker: ResponseTracker, injected: bool, status: int
+    ) -> None:
+        """A whole stream the client did not ask usage for, sent as is: does it carry nulls?"""
+        if (
+            self.null_usage_unasked is None
+            and not injected
+            and status < 300
+            and info is not None
+            and info.api == "openai"
+            and info.endpoint in ("chat", "completion")
+            and info.stream
+            and not info.wants_usage
+            and tracker.streaming
+            and tracker.finish().token_events > 0
+        ):
+            self.null_usage_unasked = tracker.null_usage_seen
+
+
+async def _chunks(upstream: aiohttp.ClientResponse, prefix: bytes = b"") -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
     async for chunk in upstream.content.iter_any():
         yield chunk
+
+
+def _identity(encoding: str | None) -> bool:
+    return not encoding or encoding.strip().lower() == "identity"
 
 
 def _is_json(content_type: str | None) -> bool:
