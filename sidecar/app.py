@@ -185,6 +185,7 @@ class Sidecar:
             hold_s=2.5 * OBSERVE_INTERVAL_S
             if s.observe is not None and s.upstream is None
             else 0.0,
+            sample_period_s=1.0 / s.sample_hz,
         )
         self.sampler = Sampler(
             self.source,
@@ -318,6 +319,8 @@ class Sidecar:
             assert self._ready_session is not None
             async with self._ready_session.get(str(upstream)) as r:
                 ok, detail = True, f"upstream answered {r.status}"
+            if self.meter is not None and r.status < 500:  # loaded: start-up baseline begins
+                self.meter.upstream_answered()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ok, detail = False, f"upstream unreachable ({type(e).__name__})"
         self._ready_cache = (now, ok, detail)
