@@ -243,7 +243,7 @@ async def test_gzip_body_arrives_byte_identical(rig: Rig) -> None:
 
 
 async def test_upstream_down_gives_502(aiohttp_client: ClientFactory) -> None:
-    """No upstream: a JSON 502, counted as an error."""
+    """No upstream: a JSON 502, counted as an error (an unconfirmed model name counts as other)."""
     settings = Settings(
         upstream="http://127.0.0.1:9", power_source="simulated", upstream_connect_timeout=1
     )
@@ -259,7 +259,7 @@ async def test_upstream_down_gives_502(aiohttp_client: ClientFactory) -> None:
         assert ready.status == 503
         assert (await metrics.get("/healthz")).status == 200
         text = await (await metrics.get("/metrics")).text()
-        assert 'llm_energy_requests_total{endpoint="chat",model="m",status="error"} 1.0' in text
+        assert 'llm_energy_requests_total{endpoint="chat",model="other",status="error"} 1.0' in text
     finally:
         await sidecar.stop()
 
