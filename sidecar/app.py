@@ -171,6 +171,18 @@ class Sidecar:
             host_embodied_kg=s.host_embodied_kg,
             lifetime_years=s.lifetime_years,
         )
+        if s.record is not None:  # run.json: the boundary and carbon inputs a report states
+            from sidecar.meter import BOUNDARY
+            from sidecar.report.runinfo import record_start
+
+            record_start(
+                s.record,
+                settings=s,
+                gpus=self.gpus,
+                embodied=embodied,
+                carbon=self.carbon,
+                boundary=BOUNDARY,
+            )
         self.meter = Meter(
             self.gpus,
             clock=self.clock,
@@ -333,7 +345,11 @@ class Sidecar:
             self.stats,
             BuildInfo(self.settings.power_source.split(":", 1)[0], self.settings.mode),
         )
-        return create_metrics_app(make_registry(collector), self.meter, self.stats, self.ready)
+        app = create_metrics_app(make_registry(collector), self.meter, self.stats, self.ready)
+        from sidecar.page import add_page_route
+
+        add_page_route(app)  # `/`: the live page, fed by /summary
+        return app
 
     def proxy_app(self) -> web.Application:
         assert self.proxy is not None

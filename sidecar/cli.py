@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``demo`` and ``attribute``.
+"""Command line: ``run``, ``demo``, ``attribute`` and ``report``.
 
 argparse parses; the settings model validates (``sidecar.config``). User
 errors are one line on stderr and exit status 2, never a traceback.
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics HOST:PORT (default 127.0.0.1:9400)",
     )
     demo.set_defaults(handler=_cmd_demo)
+    from sidecar.report.cli import add_report_parser
+
+    add_report_parser(sub)
 
     return parser
 

@@ -304,6 +304,8 @@ async def run_demo(duration_s: float, rps: float, listen: str, metrics_listen: s
         runners = [proxy_runner, metrics_runner, model_runner]
         host, port = split_host_port(listen)
         mhost, mport = split_host_port(metrics_listen)
+        page_host = "127.0.0.1" if mhost in ("", "0.0.0.0", "::") else mhost
+        print(f"demo: live page on http://{page_host}:{mport}/", flush=True)
         print(
             f"demo: model server on 127.0.0.1:{model_port}, sidecar proxy on {host}:{port}, "
             f"metrics on http://{mhost}:{mport}/metrics  ({duration_s:g} s at ~{rps:g} req/s; Ctrl-C ends early)"
