@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import aiohttp
 import structlog
@@ -24,9 +23,20 @@ from sidecar.carbon import CarbonIntensityTracker, EmbodiedModel, build_tracker
 from sidecar.config import Credentials, Settings, split_host_port
 from sidecar.ledger import FinishedRequest
 from sidecar.meter import Meter
-from sidecar.metrics import BuildInfo, SidecarCollector, make_registry
-from sidecar.power.base import GpuInfo, PowerSample, PowerSource, PowerSourceError
-from sidecar.power.simulated import SimulatedGpus, SimulatedSource
+from sidecar.metrics import BuildInfo, HealthCollector, SidecarCollector, make_registry
+from sidecar.pending import WAITING_GPU, StartupCollector, UnmeteredMeter
+from sidecar.power.backoff import Backoff
+from sidecar.power.base import (
+    ErrorReason,
+    GpuInfo,
+    PowerSample,
+    PowerSource,
+    PowerSourceError,
+    PowerSourcePending,
+)
+from sidecar.power.factory import build_source
+from sidecar.power.share import GpuShareRequired, require_share
+from sidecar.power.simulated import SimulatedGpus
 from sidecar.sampler import Sampler, SamplerStats
 from sidecar.server import create_metrics_app
 from sidecar.trace import TraceRecorder
@@ -38,38 +48,12 @@ log = structlog.get_logger("sidecar.app")
 
 TICK_S = 0.5
 OBSERVE_INTERVAL_S = 1.0
+WAIT_BACKOFF_CAP_S = 30.0
+"""Longest pause between tries while the power source cannot name this pod's GPUs."""
 
 
-def build_source(
-    settings: Settings,
-    *,
-    env: Mapping[str, str],
-    clock: Callable[[], float],
-    simulated: SimulatedGpus | None = None,
-) -> PowerSource:
-    """The power source the settings name (``--power-source``)."""
-    kind, _, arg = settings.power_source.partition(":")
-    gpus = list(settings.gpus) or None
-    if kind == "simulated":
-        model = simulated or SimulatedGpus(gpus=len(gpus) if gpus else 1)
-        return SimulatedSource(model, clock=clock)
-    if kind == "replay":
-        from sidecar.power.replay import ReplaySource
-
-        return ReplaySource(Path(arg), clock=clock)
-    if kind == "dcgm":
-        from sidecar.power.dcgm import DcgmSource
-
-        return DcgmSource(
-            arg,
-            pod=env.get("POD_NAME") or None,
-            namespace=env.get("POD_NAMESPACE") or None,
-            gpus=gpus,
-            clock=clock,
-        )
-    from sidecar.power.nvml import NvmlSource
-
-    return NvmlSource(gpus, clock=clock)
+class StartupError(Exception):
+    """A start-up failure: one line naming the flag, exit status 2 (never a later crash)."""
 
 
 def build_intensity(settings: Settings, env: Mapping[str, str]) -> CarbonIntensityTracker:
@@ -153,12 +137,28 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready_session: aiohttp.ClientSession | None = None
         self._ready_cache: tuple[float, bool, str] = (-1e9, False, "not checked")
+        self._unmetered: UnmeteredMeter | None = None  # the proxy's meter while no GPU is known
+        self._startup_stats = SamplerStats()  # the wait's retries, before a sampler exists
+        self._collector: tuple[Meter, SidecarCollector] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        """Open the power source and start metering; or, while it cannot name this pod's
+        GPUs yet (:class:`PowerSourcePending`), serve un-metered and keep trying."""
         s = self.settings
         self.source = build_source(s, env=self.env, clock=self.clock, simulated=self.simulated)
-        self.gpus = await asyncio.to_thread(self.source.open)
+        try:
+            self.gpus = await asyncio.to_thread(self.source.open)
+        except PowerSourcePending as e:
+            await self._start_waiting(str(e))
+            return
+        require_share(self.gpus, s.gpu_share)
+        await self._start_metered()
+
+    async def _start_metered(self) -> None:
+        """Everything built from the GPU list: meter, sampler, proxy, observer, carbon."""
+        s = self.settings
+        assert self.source is not None
         if not self.gpus:
             raise PowerSourceError(f"power source {s.power_source!r} reports no GPU")
         if s.record is not None:
@@ -231,7 +231,8 @@ class Sidecar:
                 on_observation=self._on_observation,
             )
             self._tasks.append(asyncio.create_task(self.observer.run(), name="observer"))
-        self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        if self._ready_session is None:  # the wait for the GPUs may have opened it
+            self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         self._carbon_session = aiohttp.ClientSession()
         await self.carbon.start(self._carbon_session)
         log.info(
@@ -241,6 +242,89 @@ class Sidecar:
             gpus=[g.uuid for g in self.gpus],
             sample_hz=s.sample_hz,
         )
+
+    async def _start_waiting(self, detail: str) -> None:
+        """No GPU known yet: the proxy passes traffic un-metered while a task keeps trying."""
+        s = self.settings
+        log.warning(
+            "sidecar.power_source_waiting",
+            power_source=s.power_source.split(":", 1)[0],
+            detail=detail,
+        )
+        self._unmetered = UnmeteredMeter(
+            clock=self.clock, intensity=self.carbon, max_models=s.max_models, default_model=s.model
+        )
+        self._note_waiting("not_mapped", detail)
+        if s.upstream is not None:
+            self.proxy = Proxy(
+                self._unmetered,
+                str(s.upstream),
+                connect_timeout_s=s.upstream_connect_timeout,
+                read_timeout_s=s.upstream_read_timeout,
+                inject_usage=False,  # nothing is metered: the client gets the upstream untouched
+                clock=self.clock,
+            )
+            await self.proxy.start()
+        self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        self._tasks.append(asyncio.create_task(self._attach_when_ready(), name="power-source-wait"))
+
+    def _note_waiting(self, reason: ErrorReason, detail: str) -> None:
+        key = (WAITING_GPU, reason)
+        errors = self._startup_stats.errors
+        errors[key] = errors.get(key, 0) + 1
+        if self._unmetered is not None:
+            self._unmetered.detail = detail
+
+    async def _attach_when_ready(self) -> None:
+        """Retry the source with capped, jittered backoff; attach the GPUs once it names them."""
+        source = self.source
+        assert source is not None
+        backoff = Backoff(base_s=1.0, cap_s=WAIT_BACKOFF_CAP_S, clock=self.clock)
+        waited_from_s = self.clock()
+        while True:
+            await asyncio.sleep(backoff.failed())
+            try:
+                gpus = await asyncio.to_thread(source.open)
+                require_share(gpus, self.settings.gpu_share)
+            except PowerSourcePending as e:
+                self._note_waiting("not_mapped", str(e))
+                log.info("sidecar.power_source_waiting", detail=str(e), attempts=backoff.failures)
+                continue
+            except PowerSourceError as e:  # a setting that cannot work: say so, keep serving
+                self._note_waiting("unknown", str(e))
+                log.error("sidecar.power_source_failed", detail=str(e), attempts=backoff.failures)
+                continue
+            break
+        previous = self.proxy
+        self.gpus = gpus
+        try:
+            await self._start_metered()
+        except Exception:  # the proxy keeps serving un-metered; the log says why
+            log.exception("sidecar.attach_failed")
+            return
+        if self.sampler is not None:
+            for key, n in self._startup_stats.errors.items():
+                self.sampler.stats.errors[key] = self.sampler.stats.errors.get(key, 0) + n
+        if self._unmetered is not None:
+            self._unmetered.attached = self.meter
+        if previous is not None and previous is not self.proxy:
+            self._tasks.append(asyncio.create_task(self._retire(previous), name="proxy-retire"))
+        log.info(
+            "sidecar.power_source_attached",
+            gpus=[g.uuid for g in self.gpus],
+            waited_s=round(self.clock() - waited_from_s, 1),
+            unmetered_requests=0 if self._unmetered is None else self._unmetered.unmetered,
+        )
+
+    @staticmethod
+    async def _retire(proxy: Proxy) -> None:
+        """Let the un-metered proxy's streams finish, then close its upstream session."""
+        try:
+            # The proxy exposes a count, not an event: poll it, for one drain at most.
+            while proxy.inflight > 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+        finally:
+            await proxy.close()
 
     async def stop(self) -> None:
         for task in reversed(self._tasks):
@@ -316,7 +400,7 @@ class Sidecar:
             self.recorder.request(finished)
 
     def stats(self) -> SamplerStats:
-        return self.sampler.stats if self.sampler is not None else SamplerStats()
+        return self.sampler.stats if self.sampler is not None else self._startup_stats
 
     async def ready(self) -> tuple[bool, str]:
         """Proxy mode: the upstream answers (any HTTP status). Cached for a second."""
@@ -338,14 +422,35 @@ class Sidecar:
         self._ready_cache = (now, ok, detail)
         return ok, detail
 
+    def _current_collector(self) -> SidecarCollector | None:
+        """The full collector over the meter in force; ``None`` while no GPU is known."""
+        meter = self.meter
+        if meter is None:
+            return None
+        if self._collector is None or self._collector[0] is not meter:
+            build = BuildInfo(self.settings.power_source.split(":", 1)[0], self.settings.mode)
+            self._collector = (meter, SidecarCollector(meter, self.stats, build))
+        return self._collector[1]
+
+    def _observer_errors(self) -> dict[str, int]:
+        observer = self.observer
+        return {} if observer is None else {str(k): n for k, n in observer.errors_by_reason.items()}
+
     def metrics_app(self) -> web.Application:
-        assert self.meter is not None
-        collector = SidecarCollector(
-            self.meter,
+        meter = self.meter if self.meter is not None else self._unmetered
+        assert meter is not None
+        startup = StartupCollector(
+            self._current_collector,
+            self._unmetered,
             self.stats,
-            BuildInfo(self.settings.power_source.split(":", 1)[0], self.settings.mode),
+            power_source=self.settings.power_source.split(":", 1)[0],
+            mode=self.settings.mode,
         )
-        app = create_metrics_app(make_registry(collector), self.meter, self.stats, self.ready)
+        health = HealthCollector(
+            observer_errors=self._observer_errors,
+            carbon_errors=lambda: self.carbon.refresh_errors,
+        )
+        app = create_metrics_app(make_registry(startup, health), meter, self.stats, self.ready)
         from sidecar.page import add_page_route
 
         add_page_route(app)  # `/`: the live page, fed by /summary
@@ -354,8 +459,13 @@ class Sidecar:
     def proxy_app(self) -> web.Application:
         assert self.proxy is not None
         app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        app.router.add_route("*", "/{tail:.*}", self._proxy_handle)
         return app
+
+    async def _proxy_handle(self, request: web.Request) -> web.StreamResponse:
+        """The proxy in force: the un-metered one until the GPUs are known, then the metered."""
+        assert self.proxy is not None
+        return await self.proxy.handle(request)
 
 
 def _idle_map(values: tuple[float, ...], gpus: list[GpuInfo]) -> dict[str, float] | None:
@@ -364,23 +474,25 @@ def _idle_map(values: tuple[float, ...], gpus: list[GpuInfo]) -> dict[str, float
     if len(values) == 1:
         return {g.gpu: values[0] / len(gpus) for g in gpus}
     if len(values) != len(gpus):
-        raise PowerSourceError(
+        raise StartupError(
             f"--idle-watts: {len(values)} values for {len(gpus)} GPUs (give one total or one per GPU)"
         )
     return {g.gpu: v for g, v in zip(gpus, values, strict=True)}
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; drain in-flight requests within the grace period."""
-    sidecar = Sidecar(settings)
-    await sidecar.start()
+    """Run until SIGTERM or SIGINT; drain in-flight requests within the grace period.
+
+    Failures before serving raise :class:`StartupError` naming the flag; anything
+    raised once serving propagates as the crash it is.
+    """
+    sidecar = await _started(settings)
     runners: list[web.AppRunner] = []
     try:
         metrics_runner = web.AppRunner(sidecar.metrics_app(), access_log=None)
         await metrics_runner.setup()
-        host, port = split_host_port(settings.metrics_listen)
-        await web.TCPSite(metrics_runner, host, port).start()
         runners.append(metrics_runner)
+        await _listen(metrics_runner, settings.metrics_listen, "--metrics-listen")
         if sidecar.proxy is not None:
             proxy_runner = web.AppRunner(
                 sidecar.proxy_app(),
@@ -390,9 +502,8 @@ async def serve(settings: Settings) -> int:
                 shutdown_timeout=max(settings.grace_period, 0.001),
             )
             await proxy_runner.setup()
-            host, port = split_host_port(settings.listen)
-            await web.TCPSite(proxy_runner, host, port).start()
             runners.insert(0, proxy_runner)
+            await _listen(proxy_runner, settings.listen, "--listen")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -413,3 +524,38 @@ async def serve(settings: Settings) -> int:
             await runner.cleanup()
         await sidecar.stop()
     return 0
+
+
+async def _started(settings: Settings) -> Sidecar:
+    """A started sidecar, or a :class:`StartupError` naming the flag at fault."""
+    try:
+        sidecar = Sidecar(settings)
+    except ValueError as e:  # carbon or tenant settings that cannot work together
+        raise StartupError(str(e).splitlines()[0]) from e
+    try:
+        await sidecar.start()
+    except BaseException as e:
+        try:
+            await sidecar.stop()  # release what started before the failure
+        except Exception:
+            log.exception("sidecar.stop_after_failed_start")
+        if isinstance(e, StartupError):
+            raise
+        if isinstance(e, GpuShareRequired):
+            raise StartupError(f"--gpu-share: {e}") from e
+        if isinstance(e, PowerSourceError):
+            raise StartupError(f"--power-source: {e}") from e
+        if isinstance(e, ValueError):
+            raise StartupError(str(e).splitlines()[0]) from e
+        if isinstance(e, OSError):  # --record DIR not writable, typically
+            raise StartupError(f"--record: {e.strerror or e}") from e
+        raise
+    return sidecar
+
+
+async def _listen(runner: web.AppRunner, listen: str, flag: str) -> None:
+    host, port = split_host_port(listen)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:  # a port in use, typically
+        raise StartupError(f"{flag}: cannot listen on {listen}: {e.strerror or e}") from e

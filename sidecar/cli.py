@@ -123,6 +123,10 @@ RUN_HELP: dict[str, str] = {
     "gpus": "GPU indices or UUIDs, comma separated (default: all visible)",
     "sample_hz": "power samples per second per GPU, up to 100 (default 10)",
     "idle_watts": "fixed idle baseline: one total, or one value per GPU (default: estimated)",
+    "gpu_share": (
+        "fraction in (0, 1] of each metered board's power this pod books, where the board "
+        "is shared (MIG, time-slicing); required when a metered GPU is in MIG mode"
+    ),
     "region": "grid region: ISO country, grid zone, or aws:/gcp:/azure: cloud region",
     "carbon_provider": "static | electricitymaps | watttime | uk (default static)",
     "carbon_intensity": "fixed gCO2e/kWh; overrides the provider",
@@ -164,6 +168,7 @@ RUN_METAVAR: dict[str, str] = {
     "gpus": "LIST",
     "sample_hz": "N",
     "idle_watts": "W",
+    "gpu_share": "F",
     "region": "CODE",
     "carbon_zone": "CODE",
     "carbon_provider": "PROVIDER",
@@ -226,9 +231,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from sidecar import logs
-    from sidecar.app import serve
+    from sidecar.app import StartupError, serve
     from sidecar.config import SettingsError, load_settings
-    from sidecar.power.base import PowerSourceError
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "config")}
     try:
@@ -238,12 +242,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     try:
         return asyncio.run(serve(settings))
-    except ValueError as e:  # carbon settings that cannot work together (region, provider)
+    except StartupError as e:  # only start-up: a crash once serving is not a bad flag
         _fail(str(e).splitlines()[0])
-    except PowerSourceError as e:
-        _fail(f"--power-source: {e}")
-    except OSError as e:  # a port in use, typically
-        _fail(f"cannot listen: {e.strerror or e}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -66,7 +66,23 @@ def _host_port(value: Any) -> Any:
     return value
 
 
+def _gpu_list(value: Any) -> Any:
+    """``--gpus`` checked before NVML starts: indices, UUIDs or MIG ids, no gaps, no repeats."""
+    from sidecar.power.visibility import parse_gpu_list
+
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, list | tuple):  # YAML: gpus: [0, 1] or ["GPU-…"]; () the default
+        if not value:
+            return ()
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, str):
+        return parse_gpu_list(value)
+    return value
+
+
 HostPort = Annotated[str, BeforeValidator(_host_port)]
+GpuList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_gpu_list)]
 CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split)]
 FloatList = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_split)]
 
@@ -92,9 +108,11 @@ class Settings(BaseSettings):
     metrics_listen: HostPort = "0.0.0.0:9400"
     observe: AnyHttpUrl | None = None
     power_source: str = "nvml"
-    gpus: CommaList = ()
+    gpus: GpuList = ()
     sample_hz: float = Field(10.0, gt=0, le=100)
     idle_watts: FloatList = ()
+    gpu_share: float | None = Field(None, gt=0, le=1)
+    """The fraction of each metered board's power this pod books (MIG, time-slicing)."""
     region: str | None = None
     carbon_provider: CarbonProvider = "static"
     carbon_intensity: float | None = Field(None, ge=0, le=5000)
@@ -140,6 +158,15 @@ class Settings(BaseSettings):
         if any(v < 0 for v in value):
             raise ValueError("watts cannot be negative")
         return value
+
+    @model_validator(mode="after")
+    def _idle_watts_per_gpu(self) -> Settings:
+        if self.gpus and len(self.idle_watts) > 1 and len(self.idle_watts) != len(self.gpus):
+            raise ValueError(
+                f"--idle-watts: {len(self.idle_watts)} values for the {len(self.gpus)} GPUs "
+                "of --gpus (give one total or one value per GPU, in --gpus order)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _a_mode(self) -> Settings:

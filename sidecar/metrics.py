@@ -7,7 +7,7 @@ pattern); it never touches NVML and never walks the requests in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import (
@@ -16,6 +16,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar import __version__
@@ -63,6 +64,14 @@ class SidecarCollector(Collector):
             energy.add_metric([g.gpu, g.uuid], m.ledger.gpu_energy_j(g.gpu))
         yield power
         yield energy
+        gpu_info = GaugeMetricFamily(
+            "llm_energy_gpu_info",
+            "Each metered GPU (always 1): its product name and whether it is in MIG mode.",
+            labels=["gpu", "uuid", "name", "mig"],
+        )
+        for g in m.gpus:
+            gpu_info.add_metric([g.gpu, g.uuid, g.name, "true" if g.mig else "false"], 1)
+        yield gpu_info
 
         phases = CounterMetricFamily(
             "llm_energy_joules",
@@ -239,8 +248,50 @@ class SidecarCollector(Collector):
         yield info
 
 
-def make_registry(collector: SidecarCollector) -> CollectorRegistry:
-    """A private registry: no process-wide state, one per sidecar (and per test)."""
+class HealthCollector(Collector):
+    """The sidecar's own faults outside the power path: observer scrapes, carbon refreshes.
+
+    ``observer_errors`` and ``carbon_errors`` return the counts their owners
+    keep (by reason, by provider); both may return an empty mapping.
+    """
+
+    def __init__(
+        self,
+        *,
+        observer_errors: Callable[[], Mapping[str, int]],
+        carbon_errors: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._observer_errors = observer_errors
+        self._carbon_errors = carbon_errors
+
+    def collect(self) -> Iterator[Metric]:
+        scrape = CounterMetricFamily(
+            "llm_energy_observer_scrape_errors",
+            "Failed scrapes of the model server's metrics (observer mode), by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._observer_errors().items()):
+            scrape.add_metric([reason], n)
+        yield scrape
+        carbon = CounterMetricFamily(
+            "llm_energy_carbon_refresh_errors",
+            "Failed refreshes of the live carbon intensity, by provider (the last good or static value stays in force).",
+            labels=["provider"],
+        )
+        for provider, n in sorted(self._carbon_errors().items()):
+            carbon.add_metric([provider], n)
+        yield carbon
+
+
+def make_registry(collector: Collector, *extra: Collector) -> CollectorRegistry:
+    """A private registry: no process-wide state, one per sidecar (and per test).
+
+    It carries prometheus_client's process collector (``process_*``: CPU, resident
+    memory, open files of the sidecar itself), so the sidecar's own cost is watched.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    for more in extra:
+        registry.register(more)
+    ProcessCollector(registry=registry)
     return registry

@@ -11,7 +11,13 @@ import pynvml
 import pytest
 from fake_pynvml import FakeGpu, FakeNvml
 
-from sidecar.power.base import ErrorReason, PowerSample, PowerSourceError, ReadError
+from sidecar.power.base import (
+    ErrorReason,
+    PowerSample,
+    PowerSourceError,
+    PowerSourcePending,
+    ReadError,
+)
 from sidecar.power.nvml import NvmlSource, running_gpu_processes
 from sidecar.power.visibility import gpus_used_by
 
@@ -399,8 +405,8 @@ class TestSelection:
         )
         assert [g.uuid for g in source.open()] == [UUID2]
 
-    def test_discovery_that_finds_nothing_still_refuses(self, clocks: Clocks) -> None:
-        """No model process on any GPU (host PIDs, no shared namespace): the whole-node guard holds."""
+    def test_discovery_that_finds_nothing_waits(self, clocks: Clocks) -> None:
+        """Pod processes seen, none on a GPU yet: pending (retried), never the whole node."""
         source = NvmlSource(
             None,
             clock=clocks.monotonic,
@@ -409,8 +415,40 @@ class TestSelection:
             env={"NVIDIA_VISIBLE_DEVICES": "all"},
             model_pids=lambda: {4242},
         )
-        with pytest.raises(PowerSourceError, match="--gpus"):
+        with pytest.raises(PowerSourcePending, match="--gpus"):
             source.open()
+
+    def test_discovery_without_a_shared_namespace_refuses(self, clocks: Clocks) -> None:
+        """No other process of the pod visible: nothing to wait for, the whole-node guard holds."""
+        source = NvmlSource(
+            None,
+            clock=clocks.monotonic,
+            wall_clock=clocks.wall,
+            nvml=FakeNvml(self.gpus()),
+            env={"NVIDIA_VISIBLE_DEVICES": "all"},
+            model_pids=set,
+        )
+        with pytest.raises(PowerSourceError, match="--gpus") as exc:
+            source.open()
+        assert not isinstance(exc.value, PowerSourcePending)
+
+    def test_discovery_retried_finds_a_model_that_started_late(self, clocks: Clocks) -> None:
+        """The open that waited succeeds once the model's process runs on its GPU."""
+        gpus = self.gpus()
+        nvml = FakeNvml(gpus)
+        source = NvmlSource(
+            None,
+            clock=clocks.monotonic,
+            wall_clock=clocks.wall,
+            nvml=nvml,
+            env={"NVIDIA_VISIBLE_DEVICES": "all"},
+            model_pids=lambda: {4242},
+        )
+        with pytest.raises(PowerSourcePending):
+            source.open()
+        gpus[1].pids = [4242]
+        assert [g.uuid for g in source.open()] == [UUID1]
+        assert nvml.init_count - nvml.shutdown_count == 1  # the failed open shut NVML down
 
     def test_no_gpu_visible(self, clocks: Clocks) -> None:
         """NVML with no device fails open and says what the runtime was asked for."""

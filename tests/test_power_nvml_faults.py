@@ -212,7 +212,8 @@ class TestReinit:
 def pynvml_error() -> Exception:
     import pynvml
 
-    return pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    error: Exception = pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    return error
 
 
 def test_gpu_info_carries_mig() -> None:

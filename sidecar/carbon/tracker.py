@@ -88,6 +88,7 @@ class CarbonIntensityTracker:
         "_stale_after_s",
         "_subscribers",
         "_task",
+        "refresh_errors",
     )
 
     def __init__(
@@ -137,6 +138,8 @@ class CarbonIntensityTracker:
         self._fallback_reported = False
         self._not_before_s = float("-inf")
         self._task: asyncio.Task[None] | None = None
+        self.refresh_errors: dict[str, int] = {}
+        """Failed refreshes by provider name (``llm_energy_carbon_refresh_errors_total``)."""
 
     @classmethod
     def fixed(cls, g_per_kwh: float, region: str) -> CarbonIntensityTracker:
@@ -298,6 +301,7 @@ class CarbonIntensityTracker:
         self._set(intensity)
 
     def _on_failure(self, provider: IntensityProvider, error: Exception) -> None:
+        self.refresh_errors[provider.name] = self.refresh_errors.get(provider.name, 0) + 1
         now_s = self._clock()
         reason = str(error) or type(error).__name__
         live = self._current.source == provider.name

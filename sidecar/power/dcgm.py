@@ -23,12 +23,18 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.power.base import GpuInfo, PowerSample, PowerSourceError, ReadError
+from sidecar.power.base import (
+    GpuInfo,
+    PowerSample,
+    PowerSourceError,
+    PowerSourcePending,
+    ReadError,
+)
 
 __all__ = ["DcgmSource"]
 
@@ -90,13 +96,22 @@ class DcgmSource:
         return self._url
 
     def open(self) -> list[GpuInfo]:
-        """Scrape once and choose this pod's GPUs; a failure is one line for the user."""
+        """Scrape once and choose this pod's GPUs; a failure is one line for the user.
+
+        Raises :class:`PowerSourcePending` while the exporter cannot be reached,
+        has no readings yet or does not yet map this pod to a GPU (the kubelet
+        tells it some seconds after the pod starts): the caller retries.
+        """
         try:
-            series = _parse(self._fetch(self._url))
-        except (OSError, ValueError) as e:
-            raise PowerSourceError(f"cannot scrape dcgm-exporter at {self._url}: {e}") from e
+            text = self._fetch(self._url)
+        except OSError as e:  # the node's exporter may start after us: wait for it
+            raise PowerSourcePending(f"cannot scrape dcgm-exporter at {self._url}: {e}") from e
+        try:
+            series = _parse(text)
+        except ValueError as e:
+            raise PowerSourceError(f"dcgm-exporter at {self._url} sent no metrics page: {e}") from e
         if not series:
-            raise PowerSourceError(f"dcgm-exporter at {self._url} reports no {POWER_METRIC}")
+            raise PowerSourcePending(f"dcgm-exporter at {self._url} reports no {POWER_METRIC} yet")
         chosen = {s.info.uuid: s.info for s in self._choose(series)}  # "0" and its UUID: once
         self._gpus = sorted(chosen.values(), key=_gpu_order)
         _log.info(
@@ -150,8 +165,8 @@ class DcgmSource:
                 pods = sorted({f"{ns}/{pod}" for s in series.values() for ns, pod in s.owners})
                 wanted = self._pod if self._namespace is None else f"{self._namespace}/{self._pod}"
                 seen = ", ".join(pods) if pods else "none (is DCGM_EXPORTER_KUBERNETES=true set?)"
-                raise PowerSourceError(
-                    f"pod {wanted} holds no GPU in dcgm-exporter at {self._url}; pods seen: {seen}"
+                raise PowerSourcePending(
+                    f"pod {wanted} holds no GPU in dcgm-exporter at {self._url} yet; pods seen: {seen}"
                 )
             return mine
         if len(series) == 1:
@@ -199,7 +214,8 @@ def _parse(text: str) -> dict[str, _GpuSeries]:
 
     MIG and time-sliced GPUs appear once per slice or pod with the same UUID;
     their power is the physical GPU's, so they merge into one entry that
-    remembers every pod holding it.
+    remembers every pod holding it. A series with a ``GPU_I_ID`` (a MIG
+    instance) marks its GPU as MIG.
     """
     gpus: dict[str, _GpuSeries] = {}
     for family in text_string_to_metric_families(text):
@@ -217,6 +233,8 @@ def _parse(text: str) -> dict[str, _GpuSeries]:
                     gpu=labels.get("gpu", uuid), uuid=uuid, name=labels.get("modelName", "")
                 )
                 entry = gpus[uuid] = _GpuSeries(info)
+            if labels.get("GPU_I_ID") and not entry.info.mig:  # a MIG instance's series
+                entry.info = replace(entry.info, mig=True)
             pod = _first(labels, _POD_LABELS)
             if pod:
                 entry.owners.add((_first(labels, _NAMESPACE_LABELS), pod))

@@ -43,7 +43,14 @@ from typing import Any
 import structlog
 
 from sidecar.power.backoff import Backoff
-from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSourceError, ReadError
+from sidecar.power.base import (
+    ErrorReason,
+    GpuInfo,
+    PowerSample,
+    PowerSourceError,
+    PowerSourcePending,
+    ReadError,
+)
 from sidecar.power.deadline import DeadlineReader, TimedOut
 from sidecar.power.nvml_lib import (
     import_pynvml,
@@ -148,6 +155,7 @@ class NvmlSource:
         self._anchor_mono_s = 0.0
         self._anchor_wall_us = 0
         self._logged_failures: set[tuple[str, str]] = set()
+        self._namespace_shared = False  # discovery saw other processes of this pod
 
     @property
     def capabilities(self) -> Mapping[str, NvmlCapabilities]:
@@ -284,6 +292,13 @@ class NvmlSource:
             and parse_nvidia_visible_devices(env.get(NVIDIA_VISIBLE_DEVICES)).kind == "all"
         ):
             wanted = self._discover(nvml) or None
+            if wanted is None and self._namespace_shared:
+                # The model may simply not run yet: a native sidecar starts first.
+                raise PowerSourcePending(
+                    f"NVIDIA_VISIBLE_DEVICES=all shows {count} GPUs and none runs a process of "
+                    "this pod yet; waiting for the model to start (if it already runs, the "
+                    "driver reports host PIDs: pass --gpus with the model's GPU UUIDs)"
+                )
         selectors = select_gpus(wanted, env, count)
         if selectors is None:
             if count == 0:
@@ -307,11 +322,14 @@ class NvmlSource:
         """Best effort, with every GPU of the node visible: the GPUs the model's processes use.
 
         Works when the pod shares its process namespace (``shareProcessNamespace``)
-        and the driver reports PIDs of this namespace; otherwise finds nothing,
-        and the caller refuses to meter the whole node.
+        and the driver reports PIDs of this namespace. Finding nothing in a shared
+        namespace is taken as a model that has not started yet (the caller waits
+        and retries); without one, the caller refuses to meter the whole node.
         """
+        self._namespace_shared = False
         try:
             pids = self._model_pids()
+            self._namespace_shared = bool(pids)
             found = gpus_used_by(processes(nvml), pids) if pids else []
         except (OSError, nvml.NVMLError) as e:
             _log.info("power.nvml.discovery_failed", error=str(e))

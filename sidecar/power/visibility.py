@@ -76,8 +76,9 @@ def parse_gpu_list(value: str) -> tuple[str, ...]:
     """Parse ``--gpus`` ("0,2" or "GPU-…,GPU-…") into selectors, in the order given.
 
     Raises ``ValueError`` naming the bad entry, so the settings layer can turn it
-    into its one-line start-up error. Duplicates are dropped; the order is kept
-    because ``--idle-watts`` may list one value per GPU in ``--gpus`` order.
+    into its one-line start-up error. A repeated entry is refused rather than
+    dropped: ``--idle-watts`` may list one value per GPU in ``--gpus`` order, and
+    a silently shortened list would pair the values with the wrong GPUs.
     """
     entries = [entry.strip() for entry in value.split(",")]
     if not any(entries):
@@ -90,8 +91,9 @@ def parse_gpu_list(value: str) -> tuple[str, ...]:
             raise ValueError(
                 f"{entry!r} is not a GPU index, GPU- UUID or MIG- id (in GPU list {value!r})"
             )
-        if entry not in selected:
-            selected.append(entry)
+        if entry in selected:
+            raise ValueError(f"GPU {entry} is listed twice (in GPU list {value!r})")
+        selected.append(entry)
     return tuple(selected)
 
 

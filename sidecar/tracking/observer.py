@@ -275,6 +275,8 @@ class Observer:
         self.interval_s = interval_s
         self.timeout_s = min(timeout_s, interval_s) if timeout_s else 0.8 * interval_s
         self.errors = 0
+        self.errors_by_reason: dict[ScrapeErrorReason, int] = {}
+        """Failed scrapes by reason (``llm_energy_observer_scrape_errors_total``)."""
         self.callback_errors = 0
         self.scrapes = 0
         self.last: Observation | None = None
@@ -352,12 +354,14 @@ class Observer:
             async for chunk in resp.content.iter_any():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
-                    raise _ScrapeError("metrics page too large")
+                    raise _ScrapeError("metrics page too large", "too_large")
             text = body.decode(resp.charset or "utf-8", errors="replace")
             return text, resp.content_type == "application/openmetrics-text"
 
     def _failed(self, error: Exception) -> None:
         self.errors += 1
+        reason = scrape_error_reason(error)
+        self.errors_by_reason[reason] = self.errors_by_reason.get(reason, 0) + 1
         log = _log.debug if self._failing else _log.warning
         self._failing = True
         log(
@@ -381,6 +385,29 @@ class Observer:
 
 class _ScrapeError(Exception):
     """A scrape answered, but not with a usable metrics page."""
+
+    def __init__(self, message: str, reason: ScrapeErrorReason = "http_status") -> None:
+        super().__init__(message)
+        self.reason: ScrapeErrorReason = reason
+
+
+ScrapeErrorReason = Literal["timeout", "connect", "http_status", "too_large", "parse", "unknown"]
+SCRAPE_ERROR_REASONS: Final[tuple[ScrapeErrorReason, ...]] = (
+    "timeout", "connect", "http_status", "too_large", "parse", "unknown",
+)  # fmt: skip
+
+
+def scrape_error_reason(error: BaseException) -> ScrapeErrorReason:
+    """A failed scrape's reason, from a bounded set (a metric label)."""
+    if isinstance(error, _ScrapeError):
+        return error.reason
+    if isinstance(error, TimeoutError):  # aiohttp's timeouts are TimeoutError too
+        return "timeout"
+    if isinstance(error, aiohttp.ClientError | OSError):
+        return "connect"
+    if isinstance(error, ValueError | UnicodeError):
+        return "parse"
+    return "unknown"
 
 
 def _base(name: str) -> str:
