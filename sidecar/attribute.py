@@ -8,11 +8,13 @@ are fed to the ledger in time order.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from sidecar.carbon.emissions import operational_grams
 from sidecar.ledger import Ledger, estimate_idle_watts
+from sidecar.ledger.core import GAP_PERIODS
 from sidecar.power.base import PowerSample
 from sidecar.reconcile import reconcile_all
 from sidecar.trace import PowerRow, RequestRow
@@ -43,7 +45,12 @@ def attribute(
 ) -> dict[str, Any]:
     """The contract's ``attribute`` JSON for one trace."""
     ordered = sorted(power, key=lambda r: r.time_s)
-    samples = reconcile_all(PowerSample(r.time_s, r.gpu, r.power_w, r.energy_j) for r in ordered)
+    period_s = sample_period_s(ordered)
+    gap_after_s = None if period_s is None else GAP_PERIODS * period_s
+    samples = reconcile_all(
+        (PowerSample(r.time_s, r.gpu, r.power_w, r.energy_j) for r in ordered),
+        gap_after_s=gap_after_s,
+    )
     samples.sort(key=lambda s: s.time_s)
     gpus = list(dict.fromkeys(s.gpu for s in samples))
     if idle_watts:
@@ -51,14 +58,14 @@ def attribute(
     else:
         spans = [(r.start_s, r.end_s) for r in requests]
         idle = estimate_idle_watts(((s.gpu, s.time_s, s.power_w) for s in samples), spans)
-    ledger = Ledger(gpus, idle_watts=idle, baseline_window_s=None)
+    ledger = Ledger(gpus, idle_watts=idle, baseline_window_s=None, sample_period_s=period_s)
     pending = sorted(requests, key=lambda r: r.start_s)
     i = 0
     for s in samples:
         while i < len(pending) and pending[i].start_s <= s.time_s:
             _add(ledger, pending[i])
             i += 1
-        ledger.sample(s.gpu, s.time_s, s.power_w)
+        ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
     for r in pending[i:]:
         _add(ledger, r)
     ledger.flush()
@@ -83,10 +90,33 @@ def attribute(
             "dynamic_joules": done[r.id].dynamic_j,
             "idle_joules": done[r.id].idle_j,
             "energy_joules": done[r.id].energy_j,
+            "prefill_joules": done[r.id].prefill_j,
+            "decode_joules": done[r.id].decode_j,
         }
         for r in requests
     ]
+    if period_s is not None:
+        out["sampler_gap_seconds"] = sum(ledger.gap_s(g) for g in gpus)
     return out
+
+
+def sample_period_s(power: Sequence[PowerRow]) -> float | None:
+    """The trace's sample period: the median interval between one GPU's readings.
+
+    A recording does not say what rate it was taken at; the median of the
+    intervals is that rate whatever the gaps. Fewer than ten intervals: too
+    few to tell a gap from the rate, so no gaps (every interval is drawn).
+    """
+    last: dict[str, float] = {}
+    intervals: list[float] = []
+    for r in power:  # time-ordered
+        prev = last.get(r.gpu)
+        if prev is not None and r.time_s > prev:
+            intervals.append(r.time_s - prev)
+        last[r.gpu] = r.time_s
+    if len(intervals) < 10:
+        return None
+    return statistics.median(intervals)
 
 
 def _add(ledger: Ledger, r: RequestRow) -> None:

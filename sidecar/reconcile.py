@@ -31,13 +31,25 @@ class Reconciler:
     slowly (dcgm-exporter: every 30 s) makes them wait at most ``max_hold_s``,
     after which they go out unscaled and their energy is taken off the window's
     counter increase when it finally comes, so the total still matches.
+
+    A silence longer than ``gap_after_s`` (three sample periods) is a gap: the
+    ledger books the counter's increase over it evenly, not along a line, so no
+    window may reach across it (scaling the first sample after a busy gap would
+    put the gap's energy into that one reading). A gap ends the window: what is
+    held goes out unscaled and a fresh window starts after it.
     """
 
     def __init__(
-        self, *, min_window_s: float = MIN_WINDOW_S, max_hold_s: float = MAX_HOLD_S
+        self,
+        *,
+        min_window_s: float = MIN_WINDOW_S,
+        max_hold_s: float = MAX_HOLD_S,
+        gap_after_s: float | None = None,
     ) -> None:
         self._min_window_s = min_window_s
         self._max_hold_s = max_hold_s
+        self._gap_after_s = gap_after_s
+        self._last_in_s: float | None = None
         self._anchor: PowerSample | None = None
         self._last_out: PowerSample | None = None  # the last sample emitted
         self._released_j = 0.0  # energy of the line emitted since the anchor
@@ -47,12 +59,19 @@ class Reconciler:
 
     def push(self, sample: PowerSample) -> list[PowerSample]:
         """Take one raw sample (time-ordered); emit zero or more reconciled ones."""
+        before: list[PowerSample] = []
+        last_in, self._last_in_s = self._last_in_s, sample.time_s
+        gap = self._gap_after_s
+        if gap is not None and last_in is not None and sample.time_s - last_in > gap:
+            before = self.flush()
+            self._anchor = None
+            self._carry_j = 0.0
         anchor = self._anchor
         if anchor is None or anchor.energy_j is None:
             if sample.energy_j is not None:
                 self._start_window(sample)
             self._last_out = sample
-            return [sample]
+            return [*before, sample]
         self._held.append(sample)
         if sample.energy_j is None:
             return self._release_if_stuck(sample.time_s)
@@ -117,12 +136,17 @@ def _trapezoid(samples: list[PowerSample]) -> float:
     )
 
 
-def reconcile_all(samples: Iterable[PowerSample]) -> list[PowerSample]:
+def reconcile_all(
+    samples: Iterable[PowerSample], *, gap_after_s: float | None = None
+) -> list[PowerSample]:
     """Reconcile a whole recorded trace, GPU by GPU, keeping each GPU's order."""
     per_gpu: dict[str, Reconciler] = {}
     out: list[PowerSample] = []
     for s in samples:
-        out.extend(per_gpu.setdefault(s.gpu, Reconciler()).push(s))
+        rec = per_gpu.get(s.gpu)
+        if rec is None:
+            rec = per_gpu[s.gpu] = Reconciler(gap_after_s=gap_after_s)
+        out.extend(rec.push(s))
     for rec in per_gpu.values():
         out.extend(rec.flush())
     return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sidecar.ledger.core import GAP_PERIODS
 from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSource, ReadError
 from sidecar.reconcile import Reconciler
 
@@ -62,7 +63,8 @@ class Sampler:
         self._sink = sink
         self._raw_sink = raw_sink
         self._clock = clock
-        self._reconcilers = {g.gpu: Reconciler() for g in gpus}
+        gap_after_s = GAP_PERIODS * self._period_s  # a longer silence is a gap, not a window
+        self._reconcilers = {g.gpu: Reconciler(gap_after_s=gap_after_s) for g in gpus}
         self.stats = SamplerStats(samples=dict.fromkeys(self._reconcilers, 0))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="power-source")
         self._last_read_s: float | None = None

@@ -54,6 +54,9 @@ def test_hand_computed_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             "dynamic_joules": pytest.approx(160.0),
             "idle_joules": pytest.approx(240.0),
             "energy_joules": pytest.approx(400.0),
+            # no first token and no output tokens recorded: all of it counts as prefill
+            "prefill_joules": pytest.approx(400.0),
+            "decode_joules": pytest.approx(0.0),
         }
     ]
 

@@ -575,5 +575,5 @@ class Ledger:
         prefill = (r.prompt_work or 0.0) * self.prefill_fit.ratio
         decode = float(r.completion_tokens or 0)
         if decode <= 0.0:
-            return energy  # no output tokens: all of it was prompt work
+            return energy  # no output tokens known (an embedding): all of it was prompt work
         return energy * prefill / (prefill + decode)
