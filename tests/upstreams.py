@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +19,11 @@ WORDS = ["The", " sidecar", " counts", " every", " joule", "."]
 STATE = web.AppKey("state", dict)
 
 
-def openai_chunks(model: str, n: int, include_usage: bool, chat: bool = True) -> list[bytes]:
+def openai_chunks(
+    model: str, n: int, include_usage: bool, chat: bool = True, null_usage: bool | None = None
+) -> list[bytes]:
+    """OpenAI stream chunks; ``null_usage`` (default: as ``include_usage``) adds `"usage": null`."""
+    null_usage = include_usage if null_usage is None else null_usage
     out = []
     for i in range(n):
         delta: dict[str, Any] = (
@@ -33,7 +38,7 @@ def openai_chunks(model: str, n: int, include_usage: bool, chat: bool = True) ->
             "model": model,
             "choices": [{"index": 0, **delta, "finish_reason": None if i < n - 1 else "stop"}],
         }
-        if include_usage:
+        if null_usage:
             chunk["usage"] = None
         out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
     if include_usage:
@@ -75,6 +80,19 @@ async def chat(request: web.Request) -> web.StreamResponse:
             body=gzip.compress(payload, mtime=0),
             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
         )
+    if state.get("refuse_stream_options") and "stream_options" in body:
+        state["refused"] = state.get("refused", 0) + 1
+        return web.json_response(  # the shape of a strict server's validation error
+            {
+                "object": "error",
+                "message": "stream_options: Extra inputs are not permitted",
+                "type": "BadRequestError",
+                "code": 400,
+            },
+            status=400,
+        )
+    if state.get("reject_all"):
+        return web.json_response({"error": {"message": "model overloaded"}}, status=429)
     model = body.get("model", "served-model")
     n = int(body.get("max_tokens", 6))
     chat_api = request.path.endswith("chat/completions")
@@ -85,7 +103,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         delay = float(body.get("delay", 0.0))
         state["streams_open"] = state.get("streams_open", 0) + 1
         try:
-            for piece in openai_chunks(model, n, include, chat_api):
+            always_null = bool(state.get("always_null"))  # SGLang writes it unasked
+            for piece in openai_chunks(model, n, include, chat_api, include or always_null):
                 await resp.write(piece)
                 if delay:
                     await asyncio.sleep(delay)
@@ -224,12 +243,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="# HELP up x\n# TYPE up gauge\nup 1\n", content_type="text/plain")
 
 
+VLLM_SAMPLES = Path(__file__).parent / "data" / "vllm-0.32"
+
+
+async def vllm_replay(request: web.Request) -> web.Response:
+    """Answers /v1/responses and /v1/messages with bytes a real vLLM 0.32 sent."""
+    body = await request.json()
+    name = "responses" if request.path.endswith("/responses") else "messages"
+    stream = body.get("stream") is True
+    data = (VLLM_SAMPLES / f"{name}{'-stream' if stream else ''}.body").read_bytes()
+    ctype = "text/event-stream; charset=utf-8" if stream else "application/json"
+    return web.Response(body=data, headers={"Content-Type": ctype})
+
+
 def create_upstream() -> web.Application:
     app = web.Application(client_max_size=64 << 20)
     app[STATE] = {}
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", vllm_replay)
+    app.router.add_post("/v1/messages", vllm_replay)
     app.router.add_post("/generate", tgi_generate)
     app.router.add_post("/generate_stream", tgi_stream)
     app.router.add_post("/api/generate", ollama)
