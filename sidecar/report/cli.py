@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+_NEGATIVE_OR_RELATIVE: Final = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(\.\d+)?(ms|s|m|h|d|w)$")
 
 
 def add_report_parser(sub: Any) -> None:
@@ -20,6 +23,9 @@ def add_report_parser(sub: Any) -> None:
             "(pip install 'llm-energy-sidecar[report]'). Reads no environment variables."
         ),
     )
+    # `--from -7d`: argparse takes a value that starts with "-" for an option unless it
+    # looks like a negative number; relative times are made to look like one.
+    rep._negative_number_matcher = _NEGATIVE_OR_RELATIVE
     source = rep.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, metavar="DIR", help="a `run --record DIR` directory")
     source.add_argument("--prometheus", metavar="URL", help="a Prometheus that scraped the sidecar")
