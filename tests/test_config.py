@@ -103,3 +103,106 @@ def test_run_with_bad_flag_exits_2_with_one_line() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "--sample-hz" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"gpus": "0,,1"}, "--gpus: empty entry"),
+        ({"gpus": "0,"}, "--gpus: empty entry"),
+        ({"gpus": "0,1,0"}, "--gpus: GPU 0 is listed twice"),
+        ({"gpus": "gpu0"}, "--gpus: 'gpu0' is not a GPU index"),
+        ({"gpus": ""}, "--gpus: empty GPU list"),
+        ({"gpu_share": "0"}, "--gpu-share:"),
+        ({"gpu_share": "1.5"}, "--gpu-share:"),
+        ({"gpus": "0,1", "idle_watts": "60,70,80"}, "--idle-watts: 3 values for the 2 GPUs"),
+    ],
+)
+def test_gpu_settings_checked_before_nvml(flags: dict[str, str], message: str) -> None:
+    """--gpus, --gpu-share and a per-GPU --idle-watts are refused at parse time, naming the flag."""
+    with pytest.raises(SettingsError) as exc:
+        load_settings({"upstream": "http://x", **flags})
+    assert str(exc.value).startswith(message)
+    assert "\n" not in str(exc.value)
+
+
+def test_gpu_share_and_gpus_from_env_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpu_share reads LLM_ENERGY_GPU_SHARE and YAML; a YAML list of indices is a GPU list."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("upstream: http://x\ngpus: [0, 1]\ngpu_share: 0.25\nidle_watts: [60, 70]\n")
+    s = load_settings({}, cfg)
+    assert (s.gpus, s.gpu_share, s.idle_watts) == (("0", "1"), 0.25, (60.0, 70.0))
+    monkeypatch.setenv("LLM_ENERGY_GPU_SHARE", "0.5")
+    assert load_settings({}, cfg).gpu_share == 0.5
+
+
+def test_bad_gpus_exit_2_before_nvml() -> None:
+    """`run --gpus 0,,1` exits 2 with one line naming --gpus (NVML is never reached)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--gpus",
+            "0,,1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--gpus: empty entry" in line
+
+
+class TestStartupFailures:
+    async def test_idle_watts_count_against_the_gpus_found(self, tmp_path: Path) -> None:
+        """Without --gpus the count is checked once the GPUs are known, still naming --idle-watts."""
+        from sidecar.app import StartupError, _started
+        from sidecar.config import Settings
+
+        power = tmp_path / "p.csv"
+        power.write_text("time_s,gpu,power_w\n1,0,100\n1,1,100\n2,0,100\n2,1,100\n")
+        settings = Settings.without_env(
+            upstream="http://127.0.0.1:9", power_source=f"replay:{power}", idle_watts=(1, 2, 3)
+        )
+        with pytest.raises(StartupError, match=r"^--idle-watts: 3 values for 2 GPUs"):
+            await _started(settings)
+
+    async def test_port_in_use_names_the_listen_flag(self) -> None:
+        """A metrics port already taken is a start-up error naming --metrics-listen."""
+        import socket
+
+        from sidecar.app import StartupError, serve
+        from sidecar.config import Settings
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            settings = Settings.without_env(
+                upstream="http://127.0.0.1:9",
+                power_source="simulated",
+                metrics_listen=f"127.0.0.1:{port}",
+            )
+            with pytest.raises(StartupError, match=r"^--metrics-listen: cannot listen"):
+                await serve(settings)
+
+    def test_a_crash_after_start_is_not_a_bad_flag(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An error raised once serving propagates as itself: no exit 2, no 'bad flag' line."""
+        import sidecar.app
+        from sidecar.cli import main
+
+        async def crash(settings: object) -> int:
+            raise OSError("disk full while serving")
+
+        monkeypatch.setattr(sidecar.app, "serve", crash)
+        with pytest.raises(OSError, match="disk full"):
+            main(["run", "--upstream", "http://127.0.0.1:9"])
