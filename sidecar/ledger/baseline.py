@@ -42,7 +42,8 @@ class BaselineEstimator:
     In a sliding window (``run``) the fallbacks differ, because a server that is
     never idle would otherwise hand its loaded power to the baseline: with too
     few standby samples in the window it *holds* the last standby median (basis
-    ``held``); before any standby median it uses the median of what it saw
+    ``held``; the estimate moves only when new standby samples come, so
+    ageing out under load leaves the median of the full window in force); before any standby median it uses the median of what it saw
     after the upstream answered and before the first request (``startup``), and
     with fewer than three such readings the 10th percentile of its first
     samples, never a single reading. Samples are thinned to ``min_spacing_s``
@@ -65,6 +66,7 @@ class BaselineEstimator:
         self._first: list[float] = []  # the first samples (live: after the upstream answered)
         self._before_request: list[float] = []  # ... and of those, before the first request
         self._held_w: float | None = None
+        self._fresh = False  # standby samples came since the last median
         self._last_kept_s = -INF
         self._computed_at_s = -INF
         self._value_w: float | None = None
@@ -86,6 +88,7 @@ class BaselineEstimator:
             self._all.append((time_s, power_w))
         if standby:
             self._standby.append((time_s, power_w))
+            self._fresh = True
         if self._window_s is not None:
             horizon = time_s - self._window_s
             while self._standby and self._standby[0][0] < horizon:
@@ -110,9 +113,12 @@ class BaselineEstimator:
     def _compute(self) -> float | None:
         if len(self._standby) >= MIN_STANDBY_SAMPLES:
             self.basis = "standby"
-            value = median(sorted(p for _, p in self._standby))
-            self._held_w = value
-            return value
+            if self._fresh or self._held_w is None or self._window_s is None:
+                # Only new standby moves the estimate: samples ageing out of the window
+                # under load would leave the median of the last few, a noisier figure.
+                self._held_w = median(sorted(p for _, p in self._standby))
+                self._fresh = False
+            return self._held_w
         if self._window_s is None:
             self.basis = "startup"
             return percentile(sorted(p for _, p in self._all), 0.05) if self._all else None
