@@ -1,7 +1,11 @@
 """The async sampler: polls a power source at a steady rate without blocking the loop.
 
 Reads run in one dedicated worker thread (NVML calls block, sometimes for
-milliseconds), so the proxy never waits on the driver. The schedule is
+milliseconds), so the proxy never waits on the driver. A read that outlives
+its deadline (a whole source hung: NVML's re-init, a stuck scrape) is counted
+as a ``timeout`` for every GPU once per deadline and waited for, never stacked
+behind; the loop goes on ticking meanwhile. The worker is a daemon thread, so
+a call hung in a driver cannot keep the process from exiting. The schedule is
 drift-free: each tick aims at ``start + k / hz``, and a late tick is not
 made up with a burst. Samples go through the reconciler (per GPU) and then
 to a sink; the real interval between reads is measured and kept, because
@@ -14,18 +18,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
 from sidecar.ledger.core import GAP_PERIODS
 from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSource, ReadError
+from sidecar.power.deadline import Worker
 from sidecar.reconcile import Reconciler
 
 log = structlog.get_logger("sidecar.sampler")
 
 MAX_HZ = 100.0
+MIN_READ_DEADLINE_S = 2.0
+"""A read is late after this long, or after five sample periods if that is longer."""
 
 
 @dataclass(slots=True)
@@ -55,6 +61,7 @@ class Sampler:
         sink: Callable[[list[PowerSample]], None],
         raw_sink: Callable[[PowerSample], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        read_deadline_s: float | None = None,
     ) -> None:
         if not 0 < hz <= MAX_HZ:
             raise ValueError(f"sample rate must be in (0, {MAX_HZ:g}] Hz, got {hz}")
@@ -66,21 +73,36 @@ class Sampler:
         gap_after_s = GAP_PERIODS * self._period_s  # a longer silence is a gap, not a window
         self._reconcilers = {g.gpu: Reconciler(gap_after_s=gap_after_s) for g in gpus}
         self.stats = SamplerStats(samples=dict.fromkeys(self._reconcilers, 0))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="power-source")
+        self._worker: Worker[list[PowerSample | ReadError]] = Worker("power-source")
+        self._read_deadline_s = (
+            read_deadline_s
+            if read_deadline_s is not None
+            else max(MIN_READ_DEADLINE_S, 5 * self._period_s)
+        )
         self._last_read_s: float | None = None
         self._logged_errors: set[tuple[str, ErrorReason]] = set()
 
     async def run(self) -> None:
         """Sample until cancelled."""
-        loop = asyncio.get_running_loop()
         next_s = self._clock()
+        pending: asyncio.Future[list[PowerSample | ReadError]] | None = None
         try:
             while True:
-                try:
-                    batch = await loop.run_in_executor(self._executor, self._source.read)
-                except Exception:  # a source bug must not kill metering; count and go on
-                    log.exception("sampler.read_failed")
-                    batch = [ReadError(g, "unknown") for g in self._reconcilers]
+                if pending is None:
+                    pending = asyncio.wrap_future(self._worker.submit(self._source.read))
+                done, _ = await asyncio.wait({pending}, timeout=self._read_deadline_s)
+                if not done:  # still inside the source: count it, keep waiting for that read
+                    log.warning("sampler.read_late", waited_s=self._read_deadline_s)
+                    batch: list[PowerSample | ReadError] = [
+                        ReadError(g, "timeout") for g in self._reconcilers
+                    ]
+                else:
+                    finished, pending = pending, None
+                    try:
+                        batch = finished.result()
+                    except Exception:  # a source bug must not kill metering; count and go on
+                        log.exception("sampler.read_failed")
+                        batch = [ReadError(g, "unknown") for g in self._reconcilers]
                 try:
                     self.ingest(batch)
                 except (
@@ -91,9 +113,10 @@ class Sampler:
                 now = self._clock()
                 if next_s < now:  # fell behind (slow driver): skip, don't burst
                     next_s = now
-                await asyncio.sleep(next_s - now)
+                if done:
+                    await asyncio.sleep(next_s - now)
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._worker.stop()
 
     def ingest(self, batch: list[PowerSample | ReadError]) -> None:
         """Account one read and forward its reconciled samples (also used by tests)."""
@@ -139,4 +162,4 @@ class Sampler:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._worker.stop()

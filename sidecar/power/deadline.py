@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
-__all__ = ["DeadlineReader", "TimedOut"]
+__all__ = ["DeadlineReader", "TimedOut", "Worker"]
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ class DeadlineReader(Generic[T]):
             raise ValueError(f"read timeout must be positive, got {timeout_s} s")
         self._timeout_s = timeout_s
         self._prefix = thread_name_prefix
-        self._workers: dict[str, _Worker[T]] = {}
+        self._workers: dict[str, Worker[T]] = {}
         self._hung: dict[str, Future[T]] = {}
 
     @property
@@ -98,15 +98,19 @@ class DeadlineReader(Generic[T]):
         self._workers.clear()
         self._hung.clear()
 
-    def _worker(self, key: str) -> _Worker[T]:
+    def _worker(self, key: str) -> Worker[T]:
         worker = self._workers.get(key)
         if worker is None:
-            worker = self._workers[key] = _Worker(f"{self._prefix}-{key}")
+            worker = self._workers[key] = Worker(f"{self._prefix}-{key}")
         return worker
 
 
-class _Worker(Generic[T]):
-    """One daemon thread running calls in order; ``None`` on the queue stops it."""
+class Worker(Generic[T]):
+    """One daemon thread running calls in order, each answered by a Future; ``stop`` ends it.
+
+    A daemon thread, unlike an executor's, is not joined at interpreter exit,
+    so a call hung in a driver never keeps the process alive.
+    """
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[[], T], Future[T]] | None] = (
