@@ -9,17 +9,23 @@ energy is assigned, at the intensity in force at that moment.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import structlog
 
 from sidecar.carbon.emissions import operational_grams
+from sidecar.figures import (
+    OTHER_MODEL,
+    Histogram,
+    ModelLabels,
+    Snapshot,
+    window,
+)
 from sidecar.ledger import PHASES, FinishedRequest, Ledger, Phase, Status
 from sidecar.power.base import GpuInfo, PowerSample
 
@@ -31,10 +37,6 @@ Endpoint = Literal[
 ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other",
 )  # fmt: skip
-REQUEST_BUCKETS_J: Final = (
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5,
-)  # fmt: skip
-OTHER_MODEL: Final = "other"
 OBSERVED: Final = "observed"
 """Ledger endpoint of observer mode's per-model activity spans."""
 OBSERVED_STALE_S: Final = 30.0
@@ -78,64 +80,6 @@ class FixedIntensity:
     region: str
     source: str
     basis: str = "unknown"
-
-
-class ModelLabels:
-    """Bounded ``model`` label values: the first ``limit`` names seen, then ``other``.
-
-    Calling registers a name; the meter calls it only for names a successful
-    response confirmed, so a client's typos cannot use up the label budget.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._known: set[str] = set()
-
-    def known(self, model: str) -> bool:
-        """Whether ``model`` is a registered label (without registering it)."""
-        return model in self._known
-
-    def __call__(self, model: str) -> str:
-        if model in self._known:
-            return model
-        if len(self._known) < self._limit and len(model) <= 128:
-            self._known.add(model)
-            return model
-        return OTHER_MODEL
-
-
-@dataclass(slots=True)
-class Histogram:
-    """Cumulative-bucket histogram kept as plain counts (Prometheus semantics)."""
-
-    bounds: tuple[float, ...] = REQUEST_BUCKETS_J
-    counts: list[int] = field(default_factory=lambda: [0] * (len(REQUEST_BUCKETS_J) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else f"{bound:g}", running))
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    time_s: float
-    phase_j: tuple[float, float, float]
-    requests: int
-    completion_tokens: int
-    operational_g: float
-    embodied_g: float
-    prompt_tokens: int = 0
-    prefill_j: float = 0.0
-    decode_j: float = 0.0
 
 
 @dataclass(slots=True)
@@ -205,7 +149,7 @@ class Meter:
         self._model_assigned_j: dict[tuple[str, Phase], float] = {}
         self._finished_inference = 0
         self._completion_tokens = 0
-        self._history: deque[_Snapshot] = deque(maxlen=130)
+        self._history: deque[Snapshot] = deque(maxlen=130)
         self._observed: dict[str, tuple[str, float]] = {}  # label -> (open span, renewed at)
         self._running: dict[str, int] = {}  # observer mode: the server's running count
         self.last_proxied_s: float | None = None
@@ -508,7 +452,7 @@ class Meter:
     def summary(self, last_power: dict[str, float]) -> dict[str, Any]:
         """The contract's ``/summary`` document."""
         now = self._current()
-        start = _Snapshot(self.started_s, (0.0, 0.0, 0.0), 0, 0, 0.0, 0.0)
+        start = Snapshot(self.started_s, (0.0, 0.0, 0.0), 0, 0, 0.0, 0.0)
         minute_ago = start  # in the first minute the window reaches back to the start
         if now.time_s - self.started_s > 60.0:
             minute_ago = self._history[0] if self._history else start
@@ -518,8 +462,8 @@ class Meter:
                     break
         ci = self.intensity
         return {
-            "last_minute": self._window(minute_ago, now),
-            "since_start": self._window(start, now),
+            "last_minute": window(minute_ago, now),
+            "since_start": window(start, now),
             "power_watts": self.power_w(last_power),
             "idle_baseline_watts": self.ledger.idle_baseline_w(),
             "idle_baseline_basis": self.ledger.idle_basis(),
@@ -536,9 +480,9 @@ class Meter:
             "gpus": [{"gpu": g.gpu, "uuid": g.uuid, "name": g.name} for g in self.gpus],
         }
 
-    def _current(self, time_s: float | None = None) -> _Snapshot:
+    def _current(self, time_s: float | None = None) -> Snapshot:
         """The cumulative figures now: what ``/summary`` subtracts between two moments."""
-        return _Snapshot(
+        return Snapshot(
             self.clock() if time_s is None else time_s,
             tuple(self.ledger.phase_j[p] for p in PHASES),  # type: ignore[arg-type]
             self._finished_inference,
@@ -549,40 +493,3 @@ class Meter:
             self._prefill_j,
             self._decode_j,
         )
-
-    def _window(self, a: _Snapshot, b: _Snapshot) -> dict[str, Any]:
-        phases: dict[Phase, float] = {
-            p: max(0.0, b.phase_j[i] - a.phase_j[i]) for i, p in enumerate(PHASES)
-        }
-        total = sum(phases.values())
-        attributed = phases["dynamic"] + phases["idle_serving"]
-        requests = b.requests - a.requests
-        tokens = b.completion_tokens - a.completion_tokens
-        prompt = b.prompt_tokens - a.prompt_tokens
-        operational = b.operational_g - a.operational_g
-        embodied = b.embodied_g - a.embodied_g
-
-        def ratio(x: float, y: float) -> float | None:
-            return x / y if y > 0 else None
-
-        return {
-            "seconds": round(b.time_s - a.time_s, 3),
-            "energy_joules": {"total": total, **phases},
-            "requests": requests,
-            "completion_tokens": tokens,
-            "prompt_tokens": prompt,
-            "idle_share": ratio(phases["idle_serving"] + phases["idle_standby"], total),
-            "standby_share": ratio(phases["idle_standby"], total),
-            "joules_per_request_attributed": ratio(attributed, requests),
-            "joules_per_request_all_in": ratio(total, requests),
-            "joules_per_output_token": ratio(attributed, tokens),
-            "joules_per_output_token_all_in": ratio(total, tokens),
-            "prefill_joules_per_prompt_token": ratio(b.prefill_j - a.prefill_j, prompt),
-            "decode_joules_per_output_token": ratio(b.decode_j - a.decode_j, tokens),
-            "grams_per_request": ratio(operational, requests),
-            "sci_grams_per_request": ratio(operational + embodied, requests),
-            "sci_grams_per_1k_tokens": None
-            if tokens <= 0
-            else (operational + embodied) * 1000 / tokens,
-            "emissions_grams": {"operational": operational, "embodied": embodied},
-        }
