@@ -12,6 +12,7 @@ from fake_pynvml import FakeGpu, FakeNvml
 from sidecar.power.backoff import Backoff
 from sidecar.power.base import GpuInfo, PowerSample, ReadError
 from sidecar.power.nvml import NvmlSource
+from sidecar.reconcile import Reconciler
 from sidecar.sampler import Sampler
 
 UUID0 = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
@@ -177,13 +178,31 @@ class TestReinit:
         assert by_gpu(source.read()) == {"0": ["sample"]}
         assert source.reinits == 1
 
-    def test_driver_reload_restarts_the_counter_and_the_reconciler_carries_on(self) -> None:
-        """A reload makes handles stale; after the re-init the counter restarts and the
-        reconciler's backwards-counter branch keeps the reconciled power right."""
+    @pytest.mark.parametrize(("reinit_after", "backwards"), [(2, True), (10, False)])
+    def test_driver_reload_restarts_the_counter_and_the_reconciler_carries_on(
+        self, monkeypatch: pytest.MonkeyPatch, reinit_after: int, backwards: bool
+    ) -> None:
+        """A reload makes handles stale; after the re-init the counter restarts. Within three
+        periods the reconciler's backwards-counter branch takes it; after a longer silence the
+        gap rule restarts the window first. Either way the reconciled power is right again."""
+        seen: list[float] = []
+        push = Reconciler.push
+
+        def spy(self: Reconciler, sample: PowerSample) -> list[PowerSample]:
+            before_j = None if self._anchor is None else self._anchor.energy_j
+            last_in, gap_s = self._last_in_s, self._gap_after_s
+            is_gap = None not in (last_in, gap_s) and sample.time_s - last_in > gap_s  # type: ignore[operator]
+            now_j = sample.energy_j
+            backwards = before_j is not None and now_j is not None and now_j < before_j
+            if backwards and not is_gap:  # the branch for a counter that went backwards
+                seen.append(sample.time_s)
+            return push(self, sample)
+
+        monkeypatch.setattr(Reconciler, "push", spy)
         gpu = FakeGpu(UUID0, instant_mw=100_000, energy_mj=50_000_000)
         nvml = FakeNvml([gpu])
         clock = Clock()
-        source = make(nvml, clock, reinit_after=2)
+        source = make(nvml, clock, reinit_after=reinit_after)
         gpus = source.open()
         out: list[PowerSample] = []
         sampler = Sampler(source, gpus, hz=10, sink=out.extend, clock=clock)
@@ -197,11 +216,12 @@ class TestReinit:
 
         poll(30)
         nvml.reload_driver(energy_mj=1_000)
-        poll(2)  # stale handles: gpu_lost twice, then the re-init
-        assert sampler.stats.errors[("0", "gpu_lost")] == 2
+        poll(reinit_after)  # stale handles: gpu_lost on each, then the re-init
+        assert sampler.stats.errors[("0", "gpu_lost")] == reinit_after
         poll(40)
         assert source.reinits == 1
-        after = [s for s in out if s.time_s > 103.5]
+        assert bool(seen) is backwards
+        after = [s for s in out if s.time_s > 104.5]
         assert after, "samples flow again after the re-init"
         assert [s.power_w for s in after[-10:]] == pytest.approx([200.0] * 10, rel=0.02)
         assert all(s.power_w >= 0 for s in out)
