@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from procs import free_port, start_sidecar, wait_http
 from prometheus_client.parser import text_string_to_metric_families
 from test_power_dcgm import Exporter, node
 from upstreams import create_upstream
@@ -114,3 +117,41 @@ async def test_observer_only_waits_too(aiohttp_server: ServerFactory) -> None:
         assert [g.gpu for g in sidecar.gpus] == ["1", "2"]
     finally:
         await sidecar.stop()
+
+
+async def test_run_with_an_unreachable_exporter_serves_and_says_why(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """`run --power-source dcgm:URL` with no exporter yet does not exit: it proxies and reports."""
+    upstream = await aiohttp_server(create_upstream())
+    port, mport, dead = free_port(), free_port(), free_port()
+    proc = start_sidecar(
+        "--upstream",
+        str(upstream.make_url("/")),
+        "--power-source",
+        f"dcgm:http://127.0.0.1:{dead}/metrics",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        f"127.0.0.1:{mport}",
+        env={"POD_NAME": "vllm-0", "POD_NAMESPACE": "llm"},
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{mport}/healthz", proc=proc)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+            async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
+                text = await r.text()
+        assert "llm_energy_power_source_waiting 1.0" in text
+        assert 'llm_energy_sampler_errors_total{gpu="",reason="not_mapped"}' in text
+        assert "process_resident_memory_bytes" in text
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert "sidecar.power_source_waiting" in proc.stdout.read() + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
