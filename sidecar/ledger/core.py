@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
-from sidecar.ledger.prefill_fit import PrefillFit
-from sidecar.ledger.requests import INF, PHASES, FinishedRequest, Phase, Request, Status
+from sidecar.ledger.pieces import Books
+from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
 MAX_WAIT_S: Final = 5.0
 SILENT_AFTER_S: Final = 30.0
@@ -120,13 +119,10 @@ class Ledger:
         self._finished: list[FinishedRequest] = []
         self._now_s = -INF
         self._last_end_s = -INF
-        self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
-        self.prefill_fit = PrefillFit()
-        self.model_j: dict[tuple[str, Phase], float] = {}
-        self.unattributed_j = 0.0
-        """Energy of requests in flight that no finished request can carry: activity
-        never heard from as a request, and a silent GPU's late share of requests
-        already handed out. Part of ``dynamic + idle_serving``, in no request."""
+        self._books = Books()
+        self.phase_j = self._books.phase_j
+        self.model_j = self._books.model_j
+        self.prefill_fit = self._books.prefill_fit
 
     # ----------------------------------------------------------------- requests
     def start(
@@ -165,7 +161,7 @@ class Ledger:
             return
         req.model = model
         if final and not req.booked:
-            self._book(req)
+            self._books.book(req)
 
     def upstream_ready(self, time_s: float) -> None:
         """The model server answered (its model is loaded): the first call counts.
@@ -365,6 +361,13 @@ class Ledger:
         return out
 
     @property
+    def unattributed_j(self) -> float:
+        """Energy of requests in flight that no finished request can carry: activity
+        never heard from as a request, and a silent GPU's late share of requests
+        already handed out. Part of ``dynamic + idle_serving``, in no request."""
+        return self._books.unattributed_j
+
+    @property
     def total_j(self) -> float:
         return sum(self.phase_j.values())
 
@@ -408,7 +411,9 @@ class Ledger:
                 if waiting and any(r.known_s < t1 for r in reqs):
                     break
                 state.pending.popleft()
-                self._assign_interval(state, t0, p0, t1, p1, idle_w, reqs)
+                state.energy_j += self._books.assign_interval(
+                    t0, p0, t1, p1, idle_w, reqs, self._now_s
+                )
                 state.assigned_s = t1
                 self._prune(reqs)
 
@@ -417,89 +422,6 @@ class Ledger:
         if self._recent:
             out.extend(r for r in self._recent.values() if r.start_s < t1 and r.end_s > t0)
         return out
-
-    def _assign_interval(
-        self,
-        state: _Gpu,
-        t0: float,
-        p0: float,
-        t1: float,
-        p1: float,
-        idle_w: float,
-        reqs: list[Request],
-    ) -> None:
-        slope = (p1 - p0) / (t1 - t0)
-        cuts = {t0, t1}
-        for r in reqs:
-            for c in (r.start_s, r.first_token_s, r.end_s):
-                if c is not None and t0 < c < t1:
-                    cuts.add(c)
-        if (p0 - idle_w) * (p1 - idle_w) < 0:
-            cuts.add(t0 + (idle_w - p0) / slope)
-        points = sorted(cuts)
-        for a, b in itertools.pairwise(points):
-            if b <= a:
-                continue
-            pa = p0 + slope * (a - t0)
-            pb = p0 + slope * (b - t0)
-            energy = (pa + pb) / 2.0 * (b - a)
-            state.energy_j += energy
-            inside = [r for r in reqs if r.start_s <= a and r.end_s >= b]
-            if not inside:
-                self._add_phase("idle_standby", energy)
-                continue
-            above = pa + pb > 2.0 * idle_w
-            idle_part = idle_w * (b - a) if above else energy
-            dyn_part = energy - idle_part if above else 0.0
-            self._share(inside, a, b, idle_part, dyn_part)
-
-    def _share(self, inside: list[Request], a: float, b: float, idle: float, dyn: float) -> None:
-        self.phase_j["idle_serving"] += idle
-        self.phase_j["dynamic"] += dyn
-        n = len(inside)
-        each_idle = idle / n
-        weights: list[float] | None = None
-        if dyn > 0.0:
-            informed = [r.informed for r in inside]
-            now = self._now_s
-            works = [
-                r.work(a, b, now) if k else (0.0, 0.0)
-                for r, k in zip(inside, informed, strict=True)
-            ]
-            self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
-            ratio = self.prefill_fit.ratio
-            raw = [p * ratio + d for p, d in works]
-            n_inf = sum(informed)
-            mean = (sum(raw) / n_inf) if n_inf else 1.0
-            weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]
-            if sum(weights) <= 0.0:
-                weights = [1.0] * n
-        total_w = sum(weights) if weights else 1.0
-        for i, r in enumerate(inside):
-            d = dyn * weights[i] / total_w if weights else 0.0
-            if r.emitted or not r.attributable:
-                self.unattributed_j += each_idle + d
-                continue
-            r.idle_j += each_idle
-            r.dynamic_j += d
-            if r.first_token_s is None or b <= r.first_token_s:
-                r.prefill_j += each_idle + d
-            if r.booked:
-                self._add_model(r.model, each_idle, d)
-
-    def _add_model(self, model: str, idle: float, dyn: float) -> None:
-        key_i: tuple[str, Phase] = (model, "idle_serving")
-        key_d: tuple[str, Phase] = (model, "dynamic")
-        self.model_j[key_i] = self.model_j.get(key_i, 0.0) + idle
-        self.model_j[key_d] = self.model_j.get(key_d, 0.0) + dyn
-
-    def _book(self, r: Request) -> None:
-        """A provisional label became final: its shares so far go to its model."""
-        r.booked = True
-        self._add_model(r.model, r.idle_j, r.dynamic_j)
-
-    def _add_phase(self, phase: Phase, energy: float) -> None:
-        self.phase_j[phase] += energy
 
     def _finalize(self, *, force: bool) -> None:
         ended = self._ended
@@ -548,7 +470,7 @@ class Ledger:
         if not r.attributable:
             return
         if not r.booked:
-            self._book(r)
+            self._books.book(r)
         self._finished.append(
             FinishedRequest(
                 id=r.id,
