@@ -51,6 +51,9 @@ log = structlog.get_logger("sidecar.proxy")
 MAX_PARSED_BODY: Final = 1 << 20
 """Request bodies larger than this stream through unparsed (prompt estimated from length)."""
 ERROR_PEEK: Final = 64 << 10
+READ_BYTES: Final = 64 << 10
+"""Largest socket read per client connection (asyncio's default is 256 KiB): with hundreds of
+large uploads in flight, each connection's read and write buffers are what memory is made of."""
 """How much of a 4xx answer to an injected body is read to look for ``stream_options``."""
 HOP_BY_HOP: Final = frozenset(
     {
@@ -88,13 +91,20 @@ def _forwardable(
 
 
 class _Held:
-    """Bytes of one request reserved in the budget; released once, as early as possible."""
+    """A request's parsed body bytes and their budget; both let go as early as possible.
 
-    __slots__ = ("_budget", "n_bytes")
+    Only this object refers to the bodies, so once :meth:`sent` or
+    :meth:`release` drops them they are freed, not kept alive by a frame
+    waiting for the upstream's answer.
+    """
+
+    __slots__ = ("_budget", "body", "n_bytes", "original")
 
     def __init__(self, budget: ParseBudget) -> None:
         self._budget = budget
         self.n_bytes = 0
+        self.body: bytes | None = None  # what goes upstream
+        self.original: bytes | None = None  # the client's own body, while a resend may need it
 
     def take(self, n_bytes: int) -> bool:
         if self._budget.take(n_bytes):
@@ -102,9 +112,44 @@ class _Held:
             return True
         return False
 
+    def payload(self) -> _OneShot | None:
+        """The body as an upload that drops it once handed to the transport."""
+        if self.body is None:
+            return None
+        body, self.body = self.body, None
+        return _OneShot(body, self)
+
+    def sent(self, n_bytes: int) -> None:
+        """The injected body is on the wire: its share of the budget goes back."""
+        keep = len(self.original) if self.original is not None else 0
+        give = min(n_bytes, max(self.n_bytes - keep, 0))
+        self._budget.give(give)
+        self.n_bytes -= give
+
     def release(self) -> None:
+        self.body = self.original = None
         self._budget.give(self.n_bytes)
         self.n_bytes = 0
+
+
+class _OneShot:
+    """An upload of one bytes object that forgets it once written (aiohttp reads it once)."""
+
+    __slots__ = ("_data", "_held")
+
+    def __init__(self, data: bytes, held: _Held) -> None:
+        self._data: bytes | None = data
+        self._held = held
+
+    def __aiter__(self) -> _OneShot:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        self._held.sent(len(data))
+        return data
 
 
 class Proxy:
@@ -145,6 +190,7 @@ class Proxy:
         return self._inject_usage
 
     async def start(self) -> None:
+        _small_reads()
         connector = aiohttp.TCPConnector(
             limit=0, keepalive_timeout=60.0, enable_cleanup_closed=True
         )
@@ -196,7 +242,7 @@ class Proxy:
                 and request.body_exists
                 and held.take(length)
             ):
-                body = await request.read()
+                body = await _read(request)  # not request.read(), which keeps a copy
             content_type = request.headers.get("Content-Type")
             info = self._safe(
                 "parse_request",
@@ -209,11 +255,15 @@ class Proxy:
             )
             if inference and info is not None and body is None and length and api != "none":
                 info = _with_estimate(info, length)
-            original: bytes | None = None
+            held.body = body
             if body is not None and info is not None and self._should_inject(info):
-                injected = self._safe("inject_usage", inject_include_usage, body)
+                injected = self._safe(
+                    "inject_usage", inject_include_usage, body, streaming_object=True
+                )
                 if injected is not None and held.take(len(injected)):
-                    original, body = body, injected
+                    held.original, held.body = body, injected
+                injected = None
+            body = None  # from here only `held` refers to it
             tenant: str | None = None
             if inference and self._tenants is not None:
                 tenant = self._safe("tenant", self._tenants.candidate, request.headers)
@@ -229,7 +279,7 @@ class Proxy:
                 )
             self.inflight += 1
             try:
-                return await self._forward(request, body, original, held, rid, info, tenant)
+                return await self._forward(request, held, rid, info, tenant)
             finally:
                 self.inflight -= 1
         finally:
@@ -247,10 +297,14 @@ class Proxy:
         )
 
     async def _send(
-        self, request: web.Request, body: bytes | None, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        body: _OneShot | None,
+        length: int | None,
+        headers: CIMultiDict[str],
     ) -> aiohttp.ClientResponse:
-        if body is not None:
-            headers["Content-Length"] = str(len(body))
+        if length is not None:
+            headers["Content-Length"] = str(length)
         data: Any = body if body is not None else (request.content if request.body_exists else None)
         url = self._upstream + request.rel_url.raw_path_qs
         return await self.session.request(
@@ -279,17 +333,14 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
-        body: bytes | None,
-        original: bytes | None,
         held: _Held,
         rid: str | None,
         info: Any,
         tenant: str | None,
     ) -> web.StreamResponse:
         headers = _forwardable(request.headers, drop=frozenset({"host", "content-length"}))
-        if body is None and request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        strip_usage = original is not None
+        length = len(held.body) if held.body is not None else request.content_length
+        strip_usage = held.original is not None
         status: Status = "ok"
         usage_tokens: tuple[int | None, int | None] = (None, None)
         upstream: aiohttp.ClientResponse | None = None
@@ -297,7 +348,7 @@ class Proxy:
         prefix = b""
         try:
             try:
-                upstream = await self._send(request, body, headers)
+                upstream = await self._send(request, held.payload(), length, headers)
                 if strip_usage and 400 <= upstream.status < 500:
                     peek = await self._refused_injection(upstream)
                     if peek is None:  # the upstream refuses stream_options: send the original
@@ -306,7 +357,9 @@ class Proxy:
                         upstream = None
                         self._stop_injecting(upstream_status=refused)
                         strip_usage = False
-                        upstream = await self._send(request, original, headers)
+                        held.body, held.original = held.original, None
+                        length = len(held.body) if held.body is not None else None
+                        upstream = await self._send(request, held.payload(), length, headers)
                     else:
                         prefix, strip_usage = peek, False  # another 4xx: to the client as is
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
@@ -317,8 +370,7 @@ class Proxy:
                     status=502,
                 )
             finally:
-                body = original = None  # sent: the budget's bytes may go now
-                held.release()
+                held.release()  # sent and answered: no resend can need the body now
             if upstream.status >= 400:
                 status = "error"
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -444,6 +496,28 @@ async def _chunks(upstream: aiohttp.ClientResponse, prefix: bytes = b"") -> Asyn
         yield prefix
     async for chunk in upstream.content.iter_any():
         yield chunk
+
+
+async def _read(request: web.Request) -> bytes:
+    """The whole request body, held only by the caller."""
+    parts = [chunk async for chunk in request.content.iter_any()]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _small_reads() -> None:
+    """Cap socket reads at :data:`READ_BYTES` for the sidecar's event loop.
+
+    A connection's first read happens before any handler runs, so the cap is
+    set on CPython's selector transport class (its ``max_size``, 256 KiB by
+    default), once, when the proxy starts: smaller reads cost a few more
+    system calls and bound what 300 concurrent uploads hold. A loop without
+    that class attribute (uvloop) is left as it is.
+    """
+    import asyncio.selector_events as selector_events
+
+    transport = getattr(selector_events, "_SelectorSocketTransport", None)
+    if transport is not None and getattr(transport, "max_size", 0) > READ_BYTES:
+        transport.max_size = READ_BYTES
 
 
 def _identity(encoding: str | None) -> bool:

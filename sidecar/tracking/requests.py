@@ -100,7 +100,7 @@ def parse_request(
     )
 
 
-def inject_include_usage(body: bytes) -> bytes | None:
+def inject_include_usage(body: bytes, *, streaming_object: bool = False) -> bytes | None:
     """Ask a streaming OpenAI request for its usage chunk; ``None`` when not applicable.
 
     Only for ``/v1/chat/completions`` and ``/v1/completions`` bodies (the
@@ -111,15 +111,19 @@ def inject_include_usage(body: bytes) -> bytes | None:
     textually so every other byte of the client's body survives; otherwise the
     body is re-serialised. The caller must send the new ``Content-Length`` and
     strip the extra chunk (``ResponseTracker(strip_usage_chunk=True)``).
+
+    ``streaming_object`` says the caller already parsed the body as a JSON
+    object with ``"stream": true`` (:func:`parse_request`); then a body whose
+    bytes hold no ``"stream_options"`` key is extended without a second parse,
+    which matters for large prompts.
     """
+    if streaming_object and b'"stream_options"' not in body:
+        return _append_usage_option(body)
     obj = loads(body)
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return None
     if "stream_options" not in obj:
-        text = body.rstrip(b" \t\r\n")
-        if not text.endswith(b"}"):
-            return None
-        return text[:-1] + b',"stream_options":{"include_usage":true}}' + body[len(text) :]
+        return _append_usage_option(body)
     options = obj["stream_options"]
     if options is None:
         options = {}
@@ -129,6 +133,14 @@ def inject_include_usage(body: bytes) -> bytes | None:
         return None
     obj["stream_options"] = {**options, "include_usage": True}
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def _append_usage_option(body: bytes) -> bytes | None:
+    """The body with ``stream_options`` appended as its last member, every other byte kept."""
+    text = body.rstrip(b" \t\r\n")
+    if not text.endswith(b"}"):
+        return None
+    return text[:-1] + b',"stream_options":{"include_usage":true}}' + body[len(text) :]
 
 
 def _default_stream(endpoint: Endpoint, api: Api, path: str | None) -> bool:
