@@ -10,7 +10,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from sidecar.power.base import GpuInfo, PowerSample, PowerSourceError, ReadError
+from sidecar.power.base import (
+    GpuInfo,
+    PowerSample,
+    PowerSourceError,
+    PowerSourcePending,
+    ReadError,
+)
 from sidecar.power.dcgm import DcgmSource
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -154,12 +160,12 @@ class TestOpen:
         assert "\n" not in message
 
     async def test_explicit_gpus_by_uuid_or_index(self, exporter: Exporter) -> None:
-        """Explicit GPUs (UUID or the exporter's index) override the pod match."""
+        """Explicit GPUs (UUID or the exporter's index) override the pod match, in --gpus order."""
         uuid3 = "GPU-33333333-aaaa-bbbb-cccc-333333333333"
         infos = await asyncio.to_thread(source(exporter.url, gpus=[uuid3, "0", "3"]).open)
         assert [(g.gpu, g.uuid) for g in infos] == [
-            ("0", "GPU-00000000-aaaa-bbbb-cccc-000000000000"),
             ("3", uuid3),
+            ("0", "GPU-00000000-aaaa-bbbb-cccc-000000000000"),
         ]
 
     async def test_unknown_explicit_gpu(self, exporter: Exporter) -> None:
@@ -187,6 +193,34 @@ class TestOpen:
         ]
         infos = await asyncio.to_thread(source(exporter.url).open)
         assert [g.uuid for g in infos] == [uuid]
+        assert all(g.mig for g in infos)  # GPU_I_ID: a MIG instance, the board is shared
+
+    async def test_pod_not_mapped_yet_is_pending(self, exporter: Exporter) -> None:
+        """Before the kubelet maps the pod, open is pending (retried), and succeeds once mapped."""
+        exporter.gpus = [g for g in node() if g.pod != "vllm-0"]
+        dcgm = source(exporter.url)
+        with pytest.raises(PowerSourcePending, match="holds no GPU"):
+            await asyncio.to_thread(dcgm.open)
+        exporter.gpus = node()
+        assert [g.gpu for g in await asyncio.to_thread(dcgm.open)] == ["1", "2"]
+
+    async def test_unreachable_or_empty_exporter_is_pending(self, exporter: Exporter) -> None:
+        """An exporter not up yet, or with no readings yet, is waited for; a broken page is not."""
+        with pytest.raises(PowerSourcePending, match="cannot scrape"):
+            await asyncio.to_thread(source("http://127.0.0.1:9/metrics").open)
+        exporter.gpus = []
+        with pytest.raises(PowerSourcePending, match="reports no"):
+            await asyncio.to_thread(source(exporter.url).open)
+        garbage = DcgmSource(
+            "http://x/metrics",
+            pod="p",
+            namespace=None,
+            gpus=None,
+            fetch=lambda url: "{not: metrics",
+        )
+        with pytest.raises(PowerSourceError) as raised:
+            garbage.open()
+        assert not isinstance(raised.value, PowerSourcePending)
 
     async def test_server_error_at_open(self, exporter: Exporter) -> None:
         """A failing exporter at start-up is one PowerSourceError line naming the URL."""

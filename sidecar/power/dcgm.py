@@ -87,7 +87,7 @@ class DcgmSource:
         self._selectors = tuple(gpus) if gpus else None
         self._clock = clock
         self._fetch: Fetch = fetch if fetch is not None else _UrllibFetch(timeout_s)
-        self._gpus: list[GpuInfo] = []  # the metered GPUs, in the exporter's gpu order
+        self._gpus: list[GpuInfo] = []  # the metered GPUs: --gpus order, else the exporter's
         self._failing = False
 
     @property
@@ -113,7 +113,12 @@ class DcgmSource:
         if not series:
             raise PowerSourcePending(f"dcgm-exporter at {self._url} reports no {POWER_METRIC} yet")
         chosen = {s.info.uuid: s.info for s in self._choose(series)}  # "0" and its UUID: once
-        self._gpus = sorted(chosen.values(), key=_gpu_order)
+        # --gpus order is kept: --idle-watts may give one value per GPU in that order.
+        self._gpus = (
+            list(chosen.values())
+            if self._selectors is not None
+            else sorted(chosen.values(), key=_gpu_order)
+        )
         _log.info(
             "power.dcgm.opened",
             url=self._url,
