@@ -370,10 +370,11 @@ async def test_non_inference_paths_hold_no_energy(rig: Rig) -> None:
 
 
 async def test_inject_usage_counts_exactly_and_hides_the_chunk(rig: Rig) -> None:
-    """By default the client sees the stream it asked for; the sidecar gets exact usage.
+    """By default the sidecar gets exact usage and the client the stream it asked for.
 
-    The first stream of an upstream goes as is (it shows whether the server
-    writes `"usage": null` unasked); the ones after it are injected.
+    This stand-in writes `"usage": null` only when asked (OpenAI's way); the
+    first injected stream cannot tell that from SGLang's (always), so the next
+    stream goes as is to find out, and injection goes on.
     """
     body = {
         "model": "inj",
@@ -383,15 +384,25 @@ async def test_inject_usage_counts_exactly_and_hides_the_chunk(rig: Rig) -> None
     }
     assert rig.sidecar.proxy is not None
     assert rig.sidecar.proxy.injecting
-    direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
-    assert proxied == direct
+    for _ in range(3):
+        direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
+        assert proxied == direct
+        assert b'"usage"' not in proxied
     assert rig.sidecar.proxy.null_usage_unasked is False
-    assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 0
-    direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
-    assert proxied == direct
-    assert b'"usage"' not in proxied
-    assert await rig.value("llm_energy_tokens_total", model="inj", kind="completion") == 18
-    assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 11
+    assert await rig.value("llm_energy_tokens_total", model="inj", kind="completion") == 27
+    assert await rig.value("llm_energy_tokens_total", model="inj", kind="prompt") == 22
+
+
+async def test_inject_usage_exact_from_the_first_vllm_stream(rig: Rig) -> None:
+    """A vLLM-like upstream (no `usage: null` even when asked): exact bytes and tokens at once."""
+    rig.upstream[STATE]["never_null"] = True
+    body = {"model": "v", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    for _ in range(2):
+        direct, proxied, _resp = await both(rig, "POST", "/v1/chat/completions", json=body)
+        assert proxied == direct
+    assert rig.sidecar.proxy is not None
+    assert rig.sidecar.proxy.null_usage_unasked is False
+    assert await rig.value("llm_energy_tokens_total", model="v", kind="prompt") == 22
 
 
 async def test_summary_schema(rig: Rig) -> None:

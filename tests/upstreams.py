@@ -104,7 +104,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         state["streams_open"] = state.get("streams_open", 0) + 1
         try:
             always_null = bool(state.get("always_null"))  # SGLang writes it unasked
-            for piece in openai_chunks(model, n, include, chat_api, include or always_null):
+            never_null = bool(state.get("never_null"))  # vLLM omits it even when asked
+            nulls = (include or always_null) and not never_null
+            for piece in openai_chunks(model, n, include, chat_api, nulls):
                 await resp.write(piece)
                 if delay:
                     await asyncio.sleep(delay)

@@ -15,8 +15,11 @@ Usage injection (on by default) asks OpenAI-compatible streams for their
 usage chunk and strips it, with the ``"usage": null`` members an upstream
 adds only because it was asked, so the client gets the bytes it would have
 got. Whether an upstream writes ``"usage": null`` unasked (SGLang does, vLLM
-does not) is learned from its first stream that was not injected; until then
-nothing is injected. An upstream that refuses ``stream_options`` (a 4xx that
+does not) is learned: an injected stream without any such member settles it
+(vLLM: exact from the first request); one with them is ambiguous (OpenAI's
+API writes them only when asked, SGLang always), so they are removed, as the
+OpenAI documentation says they come from the asking, and the next stream goes
+as is to find out. An upstream that refuses ``stream_options`` (a 4xx that
 names it, before any byte reached the client) gets the original body at
 once, and injection stops for it.
 """
@@ -177,6 +180,7 @@ class Proxy:
         )
         self._inject_usage = inject_usage
         self.null_usage_unasked: bool | None = None
+        self._calibrate = False  # an injected stream had nulls: send the next one as is
         """Whether the upstream writes ``"usage": null`` in chunks unasked; ``None``: not seen yet."""
         self.budget = budget if budget is not None else ParseBudget()
         self._tenants = tenants
@@ -255,15 +259,6 @@ class Proxy:
             )
             if inference and info is not None and body is None and length and api != "none":
                 info = _with_estimate(info, length)
-            held.body = body
-            if body is not None and info is not None and self._should_inject(info):
-                injected = self._safe(
-                    "inject_usage", inject_include_usage, body, streaming_object=True
-                )
-                if injected is not None and held.take(len(injected)):
-                    held.original, held.body = body, injected
-                injected = None
-            body = None  # from here only `held` refers to it
             tenant: str | None = None
             if inference and self._tenants is not None:
                 tenant = self._safe("tenant", self._tenants.candidate, request.headers)
@@ -277,6 +272,16 @@ class Proxy:
                     info.prompt_tokens_estimate if info is not None else None,
                     arrived,
                 )
+            held.body = body
+            # only a metered request is injected: its tracker is what strips the answer
+            if body is not None and rid is not None and self._should_inject(info):
+                injected = self._safe(
+                    "inject_usage", inject_include_usage, body, streaming_object=True
+                )
+                if injected is not None and held.take(len(injected)):
+                    held.original, held.body = body, injected
+                injected = None
+            body = None  # from here only `held` refers to it
             self.inflight += 1
             try:
                 return await self._forward(request, held, rid, info, tenant)
@@ -285,15 +290,16 @@ class Proxy:
         finally:
             held.release()
 
-    def _should_inject(self, info: RequestInfo) -> bool:
+    def _should_inject(self, info: RequestInfo | None) -> bool:
         """Inject only where the stripped stream is sure to be the one the client would get."""
         return (
-            self._inject_usage
+            info is not None
+            and self._inject_usage
             and info.api == "openai"
             and info.endpoint in ("chat", "completion")
             and info.stream
             and not info.wants_usage
-            and self.null_usage_unasked is not None
+            and (self.null_usage_unasked is not None or not self._calibrate)
         )
 
     async def _send(
@@ -386,7 +392,7 @@ class Proxy:
                     upstream.headers.get("Content-Encoding"),
                     upstream.headers,
                     strip_usage_chunk=strip_usage,
-                    keep_null_usage=bool(self.null_usage_unasked),
+                    keep_null_usage=self.null_usage_unasked is True,
                     max_buffer=MAX_PARSED_BODY,
                     budget=self.budget,
                 )
@@ -475,10 +481,13 @@ class Proxy:
     def _learn_null_usage(
         self, info: Any, tracker: ResponseTracker, injected: bool, status: int
     ) -> None:
-        """A whole stream the client did not ask usage for, sent as is: does it carry nulls?"""
-        if (
+        """Whether the upstream writes ``"usage": null`` unasked, from a whole stream.
+
+        A stream sent as is answers it; an injected one only when it had no such
+        member (a server that omits them when asked omits them unasked too).
+        """
+        if not (
             self.null_usage_unasked is None
-            and not injected
             and status < 300
             and info is not None
             and info.api == "openai"
@@ -488,7 +497,13 @@ class Proxy:
             and tracker.streaming
             and tracker.finish().token_events > 0
         ):
+            return
+        if not injected:
             self.null_usage_unasked = tracker.null_usage_seen
+        elif not tracker.null_usage_seen:
+            self.null_usage_unasked = False
+        else:
+            self._calibrate = True
 
 
 async def _chunks(upstream: aiohttp.ClientResponse, prefix: bytes = b"") -> AsyncIterator[bytes]:
