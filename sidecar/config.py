@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     gpus: GpuList = ()
     sample_hz: float = Field(10.0, gt=0, le=100)
     idle_watts: FloatList = ()
-    gpu_share: float | None = Field(None, gt=0, le=1)
+    gpu_share: float | None = None
     """The fraction of each metered board's power this pod books (MIG, time-slicing)."""
     region: str | None = None
     carbon_provider: CarbonProvider = "static"
@@ -152,6 +152,13 @@ class Settings(BaseSettings):
             return value
         raise ValueError("expected nvml, simulated, dcgm:URL or replay:PATH")
 
+    @field_validator("gpu_share")
+    @classmethod
+    def _fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError("give the fraction in (0, 1] of each board this pod books")
+        return value
+
     @field_validator("idle_watts")
     @classmethod
     def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
@@ -163,8 +170,8 @@ class Settings(BaseSettings):
     def _idle_watts_per_gpu(self) -> Settings:
         if self.gpus and len(self.idle_watts) > 1 and len(self.idle_watts) != len(self.gpus):
             raise ValueError(
-                f"--idle-watts: {len(self.idle_watts)} values for the {len(self.gpus)} GPUs "
-                "of --gpus (give one total or one value per GPU, in --gpus order)"
+                f"--idle-watts: {len(self.idle_watts)} values for {len(self.gpus)} GPU(s) "
+                "in --gpus (give one total or one value per GPU, in --gpus order)"
             )
         return self
 

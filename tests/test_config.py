@@ -115,7 +115,8 @@ def test_run_with_bad_flag_exits_2_with_one_line() -> None:
         ({"gpus": ""}, "--gpus: empty GPU list"),
         ({"gpu_share": "0"}, "--gpu-share:"),
         ({"gpu_share": "1.5"}, "--gpu-share:"),
-        ({"gpus": "0,1", "idle_watts": "60,70,80"}, "--idle-watts: 3 values for the 2 GPUs"),
+        ({"gpus": "0,1", "idle_watts": "60,70,80"}, "--idle-watts: 3 values for 2 GPU(s)"),
+        ({"gpu_share": "nan"}, "--gpu-share: give the fraction"),
     ],
 )
 def test_gpu_settings_checked_before_nvml(flags: dict[str, str], message: str) -> None:
