@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from fake_pynvml import FakeGpu, FakeNvml
 from procs import free_port, start_sidecar, wait_http
 from prometheus_client.parser import text_string_to_metric_families
 from test_power_dcgm import Exporter, node
@@ -17,6 +19,7 @@ from upstreams import create_upstream
 
 from sidecar.app import Sidecar
 from sidecar.config import Settings
+from sidecar.power.nvml import NvmlSource
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
@@ -155,3 +158,30 @@ async def test_run_with_an_unreachable_exporter_serves_and_says_why(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_discovery_retries_until_the_model_runs_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A native sidecar starts before the model: discovery waits, then meters the model's GPU."""
+    import sidecar.app as app_module
+
+    gpus = [FakeGpu(f"GPU-{i:08x}-0000-1111-2222-333344445555") for i in range(3)]
+    gpus[0].pids = [999]  # another tenant's process
+    nvml = FakeNvml(gpus)
+    monkeypatch.setattr(
+        app_module,
+        "build_source",
+        lambda *a, **k: NvmlSource(
+            None, nvml=nvml, env={"NVIDIA_VISIBLE_DEVICES": "all"}, model_pids=lambda: {4242}
+        ),
+    )
+    sidecar = Sidecar(Settings.without_env(observe="http://127.0.0.1:9/metrics"), env={})
+    await sidecar.start()
+    try:
+        assert sidecar.meter is None
+        gpus[2].pids = [4242]  # the model's process is on GPU 2 now
+        await until(lambda: _attached(sidecar))
+        assert [g.uuid for g in sidecar.gpus] == [gpus[2].uuid]
+    finally:
+        await sidecar.stop()
