@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -80,9 +81,28 @@ def run_sidecar(proc: subprocess.Popen[str], port: int, mport: int) -> Sidecar:
 
 @pytest.fixture(scope="module")
 def proxy(vllm: VllmServer) -> Generator[Sidecar, None, None]:
-    """The sidecar in proxy mode in front of the session's vLLM, default flags."""
+    """The sidecar in proxy mode in front of the session's vLLM, default flags (debug logs)."""
     port, mport = free_port(), free_port()
-    sidecar = run_sidecar(start_simulated(vllm.url, port, mport), port, mport)
+    # Debug level: the per-request ``request.finished`` lines are what the log test reads.
+    proc = start_simulated(vllm.url, port, mport, "--log-level", "debug")
+    sidecar = run_sidecar(proc, port, mport)
+    # The proxy learns from its first stream sent as is whether this upstream writes
+    # ``"usage": null`` unasked, and injects only after that (sidecar/tracking/proxy.py):
+    # the shapes measure the steady state; test_first_stream_counted pins the first one.
+    warm = {"model": "tiny-llama", "messages": [{"role": "user", "content": PROMPTS[0]}]}
+    request = urllib.request.Request(
+        f"{sidecar.url}/v1/chat/completions",
+        data=json.dumps({**warm, "max_tokens": 8, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.read().endswith(b"data: [DONE]\n\n")
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:  # finalised, so it is in no test's delta
+        with urllib.request.urlopen(sidecar.metrics_url, timeout=5) as r:
+            if total(r.read().decode(), "llm_energy_request_joules_count") >= 1:
+                break
+        time.sleep(0.2)
     yield sidecar
     sidecar.stop()
 
@@ -436,6 +456,69 @@ async def test_client_receives_what_vllm_sends(
         assert chunks[-1]["usage"]["prompt_tokens"] > 0
     else:
         assert all("usage" not in c and c["choices"] for c in chunks)
+
+
+async def test_logs_name_requests_without_text_or_key(proxy: Sidecar, vllm: VllmServer) -> None:
+    """Each proxied request gets its ``request.finished`` line with its tokens, and no log line
+    holds the prompt, the completion or the API key."""
+    secret_key = "sk-do-not-log-4f1c9a"
+    prompt = "zebra quartz marker 7731 café"
+    before = await steady(proxy, vllm)  # earlier tests' requests finalised first
+    async with openai.AsyncOpenAI(
+        base_url=f"{proxy.url}/v1", api_key=secret_key, max_retries=0
+    ) as c:
+        done = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+        )
+    answer = done.choices[0].message.content or ""
+    await settled(proxy, vllm, before, 1, lambda d: d.ours_requests >= 1)
+    lines = [json.loads(line) for line in list(proxy.log) if line.startswith("{")]
+    finished = [x for x in lines if x.get("event") == "request.finished"]
+    assert finished
+    assert finished[-1]["endpoint"] == "chat"
+    assert done.usage is not None
+    assert finished[-1]["prompt_tokens"] == done.usage.prompt_tokens
+    text = "".join(proxy.log)
+    assert secret_key not in text
+    assert "zebra quartz" not in text
+    assert len(answer) > 8
+    assert answer not in text
+    assert json.dumps(answer)[1:-1] not in text  # nor JSON-escaped
+
+
+async def test_first_stream_counted(vllm: VllmServer) -> None:
+    """The very first streams through a fresh proxy, sent without ``stream_options``, book
+    vLLM's prompt and generation tokens too (usage injection is on by default)."""
+    port, mport = free_port(), free_port()
+    fresh = await asyncio.to_thread(
+        run_sidecar, start_simulated(vllm.url, port, mport), port, mport
+    )
+    try:
+        before = await counts(fresh, vllm)
+        n = 2
+        await asyncio.gather(*(chat_stream(fresh.url, PROMPTS[i], 10 + i) for i in range(n)))
+        d = await settled(
+            fresh,
+            vllm,
+            before,
+            n,
+            lambda d: (
+                d.ours_requests >= n
+                and d.ours_prompt == d.vllm_prompt
+                and d.ours_completion == d.vllm_completion
+            ),
+        )
+        print(
+            f"figures shape=first-chat-streams prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
+            f" completion ours={d.ours_completion:g} vllm={d.vllm_completion:g}"
+        )
+        assert d.ours_requests == n
+        assert (d.ours_prompt, d.ours_completion) == (d.vllm_prompt, d.vllm_completion)
+    finally:
+        await asyncio.to_thread(fresh.stop)
 
 
 # ------------------------------------------------------------------ observer mode
