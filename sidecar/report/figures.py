@@ -11,15 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Final
 
+from sidecar import __version__
 from sidecar.carbon.emissions import JOULES_PER_KWH
 from sidecar.ledger import PHASES
 from sidecar.report.inputs import IntensityChange, ModelTotals, ReportInputs
 from sidecar.report.runinfo import rfc3339
 
 OUTSIDE: Final = (
-    "CPU, memory, storage, network, cooling and the rest of the host are outside: "
-    "only the GPUs listed are metered (PUE scales emissions for the data centre, not the "
-    "measured joules)"
+    "CPU, memory, storage, network, cooling and the rest of the host, unless measured "
+    "separately: only the GPUs listed are metered (PUE scales emissions for the data centre, "
+    "not the measured joules)"
 )
 METHOD_URL: Final = "README.md#how-energy-is-split"
 ATTRIBUTION: Final = "llm-energy-sidecar/v1"
@@ -57,7 +58,8 @@ def operational(inp: ReportInputs) -> tuple[float | None, float | None, str | No
         change = intensity_at(inp.intensity, (edges[i] + edges[i + 1]) / 2)
         assert change is not None
         grams += energy_j / JOULES_PER_KWH * change.grams_per_kwh * inp.pue
-    # The bins hold the ledger's energy; scale to the exact total for float safety.
+    # The bins hold the period's energy: scale to the whole total (which may include joules
+    # booked before the first sample) at the same mean intensity.
     binned = sum(sum(inp.bin_phase_j[p]) for p in PHASES)
     if binned > 0:
         grams *= inp.total_j / binned
@@ -177,12 +179,13 @@ def report_json(inp: ReportInputs, figures: list[str]) -> dict[str, Any]:
         else sci_g * 1000 / inp.completion_tokens,
         "by_model": {name: _model_json(m, g_per_j) for name, m in sorted(inp.by_model.items())},
         "power_watts": {
-            "mean": ratio(total, inp.seconds),
+            "mean": ratio(total - inp.energy_before_period_j, inp.seconds),
             "min": min(inp.power_w) if inp.power_w else None,
             "max": max(inp.power_w) if inp.power_w else None,
         },
         "method": METHOD_URL,
         "attribution": ATTRIBUTION,
+        "version": __version__,
         "notes": list(inp.notes),
         "figures": figures,
     }

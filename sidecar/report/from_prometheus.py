@@ -136,7 +136,11 @@ class Counters:
             _key(labels): v for labels, v in client.instant(client.selector(metric, *extra), from_s)
         }
         self.curves: list[tuple[dict[str, str], list[tuple[float, float]]]] = []
+        self.born: list[dict[str, str]] = []
+        """Series with no value at the window's start: they count from zero."""
         for labels, values in self.series:
+            if _key(labels) not in before:
+                self.born.append(labels)
             prev = before.get(_key(labels), 0.0)
             total = 0.0
             curve = []
@@ -189,6 +193,7 @@ def from_prometheus(
             " samples in the period (is Prometheus scraping the sidecar?)"
         )
     data_from, data_to = times[0], times[-1]
+    before_j = _booked_before_first_scrape(phases)
     requests = Counters(client, "llm_energy_requests_total", start, end, 'endpoint!="other"')
     tokens = Counters(client, "llm_energy_tokens_total", start, end)
     model_j = Counters(client, "llm_energy_model_joules_total", start, end)
@@ -211,6 +216,12 @@ def from_prometheus(
     intensity = _intensity(client, start, end, carbon_intensity_g_per_kwh, data_from)
     live_pue = [v for _, vs in client.raw("llm_energy_pue", start, end) for _, v in vs]
     notes = []
+    if before_j > 0:
+        notes.append(
+            f"{before_j:,.1f} J were booked between the sidecar's start and its first scrape in "
+            "the period: the totals include them (as /summary's since_start does); the "
+            "time bins and the mean power cover the scraped period only."
+        )
     if len(set(live_pue)) > 1:
         notes.append(
             f"the PUE changed during the period ({min(live_pue)} to {max(live_pue)}); "
@@ -245,18 +256,33 @@ def from_prometheus(
         embodied=None,
         operational_g=None if recompute else grams.total(scope="operational"),
         embodied_g=grams.total(scope="embodied"),
+        energy_before_period_j=before_j,
         notes=notes,
     )
 
 
+def _booked_before_first_scrape(phases: Counters) -> float:
+    """Joules a sidecar that started inside the window booked before its first scrape.
+
+    They count in the totals (as ``/summary``'s ``since_start`` counts them), but their
+    time lies before the first stored sample, so they are left out of the bins and of
+    the mean power, and the report says how much they are.
+    """
+    born = {_key(labels) for labels in phases.born}
+    return sum(c[0][1] for labels, c in phases.curves if c and _key(labels) in born)
+
+
 def _phase_bins(phases: Counters, edges: list[float]) -> dict[Phase, list[float]]:
+    """Each phase's increase per bin, from the first stored sample on."""
     out: dict[Phase, list[float]] = {p: [0.0] * (len(edges) - 1) for p in PHASES}
     for labels, curve in phases.curves:
         phase = labels.get("phase")
         if phase not in out or not curve:
             continue
+        first_j = curve[0][1]
         times = [t for t, _ in curve]
-        per_bin = binned(times, {"j": [v for _, v in curve]}, edges)["j"]
+        values = [v - first_j for _, v in curve]
+        per_bin = binned(times, {"j": values}, edges)["j"]
         out[phase] = [a + b for a, b in zip(out[phase], per_bin, strict=True)]
     return out
 

@@ -113,6 +113,9 @@ class ReportInputs:
     operational_g: float | None = None
     """Set by a source that read booked grams (Prometheus) rather than computing them."""
     embodied_g: float | None = None
+    energy_before_period_j: float = 0.0
+    """Joules in the totals booked before the period's first sample (Prometheus: a sidecar
+    that started inside the window, before its first scrape)."""
     notes: list[str] = field(default_factory=list)
 
     @property

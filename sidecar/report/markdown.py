@@ -39,7 +39,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         f"Period: **{doc['period']['from']}** to **{doc['period']['to']}** "
         f"({_n(doc['period']['seconds'], 's', 1)}). Source: `{doc['source']}`. "
-        f"Attribution method `{doc['attribution']}` ([method]({doc['method']})).",
+        f"Attribution `{doc['attribution']}`, llm-energy-sidecar {doc['version']} "
+        f"(method: the README's section [How energy is split]({doc['method']})).",
         "",
         "## Summary",
         "",
@@ -100,7 +101,16 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"intensity x PUE {_n(doc['pue'])}."
         )
     a = doc["embodied_assumptions"]
-    if a is not None:
+    if a is None:
+        lines += [
+            "",
+            f"Embodied emissions (SCI's M): {_n(em['embodied'], 'gCO2e', 3)} as the sidecar "
+            'booked them (`llm_energy_emissions_grams_total{scope="embodied"}`), from its '
+            "`--gpu-embodied-kg`, `--host-embodied-kg` and `--lifetime-years` (defaults by GPU "
+            "model, amortised over wall-clock reservation); the inputs themselves are not "
+            "exported.",
+        ]
+    else:
         lines += [
             "",
             f"Embodied emissions (SCI's M, {a['stated_by']}): {a['gpus']} GPU(s) at "

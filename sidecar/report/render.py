@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 INSTALL_HINT: Final = "report needs matplotlib: pip install 'llm-energy-sidecar[report]'"
 PHASE_COLOURS: Final = {"dynamic": "#c2410c", "idle_serving": "#f59e0b", "idle_standby": "#94a3b8"}
 PHASE_LABELS: Final = {
-    "dynamic": "dynamic (above baseline, in service)",
-    "idle_serving": "idle serving (baseline, in service)",
-    "idle_standby": "idle standby (no request in flight)",
+    "dynamic": "dynamic",
+    "idle_serving": "idle serving",
+    "idle_standby": "idle standby",
 }
 FIGURE_FILES: Final = {
     "power": "power.png",
@@ -35,7 +35,9 @@ FIGURE_FILES: Final = {
 CAPTIONS: Final = {
     "power": "GPU power over time, summed over the metered GPUs, with the idle baseline and the mean "
     "power over the period (as in the BLOOM deployment study's power figure).",
-    "phases": "Energy by phase over time: dynamic, idle serving and idle standby joules per time bin.",
+    "phases": "Energy by phase over time, joules per time bin: dynamic (above the idle baseline "
+    "while requests are in flight), idle serving (up to the baseline while requests are in "
+    "flight) and idle standby (no request in flight).",
     "requests": "Distribution of attributed energy per finished request (dynamic + idle serving).",
     "stages": "Prefill joules per prompt token and decode joules per output token, by model.",
 }
@@ -103,7 +105,7 @@ def draw_power(inp: ReportInputs, path: Path, mean_w: float | None) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlim(0, max(inp.seconds / unit_s, 1e-9))
     _style(ax)
-    ax.legend(loc="upper right", fontsize=9, frameon=False)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     fig.savefig(path)
 
 
@@ -133,7 +135,7 @@ def draw_phases(inp: ReportInputs, path: Path) -> None:
     ax.set_ylabel("energy per bin (J)")
     ax.set_xlim(0, max(inp.seconds / unit_s, 1e-9))
     _style(ax)
-    ax.legend(loc="upper right", fontsize=9, frameon=False)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     fig.savefig(path)
 
 
@@ -159,6 +161,8 @@ def draw_requests(inp: ReportInputs, path: Path) -> None:
         ax.set_title(f"Attributed energy per request ({len(values)} requests)", fontsize=11)
     else:
         buckets = inp.request_energy.buckets
+        used = [i for i, (_, c) in enumerate(buckets) if c > 0]
+        buckets = buckets[: min(len(buckets), (used[-1] + 2) if used else 1)]
         labels = [_bucket_label(buckets, i) for i in range(len(buckets))]
         counts = [c for _, c in buckets]
         ax.bar(range(len(counts)), counts, color=PHASE_COLOURS["dynamic"])
@@ -196,20 +200,16 @@ def draw_stages(doc: dict[str, Any], path: Path) -> bool:
     xs = range(len(rows))
     prefill = [r[1] or 0.0 for r in rows]
     decode = [r[2] or 0.0 for r in rows]
-    ax.bar(
-        [x - 0.2 for x in xs],
-        prefill,
-        width=0.4,
-        color="#7c3aed",
-        label="prefill J per prompt token",
-    )
-    ax.bar(
-        [x + 0.2 for x in xs], decode, width=0.4, color="#0d9488", label="decode J per output token"
-    )
+    for offset, values, colour, label in (
+        (-0.2, prefill, "#7c3aed", "prefill J per prompt token"),
+        (0.2, decode, "#0d9488", "decode J per output token"),
+    ):
+        bars = ax.bar([x + offset for x in xs], values, width=0.4, color=colour, label=label)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)  # prefill is often too small to read off
     ax.set_xticks(list(xs), [r[0] for r in rows])
     ax.set_ylabel("joules per token")
     ax.set_title("Prefill and decode energy per token, by model", fontsize=11)
     _style(ax)
-    ax.legend(fontsize=9, frameon=False)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     fig.savefig(path)
     return True
