@@ -327,16 +327,17 @@ class Sidecar:
             await proxy.close()
 
     async def stop(self) -> None:
-        for task in reversed(self._tasks):
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a task that died earlier: report it, and still release the rest
-                log.exception("sidecar.task_failed", task=task.get_name())
-        self._tasks.clear()
+        while self._tasks:  # a GPU attach cut short by the cancel may have added tasks
+            tasks, self._tasks = self._tasks, []
+            for task in reversed(tasks):
+                task.cancel()
+            for task in tasks:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # a task that died earlier: report it, release the rest
+                    log.exception("sidecar.task_failed", task=task.get_name())
         if self.sampler is not None:
             self.sampler.flush()
         if self.meter is not None:
