@@ -12,14 +12,29 @@ ENV_DIR=${LLM_ENERGY_VLLM_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-energy-sideca
 MARKER="$ENV_DIR/.llm-energy-complete"
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
-if [ -f "$MARKER" ] && [ -x "$ENV_DIR/bin/python" ]; then
+complete() { [ -f "$MARKER" ] && [ -x "$ENV_DIR/bin/python" ]; }
+if complete; then
   echo "$ENV_DIR"
   exit 0
 fi
 
-# Whatever is there without the marker is a build that did not finish.
-rm -rf "$ENV_DIR"
 mkdir -p "$(dirname "$ENV_DIR")"
+# One build at a time (several test runs may start together); the winner's is reused.
+exec 9>"$ENV_DIR.lock"
+flock 9
+if complete; then
+  echo "$ENV_DIR"
+  exit 0
+fi
+# A directory there without the marker is a build that did not finish: start over, but
+# only where it is one of ours (a virtual environment), never whatever the variable names.
+if [ -e "$ENV_DIR" ]; then
+  if [ ! -f "$ENV_DIR/pyvenv.cfg" ] && [ -n "$(ls -A "$ENV_DIR")" ]; then
+    echo "LLM_ENERGY_VLLM_ENV: $ENV_DIR exists and is not a virtual environment; not replacing it" >&2
+    exit 2
+  fi
+  rm -rf "$ENV_DIR"
+fi
 "$PYTHON" -m venv "$ENV_DIR"
 pip=("$ENV_DIR/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip >&2
