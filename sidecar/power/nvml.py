@@ -209,6 +209,8 @@ class NvmlSource:
             else:
                 gpu.failed_reads += 1
             out.extend(result)
+        if self._backoff.failures and all(g.failed_reads == 0 for g in self._gpus):
+            self._backoff.succeeded()  # every GPU reads again: the next fault starts afresh
         return out
 
     def close(self) -> None:
@@ -238,13 +240,18 @@ class NvmlSource:
         nvml = self._nvml
         assert nvml is not None
         failing = [g.info.gpu for g in self._gpus if g.failed_reads >= self._reinit_after]
-        _log.warning("power.nvml.reinit", gpus=failing, attempt=self._backoff.failures + 1)
+        # Every attempt moves the backoff on, even one that works: a GPU that resolves
+        # but keeps failing must not be re-initialised at every poll. Reads that work
+        # on every GPU reset it (read()).
+        delay_s = self._backoff.failed()
+        _log.warning(
+            "power.nvml.reinit", gpus=failing, attempt=self._backoff.failures, next_in_s=delay_s
+        )
         with suppress(nvml.NVMLError):
             nvml.nvmlShutdown()
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as e:
-            delay_s = self._backoff.failed()
             _log.warning("power.nvml.reinit_failed", error=str(e), retry_in_s=round(delay_s, 2))
             return
         missing: list[str] = []
@@ -260,10 +267,8 @@ class NvmlSource:
                     error=str(e),
                 )
         if missing:
-            delay_s = self._backoff.failed()
             _log.warning("power.nvml.reinit_partial", missing=missing, retry_in_s=round(delay_s, 2))
             return
-        self._backoff.succeeded()
         self.reinits += 1
         self._logged_failures.clear()  # a fault after recovery is news again
         _log.info("power.nvml.reinit_done", gpus=[g.info.gpu for g in self._gpus])
@@ -277,7 +282,7 @@ class NvmlSource:
             info=gpu.info,
             last_seen_us=max(gpu.last_seen_us, fresh.last_seen_us),
             last_time_s=gpu.last_time_s,
-            failed_reads=gpu.failed_reads,  # reset by the next read that works
+            failed_reads=0,  # another run of failures is needed before the next re-init
         )
 
     # -- open ---------------------------------------------------------------
