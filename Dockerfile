@@ -41,8 +41,10 @@ LABEL org.opencontainers.image.title="llm-energy-sidecar" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 # The root is read-only in Kubernetes: the bytecode pip compiled in the builder is all
 # Python gets, and it must not try to write more.
+# MPLCONFIGDIR: matplotlib's cache in the writable /tmp, for an EXTRAS=report build.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
     VIRTUAL_ENV=/opt/llm-energy-sidecar
 ENV PATH="${VIRTUAL_ENV}/bin:${PATH}"
 # Owned by root, so the process (below) cannot change its own code.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import tomllib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -417,3 +418,43 @@ async def test_sigterm_drains_a_stream_and_records_onto_a_volume(
     assert len(power) > 1
     assert len(requests) == 1 + 2, requests
     assert any(",slow," in line for line in requests)
+
+
+def test_every_dependency_has_an_arm64_wheel(tmp_path: Path) -> None:
+    """The builder's `--only-binary=:all:` install resolves for linux/arm64 (GH200/GB200) too.
+
+    No arm64 build runs here (no emulation on these machines); what could break one is a
+    dependency without an aarch64 wheel, so resolve the package's dependencies for that
+    platform as pip inside an arm64 build would (bookworm's glibc 2.36, CPython 3.11).
+    """
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    platforms = [a for m in range(17, 37) for a in ("--platform", f"manylinux_2_{m}_aarch64")]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            *platforms,
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+            "--dest",
+            str(tmp_path),
+            *project["dependencies"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    wheels = [p.name for p in tmp_path.glob("*.whl")]
+    native = [w for w in wheels if not w.endswith("-none-any.whl")]
+    assert native, wheels  # aiohttp, pydantic-core and yaml are compiled: arm64 builds of them
+    assert all("aarch64" in w for w in native), native
