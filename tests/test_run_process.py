@@ -116,6 +116,8 @@ async def test_metrics_has_every_contract_family(aiohttp_server: ServerFactory) 
         "FR",
         "--pue",
         "1.2",
+        "--tenant-header",  # the tenant families exist with showback on
+        "x-tenant-id",
     )
     try:
         await wait_http(f"http://127.0.0.1:{mport}/healthz", proc=proc)
