@@ -188,6 +188,38 @@ class TestSyntheticTrace:
         # Without a run.json the embodied inputs are the stated defaults, not silence.
         assert doc["embodied_assumptions"]["stated_by"].startswith("defaults")
 
+    def test_recorded_intensity_changes_weigh_energy_by_time(self, tmp_path: Path) -> None:
+        """Each joule is converted at the intensity in force when it was used (run.json)."""
+        trace = write_trace(tmp_path / "trace")
+        t0 = 1_790_000_000.0
+        clock = iter([t0 - 60.0, t0 - 60.0, t0 + 10.0])
+        recorder = RunInfoRecorder(
+            trace,
+            {"pue": 1.5, "gpus": [{"index": "0", "uuid": "GPU-a", "name": "H100"}]},
+            clock=lambda: next(clock),
+        )
+        recorder.intensity(400.0, "static-fallback", "DE", "annual average")
+        recorder.intensity(100.0, "electricitymaps", "DE", "live")
+
+        def total_j(*window: str) -> float:
+            out = tmp_path / f"out{len(window)}-{window[1] if window else ''}"
+            assert run_cli("report", "--trace", str(trace), "--out", str(out), *window) == 0
+            doc = json.loads((out / "report.json").read_text())
+            return float(doc["energy_joules"]["total"])
+
+        first = total_j("--to", rfc3339(t0 + 10.0))
+        second = total_j("--from", rfc3339(t0 + 10.0))
+        out = tmp_path / "out"
+        assert run_cli("report", "--trace", str(trace), "--out", str(out)) == 0
+        doc = json.loads((out / "report.json").read_text())
+        assert doc["energy_joules"]["total"] == pytest.approx(first + second, rel=1e-3)
+        expected = (first * 400.0 + second * 100.0) * 1.5 / JOULES_PER_KWH
+        assert doc["emissions_grams"]["operational"] == pytest.approx(expected, rel=0.01)
+        assert doc["carbon_intensity"]["source"] == "static-fallback + electricitymaps"
+        assert 100.0 < doc["carbon_intensity"]["grams_per_kwh"] < 400.0
+        assert doc["pue"] == 1.5
+        assert doc["boundary"]["gpus"][0] == {"index": "0", "uuid": "GPU-a", "name": "H100"}
+
     def test_without_intensity_emissions_are_null(self, tmp_path: Path) -> None:
         """No recorded or given intensity: operational grams and SCI are null, never invented."""
         trace = write_trace(tmp_path / "trace")
@@ -444,6 +476,11 @@ class TestRecordedRun:
         assert code == 0
         doc = json.loads((out / "report.json").read_text())
         since = recorded.summary["since_start"]
+        gap = doc["energy_joules"]["total"] / since["energy_joules"]["total"] - 1
+        print(  # the figure quoted in the docs: pytest tests/test_report.py -k agrees -s
+            f"report total {doc['energy_joules']['total']:.1f} J, /summary since_start "
+            f"{since['energy_joules']['total']:.1f} J: {gap:+.3%}"
+        )
         assert doc["energy_joules"]["total"] == pytest.approx(
             since["energy_joules"]["total"], rel=0.01
         )
