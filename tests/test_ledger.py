@@ -200,7 +200,8 @@ class TestBaseline:
         assert est.value_w is None  # one reading is no estimate
         for i in range(1, 30):
             est.observe(i * 0.1, 120.0 + i, standby=False)
-        assert est.value_w is not None and 120.0 < est.value_w < 125.0
+        assert est.value_w is not None
+        assert 120.0 < est.value_w < 125.0
         assert est.basis == "startup"
 
     def test_live_estimator_uses_what_it_saw_before_the_first_request(self) -> None:
@@ -225,7 +226,8 @@ class TestBaseline:
         assert est.basis == "held"
         for i in range(2000, 2020):
             est.observe(i * 0.1, 65.0, standby=True)
-        assert est.value_w == 65.0 and est.basis == "standby"
+        assert est.value_w == 65.0
+        assert est.basis == "standby"
 
     def test_power_before_the_upstream_answered_is_forgotten(self) -> None:
         """Readings before the model server answered (model not loaded) leave the estimate."""
