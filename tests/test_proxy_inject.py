@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -208,14 +209,18 @@ class TestTenants:
         aiohttp_server: ServerFactory,
         aiohttp_client: ClientFactory,
         capsys: pytest.CaptureFixture[str],
+        tmp_path: Path,
     ) -> None:
-        """The tenant is sha256(salt + token)[:12]; the raw key is in no metric, log or summary."""
+        """The tenant is sha256(salt + token)[:12]; the raw key is in no metric, log or record."""
         from sidecar import logs
 
         logs.configure("debug", json=True)
         key = "sk-live-abcdef-0123456789"
         env = {"LLM_ENERGY_TENANT_SALT": "pepper"}
-        async for r in rig_with(aiohttp_server, aiohttp_client, env=env, tenant_from_api_key=True):
+        rec = tmp_path / "rec"
+        async for r in rig_with(
+            aiohttp_server, aiohttp_client, env=env, tenant_from_api_key=True, record=rec
+        ):
             chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
             resp = await r.proxy.post(
                 "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
@@ -227,10 +232,12 @@ class TestTenants:
             summary = await (await r.metrics.get("/summary")).text()
             digest = hashlib.sha256(b"pepper" + key.encode()).hexdigest()[:12]
             assert f'tenant="{digest}"' in text
-            captured = capsys.readouterr()
-            everything = text + summary + captured.out + captured.err
-            assert key not in everything
-            assert "abcdef-0123456789" not in everything
+        records = "".join(f.read_text() for f in rec.iterdir() if f.is_file())
+        captured = capsys.readouterr()
+        everything = text + summary + captured.out + captured.err + records
+        assert len((rec / "requests.csv").read_text().splitlines()) >= 2  # the request is recorded
+        assert key not in everything
+        assert "abcdef-0123456789" not in everything
 
     def test_salt_is_required(self) -> None:
         """--tenant-from-api-key without LLM_ENERGY_TENANT_SALT is a one-line start-up error."""

@@ -6,8 +6,9 @@ it. Only JSON request bodies up to :data:`MAX_PARSED_BODY` are read before
 forwarding (to learn the model and whether the reply streams), and only while
 the shared :class:`ParseBudget` has room; response bytes go to a protocol
 tracker that counts tokens as they pass, within the same budget. Whatever is
-not read streams through with aiohttp's bounded buffers (flow control), so
-memory stays bounded with any number of large requests in flight. Every
+not read streams through aiohttp's bounded buffers (flow control, socket
+reads of :data:`READ_BYTES`), so a large request in flight costs its
+connection's buffers (a few hundred KiB), never its whole body. Every
 metering call is wrapped: a fault there is logged and counted, and the
 user's request goes on.
 
