@@ -142,8 +142,10 @@ async def test_responses_and_messages_through_the_proxy(rig: Rig, path: str, str
     assert await rig.value("llm_energy_tokens_total", model="tiny-llama", kind="completion") == 20
 
 
-async def test_small_budget_streams_large_bodies_through(rig: Rig) -> None:
-    """Past the parse budget bodies pass unparsed: still exact, still counted, nothing held after."""
+async def test_small_budget_streams_large_bodies_through(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past the parse budget bodies pass unparsed: exact, counted, logged once, nothing held after."""
     assert rig.sidecar.proxy is not None
     rig.sidecar.proxy.budget = ParseBudget(1000)
     big = {"model": "embedder", "input": "x" * 50_000}
@@ -152,12 +154,14 @@ async def test_small_budget_streams_large_bodies_through(rig: Rig) -> None:
     upload = bytes(range(256)) * 400
     _, proxied, _ = await both(rig, "POST", "/upload", data=upload)
     assert json.loads(proxied)["sha256"] == hashlib.sha256(upload).hexdigest()
+    await both(rig, "POST", "/v1/embeddings", json=big)
     assert rig.sidecar.proxy.budget.held_bytes == 0
-    assert rig.sidecar.proxy.budget.refused >= 1
+    assert rig.sidecar.proxy.budget.refused >= 2
+    assert capsys.readouterr().out.count("proxy.parse_budget_full") == 1
     n = await rig.value(
         "llm_energy_requests_total", model="embedder", endpoint="embedding", status="ok"
     )
-    assert n == 1
+    assert n == 2
 
 
 async def test_budget_is_returned_when_the_client_leaves(rig: Rig) -> None:

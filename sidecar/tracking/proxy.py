@@ -182,6 +182,7 @@ class Proxy:
         self._inject_usage = inject_usage
         self.null_usage_unasked: bool | None = None
         self._calibrate = False  # an injected stream had nulls: send the next one as is
+        self._budget_logged = False
         """Whether the upstream writes ``"usage": null`` in chunks unasked; ``None``: not seen yet."""
         self.budget = budget if budget is not None else ParseBudget()
         self._tenants = tenants
@@ -245,9 +246,11 @@ class Proxy:
                 and length is not None
                 and length <= MAX_PARSED_BODY
                 and request.body_exists
-                and held.take(length)
             ):
-                body = await _read(request)  # not request.read(), which keeps a copy
+                if held.take(length):
+                    body = await _read(request)  # not request.read(), which keeps a copy
+                else:
+                    self._budget_full()
             content_type = request.headers.get("Content-Type")
             info = self._safe(
                 "parse_request",
@@ -468,6 +471,16 @@ class Proxy:
                 )
             else:
                 self._safe("other", self._meter.other_request, status)
+
+    def _budget_full(self) -> None:
+        """Log the first time a body streams unparsed for want of budget (then only count)."""
+        if not self._budget_logged:
+            self._budget_logged = True
+            log.warning(
+                "proxy.parse_budget_full",
+                limit_bytes=self.budget.limit_bytes,
+                action="bodies stream through unparsed while the budget is spent",
+            )
 
     def _stop_injecting(self, *, upstream_status: int) -> None:
         if self._inject_usage:
