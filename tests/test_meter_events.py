@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prometheus_client import generate_latest
 
@@ -9,6 +11,7 @@ from sidecar.meter import FixedIntensity, Meter
 from sidecar.metrics import BuildInfo, SidecarCollector, make_registry
 from sidecar.power.base import GpuInfo, PowerSample
 from sidecar.sampler import SamplerStats
+from sidecar.trace import TraceRecorder, read_requests
 
 
 def _meter(clock: list[float], **kwargs: object) -> Meter:
@@ -182,3 +185,19 @@ def test_summary_has_stage_figures_and_the_baseline_basis() -> None:
     text = _scrape(meter)
     assert 'llm_energy_model_stage_joules_total{model="m",stage="prefill"} 150.0' in text
     assert 'llm_energy_idle_baseline_info{basis="configured"} 1.0' in text
+
+
+def test_recordings_appended_across_restarts_attribute_cleanly(tmp_path: Path) -> None:
+    """Two starts appending to one --record directory give ids that never collide."""
+    for start in range(2):
+        clock = [100.0 * start]
+        recorder = TraceRecorder(tmp_path, wall_offset_s=0.0)
+        meter = _meter(clock, on_finished=recorder.request)
+        for _ in range(3):
+            rid = meter.request_started("chat", "m", 10.0)
+            _samples(meter, clock, clock[0] + 1.0)
+            meter.request_finished(rid, "ok", 10, 5)
+        meter.flush()
+        recorder.close()
+    rows = read_requests(tmp_path / "requests.csv")  # rejects an id seen twice
+    assert len({r.id for r in rows}) == 6
