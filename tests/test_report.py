@@ -220,6 +220,21 @@ class TestSyntheticTrace:
         assert doc["pue"] == 1.5
         assert doc["boundary"]["gpus"][0] == {"index": "0", "uuid": "GPU-a", "name": "H100"}
 
+    def test_idle_recording_is_all_standby(self, tmp_path: Path) -> None:
+        """A recording with no finished request (header only) reports all energy as standby."""
+        trace = write_trace(tmp_path / "trace")
+        header = (trace / "requests.csv").read_text().splitlines()[0]
+        (trace / "requests.csv").write_text(header + "\n")
+        out = tmp_path / "out"
+        assert run_cli("report", "--trace", str(trace), "--out", str(out)) == 0
+        doc = json.loads((out / "report.json").read_text())
+        assert doc["requests"] == 0
+        assert doc["energy_joules"]["total"] > 0
+        assert doc["energy_joules"]["idle_standby"] == pytest.approx(doc["energy_joules"]["total"])
+        assert doc["joules_per_request_all_in"] is None
+        assert any("no request finished" in n for n in doc["notes"])
+        assert png_size(out / "request_energy.png")[0] > 400
+
     def test_without_intensity_emissions_are_null(self, tmp_path: Path) -> None:
         """No recorded or given intensity: operational grams and SCI are null, never invented."""
         trace = write_trace(tmp_path / "trace")

@@ -215,7 +215,11 @@ def from_prometheus(
     )
     intensity = _intensity(client, start, end, carbon_intensity_g_per_kwh, data_from)
     live_pue = [v for _, vs in client.raw("llm_energy_pue", start, end) for _, v in vs]
-    notes = []
+    notes = [
+        f"power is sampled every {step_s:g} s from Prometheus"
+        + (" (means over each step)" if step_s > 15 else "")
+        + "; its minimum and maximum are of those samples."
+    ]
     if before_j > 0:
         notes.append(
             f"{before_j:,.1f} J were booked between the sidecar's start and its first scrape in "

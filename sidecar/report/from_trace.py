@@ -55,7 +55,7 @@ def from_trace(
         raise ReportError(f"--trace: {directory} is not a directory")
     try:
         power = read_power(directory / "power.csv")
-        requests = read_requests(directory / "requests.csv")
+        requests = _read_requests(directory / "requests.csv")
     except TraceError as e:
         raise ReportError(str(e)) from None
     runs: list[dict[str, Any]] = []
@@ -65,6 +65,8 @@ def from_trace(
         except RunInfoError as e:
             raise ReportError(str(e)) from None
     power, requests, notes = _clip(power, requests, from_s, to_s)
+    if not requests:
+        notes.append("no request finished in the period: all its energy is idle standby.")
     result = attribute(power, requests)
     start_s = min(r.time_s for r in power)
     end_s = max(r.time_s for r in power)
@@ -74,6 +76,7 @@ def from_trace(
     fine_j = binned(times, cumulative, fine)
     fine_total = [sum(fine_j[p][i] for p in PHASES) for i in range(len(fine) - 1)]
     widths = [b - a for a, b in itertools.pairwise(fine)]
+    notes.append(f"power minimum and maximum are of {widths[0]:g}-second means.")
     per_request = {r["id"]: r for r in result["requests"]}
     baseline = float(result["idle_baseline_watts"])
     phase_j: dict[Phase, float] = {p: float(result["energy_joules"][p]) for p in PHASES}
@@ -108,6 +111,18 @@ def from_trace(
         embodied=_embodied(run, len({r.gpu for r in power})),
         notes=notes,
     )
+
+
+def _read_requests(path: Path) -> list[RequestRow]:
+    """The requests file; a header alone is an idle recording (all standby), not an error."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            lines = [line for line, _ in zip(handle, range(2), strict=False) if line.strip()]
+    except OSError:
+        lines = []  # read_requests names the file and the reason
+    if len(lines) == 1:
+        return []
+    return read_requests(path)
 
 
 def _clip(

@@ -159,6 +159,17 @@ def draw_requests(inp: ReportInputs, path: Path) -> None:
         ax.legend(fontsize=9, frameon=False)
         ax.set_ylabel("requests")
         ax.set_title(f"Attributed energy per request ({len(values)} requests)", fontsize=11)
+    elif not any(c for _, c in inp.request_energy.buckets):
+        ax.text(
+            0.5,
+            0.5,
+            "no finished requests in the period",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="#5b6574",
+        )
+        ax.set_title("Attributed energy per request (0 requests)", fontsize=11)
     else:
         buckets = inp.request_energy.buckets
         used = [i for i, (_, c) in enumerate(buckets) if c > 0]
