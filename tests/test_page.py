@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,8 @@ def demo() -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60.0)
+        assert ready, "the demo printed nothing within 60 s"
         first = proc.stdout.readline().strip()
         assert first == f"demo: live page on http://127.0.0.1:{mport}/", first
         yield f"http://127.0.0.1:{mport}/"
