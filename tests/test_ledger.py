@@ -198,8 +198,8 @@ class TestBaseline:
         got = estimate_idle_watts(samples, [(0.0, 100.0)])
         assert got["0"] == pytest.approx(101.0)
 
-    def test_live_estimator_starts_from_a_low_percentile_not_one_reading(self) -> None:
-        """Before any standby, a lone 0 W reading among the first samples does not pin the baseline."""
+    def test_live_estimator_starts_from_a_low_reading_not_one_reading(self) -> None:
+        """Before any standby: the third-lowest reading, so a lone 0 W reading does not pin it."""
         est = BaselineEstimator(window_s=600.0, recompute_s=0.0)
         est.observe(0.0, 0.0, standby=False)
         assert est.value_w is None  # one reading is no estimate

@@ -8,6 +8,7 @@ fall back on what it last knew rather than on what it sees under load.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -24,11 +25,13 @@ INF: Final = math.inf
 Basis = Literal["configured", "standby", "held", "startup"]
 BASES: Final[tuple[Basis, ...]] = ("startup", "held", "standby", "configured")
 """Weakest first: where GPUs differ, the sidecar reports the weakest basis in force."""
-STARTUP_SAMPLES: Final = 100
-"""How many first samples the start-up estimate looks at (10 s at the default rate)."""
+STARTUP_SAMPLES: Final = 600
+"""How many readings before the first request the start-up median keeps."""
 MIN_STARTUP_SAMPLES: Final = 3
 """Fewer readings than this are no estimate: a lone 0 W sample must not pin the baseline."""
-STARTUP_QUANTILE: Final = 0.10
+LOW_RANK: Final = 3
+"""With no reading before the first request, the third-lowest reading since start: the
+lowest power a busy server shows (between batches) without one odd reading deciding it."""
 
 
 class BaselineEstimator:
@@ -45,8 +48,8 @@ class BaselineEstimator:
     ``held``; the estimate moves only when new standby samples come, so
     ageing out under load leaves the median of the full window in force); before any standby median it uses the median of what it saw
     after the upstream answered and before the first request (``startup``), and
-    with fewer than three such readings the 10th percentile of its first
-    samples, never a single reading. Samples are thinned to ``min_spacing_s``
+    with fewer than three such readings the third-lowest reading since then,
+    never a single reading. Samples are thinned to ``min_spacing_s``
     and the statistic is recomputed at most every ``recompute_s`` so a 100 Hz
     sampler stays cheap.
     """
@@ -63,7 +66,7 @@ class BaselineEstimator:
         self._recompute_s = recompute_s if window_s is not None else 0.0
         self._all: deque[tuple[float, float]] = deque()
         self._standby: deque[tuple[float, float]] = deque()
-        self._first: list[float] = []  # the first samples (live: after the upstream answered)
+        self._lowest: list[float] = []  # the LOW_RANK lowest readings (live: since it answered)
         self._before_request: list[float] = []  # ... and of those, before the first request
         self._held_w: float | None = None
         self._fresh = False  # standby samples came since the last median
@@ -80,10 +83,12 @@ class BaselineEstimator:
         if time_s - self._last_kept_s < 0.9 * self._spacing_s:
             return  # (0.9: a sampler at exactly 1/spacing, with jitter, keeps every reading)
         self._last_kept_s = time_s
-        if len(self._first) < STARTUP_SAMPLES:
-            self._first.append(power_w)
-            if before_request:
-                self._before_request.append(power_w)
+        if before_request and len(self._before_request) < STARTUP_SAMPLES:
+            self._before_request.append(power_w)
+        lowest = self._lowest
+        if len(lowest) < LOW_RANK or power_w < lowest[-1]:
+            bisect.insort(lowest, power_w)
+            del lowest[LOW_RANK:]
         if self._window_s is None:
             self._all.append((time_s, power_w))
         if standby:
@@ -104,7 +109,7 @@ class BaselineEstimator:
         (the model not loaded yet), not its resident cost, so forget it."""
         while self._standby and self._standby[0][0] < time_s:
             self._standby.popleft()
-        self._first.clear()
+        self._lowest.clear()
         self._before_request.clear()
         self._held_w = None
         self._value_w = None
@@ -128,8 +133,8 @@ class BaselineEstimator:
         self.basis = "startup"
         if len(self._before_request) >= MIN_STARTUP_SAMPLES:
             return median(sorted(self._before_request))
-        if len(self._first) >= MIN_STARTUP_SAMPLES:
-            return percentile(sorted(self._first), STARTUP_QUANTILE)
+        if len(self._lowest) >= LOW_RANK:
+            return self._lowest[-1]
         return None
 
     @property
