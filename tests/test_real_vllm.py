@@ -242,6 +242,35 @@ async def chat_stream_usage(base: str, prompt: str, seed: int) -> None:
     assert chunks[-1].choices == []
 
 
+async def chat_stream_continuous_usage(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is not None for chunk in chunks)  # vLLM's usage in every chunk
+
+
+async def chat_stream_two_choices(base: str, prompt: str, seed: int) -> None:
+    async with client(base) as c:
+        stream = await c.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            n=2,
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+    assert {choice.index for chunk in chunks for choice in chunk.choices} == {0, 1}
+
+
 async def chat(base: str, prompt: str, seed: int) -> None:
     async with client(base) as c:
         done = await c.chat.completions.create(
@@ -334,6 +363,8 @@ async def messages(base: str, prompt: str, seed: int) -> None:
 SHAPES: dict[str, tuple[Shape, str]] = {  # name: (client call, contract endpoint label)
     "chat-stream": (chat_stream, "chat"),
     "chat-stream-usage": (chat_stream_usage, "chat"),
+    "chat-stream-continuous-usage": (chat_stream_continuous_usage, "chat"),
+    "chat-stream-n2": (chat_stream_two_choices, "chat"),
     "chat": (chat, "chat"),
     "completion-stream": (completion_stream, "completion"),
     "completion-stream-usage": (completion_stream_usage, "completion"),
@@ -352,30 +383,36 @@ async def test_tokens_match_vllm_counters(proxy: Sidecar, vllm: VllmServer, shap
     histogram."""
     call, endpoint = SHAPES[shape]
     n = REQUESTS_PER_SHAPE
+    # vLLM runs each of n choices as a request of its own: it counts the prompt (and a
+    # finished request) once per choice, where the usage the client gets counts it once.
+    choices = 2 if shape.endswith("-n2") else 1
     before = await counts(proxy, vllm)
     await asyncio.gather(*(call(proxy.url, PROMPTS[i], 100 + i) for i in range(n)))
     d = await settled(
         proxy,
         vllm,
         before,
-        n,
+        n * choices,
         lambda d: (
             d.ours_requests >= n
-            and within_1_percent(d.ours_prompt, d.vllm_prompt)
+            and within_1_percent(d.ours_prompt, d.vllm_prompt / choices)
             and within_1_percent(d.ours_completion, d.vllm_completion)
         ),
     )
     print(
-        f"figures shape={shape} prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
+        f"figures shape={shape} prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt / choices:g}"
         f" completion ours={d.ours_completion:g} vllm={d.vllm_completion:g}"
         f" requests histogram={d.ours_requests:g} endpoint[{endpoint}]={d.ours_by_endpoint.get(endpoint, 0):g}"
     )
-    assert d.vllm_finished == n
+    assert d.vllm_finished == n * choices
     assert d.vllm_prompt > 0
     assert d.vllm_completion > 0
     assert d.ours_requests == n, "every request in llm_energy_request_joules"
     assert d.ours_by_endpoint.get(endpoint, 0.0) == n, d.ours_by_endpoint
-    assert within_1_percent(d.ours_prompt, d.vllm_prompt), (d.ours_prompt, d.vllm_prompt)
+    assert within_1_percent(d.ours_prompt, d.vllm_prompt / choices), (
+        d.ours_prompt,
+        d.vllm_prompt / choices,
+    )
     assert within_1_percent(d.ours_completion, d.vllm_completion), (
         d.ours_completion,
         d.vllm_completion,
