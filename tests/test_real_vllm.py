@@ -15,7 +15,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -86,23 +85,6 @@ def proxy(vllm: VllmServer) -> Generator[Sidecar, None, None]:
     # Debug level: the per-request ``request.finished`` lines are what the log test reads.
     proc = start_simulated(vllm.url, port, mport, "--log-level", "debug")
     sidecar = run_sidecar(proc, port, mport)
-    # The proxy learns from its first stream sent as is whether this upstream writes
-    # ``"usage": null`` unasked, and injects only after that (sidecar/tracking/proxy.py):
-    # the shapes measure the steady state; test_first_stream_counted pins the first one.
-    warm = {"model": "tiny-llama", "messages": [{"role": "user", "content": PROMPTS[0]}]}
-    request = urllib.request.Request(
-        f"{sidecar.url}/v1/chat/completions",
-        data=json.dumps({**warm, "max_tokens": 8, "stream": True}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as r:
-        assert r.read().endswith(b"data: [DONE]\n\n")
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while time.monotonic() < deadline:  # finalised, so it is in no test's delta
-        with urllib.request.urlopen(sidecar.metrics_url, timeout=5) as r:
-            if total(r.read().decode(), "llm_energy_request_joules_count") >= 1:
-                break
-        time.sleep(0.2)
     yield sidecar
     sidecar.stop()
 
