@@ -157,7 +157,12 @@ def report_json(inp: ReportInputs, figures: list[str]) -> dict[str, Any]:
         if decode is None
         else ratio(sum(m.staged_decode_j for m in models), staged_completion),
         "joules_per_output_token_all_in": ratio(total, inp.completion_tokens),
-        "carbon_intensity": {"grams_per_kwh": g_per_kwh, "source": source},
+        "carbon_intensity": {
+            "grams_per_kwh": g_per_kwh,
+            "source": source,
+            "region": " + ".join(dict.fromkeys(c.region for c in inp.intensity if c.region))
+            or None,
+        },
         "pue": inp.pue,
         "pue_source": inp.pue_stated_by,
         "emissions_grams": {"operational": op_g, "embodied": emb_g},

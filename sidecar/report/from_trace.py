@@ -81,6 +81,14 @@ def from_trace(
     baseline = float(result["idle_baseline_watts"])
     phase_j: dict[Phase, float] = {p: float(result["energy_joules"][p]) for p in PHASES}
     run = _run_in(runs, start_s, end_s)
+    pues = {
+        float(r["pue"]) for r in runs if "pue" in r and start_s <= float(r["started_s"]) <= end_s
+    }
+    if pue is None and len(pues) > 1:
+        notes.append(
+            f"the PUE changed between starts in the period ({min(pues):g} to {max(pues):g}); "
+            "the latest is applied throughout"
+        )
     return ReportInputs(
         source=f"trace {directory}",
         from_s=start_s,

@@ -63,7 +63,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"| GPU power mean / min / max | {_n(doc['power_watts']['mean'], 'W', 1)} / "
         f"{_n(doc['power_watts']['min'], 'W', 1)} / {_n(doc['power_watts']['max'], 'W', 1)} |",
         f"| idle baseline (all GPUs) | {_n(doc['idle_baseline_watts'], 'W', 1)} |",
-        f"| carbon intensity | {_n(ci['grams_per_kwh'], 'gCO2e/kWh', 1)} ({ci['source'] or 'none given'}) |",
+        f"| carbon intensity | {_n(ci['grams_per_kwh'], 'gCO2e/kWh', 1)} "
+        f"({ci['source'] or 'none given'}{', ' + ci['region'] if ci.get('region') else ''}) |",
         f"| PUE | {_n(doc['pue'])} ({doc['pue_source']}) |",
         f"| emissions, operational / embodied | {_n(em['operational'], 'gCO2e', 3)} / "
         f"{_n(em['embodied'], 'gCO2e', 3)} |",
