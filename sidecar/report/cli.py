@@ -35,9 +35,17 @@ def add_report_parser(sub: Any) -> None:
         help='with --prometheus: a series selector such as {namespace="serving",job="vllm"}',
     )
     rep.add_argument(
-        "--from", dest="from_", metavar="T", help="start: RFC 3339 time or relative (-7d)"
+        "--from",
+        dest="from_",
+        metavar="T",
+        help="start: RFC 3339 time or relative (-7d); default the recording's start, "
+        "or with --prometheus 24 h before --to",
     )
-    rep.add_argument("--to", metavar="T", help="end: RFC 3339 time or relative (default now)")
+    rep.add_argument(
+        "--to",
+        metavar="T",
+        help="end: RFC 3339 time or relative; default the recording's end, or now",
+    )
     rep.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     rep.add_argument(
         "--carbon-intensity",
