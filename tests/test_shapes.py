@@ -204,12 +204,54 @@ def _events(body: bytes) -> list[bytes]:
     return [e + b"\n\n" for e in body.split(b"\n\n") if e]
 
 
+FINGERPRINT = re.compile(rb',"system_fingerprint":"[^"]*"')
+
+
+def without_fingerprint(name: str) -> bytes:
+    """A captured stream minus vLLM's `system_fingerprint`, for tests about other members."""
+    return FINGERPRINT.sub(b"", sample(name))
+
+
+def same_ids(event: bytes, like: bytes) -> bytes:
+    """``event`` with the `id` and `created` of ``like`` (two captures differ only there)."""
+    for key in (rb'"id":"[^"]*"', rb'"created":\d+'):
+        found = re.search(key, like)
+        assert found is not None
+        event = re.sub(key, found.group(0).replace(b"\\", b"\\\\"), event, count=1)
+    return event
+
+
 class TestStripOnVllmShapes:
     """The injected usage chunk and `usage: null` members go; nothing else changes."""
 
+    @pytest.mark.parametrize("name", ["chat-stream", "completion-stream"])
+    def test_terminal_chunk_gets_vllm_fingerprint_back(self, name: str) -> None:
+        """vLLM moves `system_fingerprint` to the usage chunk when asked: stripping moves it back.
+
+        The stripped terminal chunk equals the one vLLM sent to a client that did
+        not ask (another capture: only `id` and `created` differ).
+        """
+        asked = _events(sample(f"{name}-usage"))
+        unasked = _events(sample(name))
+        out = track(
+            info("chat" if name.startswith("chat") else "completion", "openai", True),
+            b"".join(asked),
+            SSE,
+            5,
+            strip_usage_chunk=True,
+        )[1]
+        stripped = _events(out)
+        assert b'"choices":[]' not in out
+        terminal = [e for e in stripped if b'"finish_reason":"' in e]
+        assert len(terminal) == 1
+        assert b"system_fingerprint" not in b"".join(e for e in stripped if e not in terminal)
+        expected = [e for e in unasked if b'"finish_reason":"' in e]
+        assert [same_ids(terminal[0], expected[0])] == expected
+        assert stripped[-1] == b"data: [DONE]\n\n"
+
     def test_vllm_usage_chunk_dropped(self) -> None:
         """vLLM's usage chunk (choices [] with usage) is removed, every other byte kept."""
-        body = sample("chat-stream-usage")
+        body = without_fingerprint("chat-stream-usage")
         expected = b"".join(e for e in _events(body) if b'"choices":[]' not in e)
         for step in (0, 1, 13):
             usage, out, _ = track(
@@ -228,7 +270,7 @@ class TestStripOnVllmShapes:
     )
     def test_null_usage_anywhere_removed(self, before: bytes, after: bytes) -> None:
         """`"usage": null` first, in the middle or spaced out is removed from each chunk."""
-        plain = sample("chat-stream-usage")
+        plain = without_fingerprint("chat-stream-usage")
         events = _events(plain)
         injected = b"".join(
             e.replace(before, after, 1) if b'"choices":[]' not in e and b"[DONE]" not in e else e
@@ -245,7 +287,7 @@ class TestStripOnVllmShapes:
     def test_null_usage_python_spacing_removed(self, first: bool) -> None:
         """A server writing `", "` and `": "` separators: first or last `usage: null` goes."""
         plain, injected = [], []
-        for e in _events(sample("chat-stream-usage")):
+        for e in _events(without_fingerprint("chat-stream-usage")):
             data = e[len(b"data: ") : -2]
             if data == b"[DONE]":
                 plain.append(e)
@@ -265,7 +307,7 @@ class TestStripOnVllmShapes:
 
     def test_null_usage_at_the_end_removed(self) -> None:
         """`"usage":null` as the last member is removed with its comma."""
-        events = _events(sample("completion-stream-usage"))
+        events = _events(without_fingerprint("completion-stream-usage"))
         injected = b"".join(
             e.replace(b"}\n\n", b',"usage":null}\n\n', 1)
             if b'"choices":[]' not in e and b"[DONE]" not in e
@@ -280,7 +322,7 @@ class TestStripOnVllmShapes:
 
     def test_server_that_always_writes_null_keeps_it(self) -> None:
         """An upstream that writes `usage: null` unasked (SGLang) keeps it; only the chunk goes."""
-        events = _events(sample("chat-stream-usage"))
+        events = _events(without_fingerprint("chat-stream-usage"))
         always = [
             e.replace(b'{"id":', b'{"usage":null,"id":', 1) if b'"choices":[]' not in e else e
             for e in events
@@ -430,7 +472,7 @@ class TestBudget:
     def test_stripped_stream_stays_exact_over_budget(self) -> None:
         """Injected streams keep framing past the budget, so the client still gets exact bytes."""
         budget = ParseBudget(10)
-        body = sample("chat-stream-usage")
+        body = without_fingerprint("chat-stream-usage")
         expected = b"".join(e for e in _events(body) if b'"choices":[]' not in e)
         _usage, out, _ = track(
             info("chat", "openai", True), body, SSE, 30, strip_usage_chunk=True, budget=budget

@@ -38,6 +38,7 @@ _SALVAGE_TAIL: Final = 64 * 1024
 _USAGE_KEY: Final = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL_PAIR: Final = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 _Mode = Literal["pass", "sse", "ndjson", "json"]
+_TERMINAL: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class ResponseTracker:
         "_completion",
         "_done",
         "_events",
+        "_fingerprint",
         "_info",
         "_json_parts",
         "_json_size",
@@ -119,6 +121,7 @@ class ResponseTracker:
         "_streaming",
         "_strip",
         "_tail",
+        "_terminal",
         "_token_events",
         "_usage",
         "null_usage_seen",
@@ -158,6 +161,8 @@ class ResponseTracker:
         self.null_usage_seen = False  # a chunk carried `"usage": null` (see the proxy)
         self._budget = budget
         self._reserved = 0
+        self._terminal: list[bytes] = []  # strip mode: terminal chunks awaiting the usage chunk
+        self._fingerprint: str | None = None
         self._read_headers(headers)
 
     @property
@@ -174,7 +179,7 @@ class ResponseTracker:
     def held_bytes(self) -> int:
         """Bytes of the body kept right now; never more than ``max_buffer`` (+1 pending CR)."""
         if self._events is not None:
-            return self._events.held_bytes
+            return self._events.held_bytes + sum(len(raw) for raw in self._terminal)
         if self._lines is not None:
             return self._lines.held_bytes
         return self._json_size if self._tail is None else len(self._tail)
@@ -234,7 +239,8 @@ class ResponseTracker:
 
     def _drain(self) -> bytes:
         if self._events is not None:
-            return self._pieces(self._events.close()).out
+            out = self._pieces(self._events.close()).out
+            return b"".join([*self._release_terminal(None), out])
         if self._lines is not None:
             for line in self._lines.close():
                 self._on_ndjson(line)
@@ -282,12 +288,37 @@ class ResponseTracker:
                 tokens += count
                 if self._strip and piece.complete:
                     if edit == "drop" and not self._server_usage:
+                        out.extend(self._release_terminal(self._fingerprint))
                         continue
                     if edit == "null_usage" and not self._keep_null:
                         raw = without_null_usage(raw)
+                    if _TERMINAL.search(raw) and b'"system_fingerprint"' not in raw:
+                        self._terminal.append(raw)  # may gain the usage chunk's fingerprint
+                        continue
             if self._strip:
+                out.extend(self._release_terminal(None))
                 out.append(raw)
         return Fed(tokens, out[0] if len(out) == 1 else b"".join(out))
+
+    def _release_terminal(self, fingerprint: str | None) -> list[bytes]:
+        """The held terminal chunks, with ``fingerprint`` added where the server would have.
+
+        vLLM stamps ``system_fingerprint`` on each choice's terminal chunk (the one
+        with a ``finish_reason``) unless usage was asked for; then only the usage
+        chunk carries it. Dropping that chunk, strip mode moves its fingerprint
+        back, as the last member, which is where vLLM writes it.
+        """
+        if not self._terminal:
+            return []
+        held, self._terminal = self._terminal, []
+        if fingerprint is None:
+            return held
+        member = b',"system_fingerprint":' + json.dumps(fingerprint).encode()
+        out = []
+        for raw in held:
+            end = raw.rfind(b"}")
+            out.append(raw[:end] + member + raw[end:] if end > 0 else raw)
+        return out
 
     def _on_sse(self, raw: bytes) -> tuple[int, Edit]:
         """Token events in one SSE event, and what strip mode must do to it.
@@ -325,6 +356,8 @@ class ResponseTracker:
             self.null_usage_seen = True
         if isinstance(choices, list):
             if not choices and isinstance(usage, dict):
+                fingerprint = obj.get("system_fingerprint")
+                self._fingerprint = fingerprint if isinstance(fingerprint, str) else None
                 return 0, "drop"
             if choices and isinstance(usage, dict):
                 self._server_usage = True
