@@ -201,3 +201,41 @@ def test_recordings_appended_across_restarts_attribute_cleanly(tmp_path: Path) -
         recorder.close()
     rows = read_requests(tmp_path / "requests.csv")  # rejects an id seen twice
     assert len({r.id for r in rows}) == 6
+
+
+def test_silent_gpu_request_reaches_histogram_whole_and_energy_balances() -> None:
+    """A GPU silent past the wait: the request still reaches the histogram, and its later
+    readings never change it; histogram + standby + unattributed = measured."""
+    clock = [0.0]
+    meter = Meter(
+        [GpuInfo("0", "GPU-0", "sim"), GpuInfo("1", "GPU-1", "sim")],
+        clock=lambda: clock[0],
+        idle_watts={"0": 50.0, "1": 50.0},
+        intensity=FixedIntensity(400.0, "xx", "fixed"),
+        sample_period_s=0.1,
+    )
+
+    def both(t: float, gpus: tuple[str, ...]) -> None:
+        meter.on_samples([PowerSample(t, g, 100.0, 100.0 * t) for g in gpus])
+
+    for i in range(11):
+        both(i / 10, ("0", "1"))
+    clock[0] = 1.0
+    rid = meter.request_started("chat", "m", 10.0)
+    for i in range(11, 600):  # GPU 1 falls silent at 1 s
+        clock[0] = i / 10
+        if i == 20:
+            meter.request_finished(rid, "ok", 10, 5)
+        both(clock[0], ("0",))
+        meter.tick()
+    hist = meter.request_j["m"]
+    assert sum(hist.counts) == 1
+    before = hist.total
+    clock[0] = 60.0
+    both(60.0, ("0", "1"))  # GPU 1 is back: its 59 s gap is booked from its counter
+    meter.flush()
+    assert hist.total == before
+    ledger = meter.ledger
+    accounted = hist.total + ledger.phase_j["idle_standby"] + ledger.unattributed_j
+    assert accounted == pytest.approx(ledger.total_j, rel=1e-9)
+    assert ledger.unattributed_j == pytest.approx(100.0)  # GPU 1 over the request's 1 s
