@@ -412,7 +412,7 @@ class Meter:
                     log.exception("meter.on_finished_failed")
 
     def _book_stages(self, f: FinishedRequest) -> None:
-        for stage, joules in (("prefill", f.prefill_j), ("decode", f.decode_j)):
+        for stage, joules in zip(STAGES, (f.prefill_j, f.decode_j), strict=True):
             key = (f.model, stage)
             self.stage_j[key] = self.stage_j.get(key, 0.0) + joules
         self._prefill_j += f.prefill_j
