@@ -5,6 +5,10 @@ It owns the ledger and keeps every figure the outputs need as plain numbers
 scrape or a ``/summary`` call only reads cached state: its cost follows the
 number of label values, never the requests in flight. Emissions accrue as
 energy is assigned, at the intensity in force at that moment.
+
+Per-request figures (histogram, stages, tenants) are booked once, when the
+ledger hands a request out as final; a model name becomes a label only once a
+request naming it did not fail, so failures cannot use up the label budget.
 """
 
 from __future__ import annotations
