@@ -311,6 +311,18 @@ def test_bad_flag_exits_2_with_one_line(image: Built) -> None:
     assert "--sample-hz" in lines[0]
 
 
+def test_report_extra_is_left_out_and_report_says_how_to_get_it(image: Built) -> None:
+    """The default image has no matplotlib; `report` then exits 2 with one line naming the extra."""
+    found = _inside(image, FIND_TOOLS)
+    assert isinstance(found, dict)
+    assert "matplotlib" not in found["distributions"]
+    done = image.podman.run(image.tag, "report", "--trace", "/tmp", "--out", "/tmp/report")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "llm-energy-sidecar[report]" in lines[0]
+
+
 async def test_proxies_a_stream_byte_for_byte_and_counts_it(
     image: Built, aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
