@@ -79,9 +79,9 @@ def image(request: pytest.FixtureRequest) -> Built:
     return Built(podman=podman, tag=IMAGE, build_s=build_s, size_over_base_bytes=over)
 
 
-def _inside(image: Built, code: str, *, python: str = "python") -> object:
-    """Run ``code`` with the image's Python, hardened; its stdout parsed as JSON."""
-    done = image.podman.run(image.tag, "-c", code, extra=("--entrypoint", python))
+def _inside(image: Built, code: str, *, python: str = "python", tag: str | None = None) -> object:
+    """Run ``code`` with the image's Python (or ``tag``'s), hardened; stdout parsed as JSON."""
+    done = image.podman.run(tag or image.tag, "-c", code, extra=("--entrypoint", python))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -242,9 +242,7 @@ def test_no_compiler_build_backend_or_source_tree(
     base_tools = _inside(image, FIND_TOOLS, python="/usr/local/bin/python")
     assert isinstance(base_tools, dict)
 
-    in_base = _inside(
-        Built(image.podman, BASE_IMAGE, 0, 0), LIST_FILES, python="/usr/local/bin/python"
-    )
+    in_base = _inside(image, LIST_FILES, python="/usr/local/bin/python", tag=BASE_IMAGE)
     in_image = _inside(image, LIST_FILES)
     assert isinstance(in_base, list)
     assert isinstance(in_image, list)
