@@ -249,6 +249,49 @@ class TestStripOnVllmShapes:
         assert [same_ids(terminal[0], expected[0])] == expected
         assert stripped[-1] == b"data: [DONE]\n\n"
 
+    def test_known_fingerprint_goes_on_every_terminal_chunk(self) -> None:
+        """With n > 1 the terminal chunks interleave: an upstream's known fingerprint is added at once."""
+
+        def chunk(index: int, text: str, finish: str | None, fp: bool = False) -> bytes:
+            choice = {"index": index, "delta": {"content": text}, "finish_reason": finish}
+            obj: dict[str, Any] = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "choices": [choice],
+            }
+            if fp:
+                obj["system_fingerprint"] = "vllm-fp"
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                 "system_fingerprint": "vllm-fp"}  # fmt: skip
+        asked = [
+            chunk(0, "a", None),
+            chunk(1, "b", None),
+            chunk(0, "c", "stop"),
+            chunk(1, "d", None),
+            chunk(1, "e", "length"),
+            b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n",
+            b"data: [DONE]\n\n",
+        ]
+        unasked = [
+            chunk(0, "a", None),
+            chunk(1, "b", None),
+            chunk(0, "c", "stop", fp=True),
+            chunk(1, "d", None),
+            chunk(1, "e", "length", fp=True),
+            b"data: [DONE]\n\n",
+        ]
+        req = info("chat", "openai", True)
+        _, out, _ = track(
+            req, b"".join(asked), SSE, 7, strip_usage_chunk=True, fingerprint="vllm-fp"
+        )
+        assert out == b"".join(unasked)
+        t = ResponseTracker(req, SSE, None, {}, strip_usage_chunk=True)
+        t.feed(b"".join(asked))
+        t.flush()
+        assert t.usage_fingerprint == "vllm-fp"  # what the proxy keeps for the next stream
+
     def test_vllm_usage_chunk_dropped(self) -> None:
         """vLLM's usage chunk (choices [] with usage) is removed, every other byte kept."""
         body = without_fingerprint("chat-stream-usage")

@@ -183,6 +183,7 @@ class Proxy:
         self.null_usage_unasked: bool | None = None
         self._calibrate = False  # an injected stream had nulls: send the next one as is
         self._budget_logged = False
+        self._fingerprint: str | None = None  # vLLM's system_fingerprint, from a usage chunk
         """Whether the upstream writes ``"usage": null`` in chunks unasked; ``None``: not seen yet."""
         self.budget = budget if budget is not None else ParseBudget()
         self._tenants = tenants
@@ -397,6 +398,7 @@ class Proxy:
                     upstream.headers,
                     strip_usage_chunk=strip_usage,
                     keep_null_usage=self.null_usage_unasked is True,
+                    fingerprint=self._fingerprint,
                     max_buffer=MAX_PARSED_BODY,
                     budget=self.budget,
                 )
@@ -438,6 +440,8 @@ class Proxy:
                         if usage.model and rid is not None:
                             self._safe("model", self._meter.model_learned, rid, usage.model)
                     self._learn_null_usage(info, tracker, strip_usage, upstream.status)
+                    if strip_usage and tracker.usage_fingerprint is not None:
+                        self._fingerprint = tracker.usage_fingerprint
             finally:
                 if tracker is not None:
                     self._safe("release", tracker.release)

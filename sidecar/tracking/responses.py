@@ -110,6 +110,7 @@ class ResponseTracker:
         "_json_parts",
         "_json_size",
         "_keep_null",
+        "_known_fingerprint",
         "_lines",
         "_max",
         "_mode",
@@ -136,6 +137,7 @@ class ResponseTracker:
         *,
         strip_usage_chunk: bool = False,
         keep_null_usage: bool = False,
+        fingerprint: str | None = None,
         max_buffer: int = 1 << 20,
         budget: ParseBudget | None = None,
     ) -> None:
@@ -163,6 +165,7 @@ class ResponseTracker:
         self._reserved = 0
         self._terminal: list[bytes] = []  # strip mode: terminal chunks awaiting the usage chunk
         self._fingerprint: str | None = None
+        self._known_fingerprint = fingerprint  # the upstream's, from an earlier usage chunk
         self._read_headers(headers)
 
     @property
@@ -292,9 +295,16 @@ class ResponseTracker:
                         continue
                     if edit == "null_usage" and not self._keep_null:
                         raw = without_null_usage(raw)
-                    if _TERMINAL.search(raw) and b'"system_fingerprint"' not in raw:
-                        self._terminal.append(raw)  # may gain the usage chunk's fingerprint
-                        continue
+                    if (
+                        not self._server_usage  # a server that sends usage unasked moved nothing
+                        and _TERMINAL.search(raw)
+                        and b'"system_fingerprint"' not in raw
+                    ):
+                        if self._known_fingerprint is not None:
+                            raw = _with_fingerprint(raw, self._known_fingerprint)
+                        else:
+                            self._terminal.append(raw)  # may gain the usage chunk's fingerprint
+                            continue
             if self._strip:
                 out.extend(self._release_terminal(None))
                 out.append(raw)
@@ -313,12 +323,17 @@ class ResponseTracker:
         held, self._terminal = self._terminal, []
         if fingerprint is None:
             return held
-        member = b',"system_fingerprint":' + json.dumps(fingerprint).encode()
-        out = []
-        for raw in held:
-            end = raw.rfind(b"}")
-            out.append(raw[:end] + member + raw[end:] if end > 0 else raw)
-        return out
+        return [_with_fingerprint(raw, fingerprint) for raw in held]
+
+    @property
+    def usage_fingerprint(self) -> str | None:
+        """The ``system_fingerprint`` of the dropped usage chunk, for the upstream's next streams.
+
+        Known in advance, it goes on each terminal chunk at once: with several
+        choices (``n`` > 1) their terminal chunks come before the usage chunk,
+        interleaved with other choices' chunks, so they cannot all be held.
+        """
+        return self._fingerprint
 
     def _on_sse(self, raw: bytes) -> tuple[int, Edit]:
         """Token events in one SSE event, and what strip mode must do to it.
@@ -499,6 +514,14 @@ class ResponseTracker:
         models = [m for m in _MODEL_PAIR.finditer(tail) if not escaped(tail, m.start())]
         if models:
             self._absorb({"model": loads(models[-1].group(1))})
+
+
+def _with_fingerprint(raw: bytes, fingerprint: str) -> bytes:
+    """One chunk event with ``system_fingerprint`` as its last member, as vLLM writes it."""
+    end = raw.rfind(b"}")
+    if end <= 0:
+        return raw
+    return raw[:end] + b',"system_fingerprint":' + json.dumps(fingerprint).encode() + raw[end:]
 
 
 def _usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
