@@ -212,6 +212,40 @@ def _models_row() -> list[PanelBuilder]:
     ]
 
 
+def _tenants_row() -> list[PanelBuilder]:
+    return [
+        table_panel(
+            "Energy by tenant (last 24 h)",
+            "Showback (sidecars run with --tenant-header or --tenant-from-api-key): attributed "
+            "energy of each tenant's finished requests over the last 24 h, and its grams CO2e "
+            "(operational). `none` is traffic that named no tenant, `invalid` a header value "
+            "that is not a plain name, `other` tenants past --max-tenants.",
+            Units.JOULE,
+            [
+                query(
+                    f"sum by (tenant) (increase(llm_energy_tenant_joules_total{{{_NS}}}[24h]))",
+                    ref_id="A",
+                    instant=True,
+                    table_format=True,
+                ),
+                query(
+                    "sum by (tenant) "
+                    f"(increase(llm_energy_tenant_emissions_grams_total{{{_NS}}}[24h]))",
+                    ref_id="B",
+                    instant=True,
+                    table_format=True,
+                ),
+            ],
+            columns={
+                "Value #A": ("Attributed energy", Units.JOULE),
+                "Value #B": ("Attributed gCO2e", Units.GRAMS),
+            },
+            sort_by="Attributed energy",
+            width=24,
+        ),
+    ]
+
+
 def _top_row() -> list[PanelBuilder]:
     return [
         bargauge_panel(
@@ -276,6 +310,7 @@ def fleet_dashboard() -> Dashboard:
             ("Fleet totals", _totals_row()),
             ("Budgets", _budget_row()),
             ("Models", _models_row()),
+            ("Tenants", _tenants_row()),
             ("Top emitters", _top_row()),
         ],
     )

@@ -52,7 +52,15 @@ async def run(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scraped
     """One Prometheus and one loaded sidecar shared by every query of every dashboard."""
     directory: Path = tmp_path_factory.mktemp("dashboard-queries")
     async with scraped_sidecar(
-        directory, "--emissions-budget", "500", "--region", "FR", "--pue", "1.2"
+        directory,
+        "--emissions-budget",
+        "500",
+        "--region",
+        "FR",
+        "--pue",
+        "1.2",
+        "--tenant-header",
+        "x-tenant-id",
     ) as scraped:
         yield scraped
 

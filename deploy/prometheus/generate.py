@@ -320,6 +320,11 @@ ALL_IN_LEVELS: Final[tuple[tuple[str, ...], ...]] = (
     (),
 )
 """Levels of the all-in figures (idle standby belongs to no model): replica, deployment, fleet."""
+TENANT_LEVELS: Final[tuple[tuple[str, ...], ...]] = (
+    ("namespace", "job", "tenant"),
+    ("tenant",),
+)
+"""Levels of showback (``--tenant-header``): per deployment and fleet-wide, over the budget day."""
 
 
 def _recording_group(timing: RuleTiming) -> RuleGroup:
@@ -396,6 +401,18 @@ def _recording_group(timing: RuleTiming) -> RuleGroup:
                     f"rate(llm_energy_joules_total[{w}])",
                     labels,
                 ),
+            ),
+        ]
+    for labels in TENANT_LEVELS:
+        level = _level(labels)
+        rules += [
+            RecordingRule(
+                f"{level}:llm_energy_tenant_joules:increase{period}",
+                f"{_by(labels)}(increase(llm_energy_tenant_joules_total[{period}]))",
+            ),
+            RecordingRule(
+                f"{level}:llm_energy_tenant_emissions_grams:increase{period}",
+                f"{_by(labels)}(increase(llm_energy_tenant_emissions_grams_total[{period}]))",
             ),
         ]
     # The daily total per deployment and fleet-wide are recorded in the budget group, next to
