@@ -1,0 +1,1 @@
+"""Traces mode: the model server's own OpenTelemetry request spans as the request source."""
