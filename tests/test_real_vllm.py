@@ -281,8 +281,8 @@ def keys(value: Any) -> Any:
 async def sse_events(url: str, body: dict[str, Any]) -> list[Any]:
     """The ``data:`` payloads of a streamed response, JSON-decoded (``[DONE]`` kept as is)."""
     async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
-        assert r.status == 200
         raw = await r.text()
+        assert r.status == 200, raw[:300]
     assert raw.endswith("data: [DONE]\n\n")
     out: list[Any] = []
     for line in raw.splitlines():
@@ -296,28 +296,43 @@ def shapes(events: list[Any]) -> set[str]:
     return {json.dumps(keys(e), sort_keys=True) for e in events}
 
 
-def text_of(events: list[Any]) -> str:
-    return "".join(
-        choice.get("delta", {}).get("content") or choice.get("text") or ""
+def text_of(events: list[Any]) -> dict[int, str]:
+    """Each choice's text, by choice index."""
+    out: dict[int, str] = {}
+    for e in events:
+        for choice in e["choices"] if isinstance(e, dict) else ():
+            piece = choice.get("delta", {}).get("content") or choice.get("text") or ""
+            out[choice["index"]] = out.get(choice["index"], "") + piece
+    return out
+
+
+def terminal(events: list[Any]) -> list[str]:
+    """The shapes of the chunks that end a choice, and of the usage chunk (order aside: the
+    choices of n > 1 interleave by timing)."""
+    return sorted(
+        json.dumps(keys(e), sort_keys=True)
         for e in events
         if isinstance(e, dict)
-        for choice in e["choices"]
+        and (not e["choices"] or any(c.get("finish_reason") for c in e["choices"]))
     )
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("n", [1, 2])
 async def test_client_receives_what_vllm_sends(
-    proxy: Sidecar, vllm: VllmServer, path: str, include_usage: bool
+    proxy: Sidecar, vllm: VllmServer, path: str, include_usage: bool, n: int
 ) -> None:
-    """A greedy stream through the proxy has the same kinds of chunks (member names), first
-    and last chunk and text as the same request sent to vLLM directly: no usage chunk and no
-    ``"usage": null`` for a client that asked for none, the usage chunk for one that asked."""
+    """A greedy (or seeded) stream through the proxy has the same kinds of chunks (member names), first
+    and terminal chunks and text per choice as the same request sent to vLLM directly: no
+    usage chunk and no ``"usage": null`` for a client that asked for none, the usage chunk
+    for one that asked."""
     body: dict[str, Any] = {
         "model": "tiny-llama",
         "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
+        "temperature": 0.0 if n == 1 else 1.0,  # vLLM: greedy only with n=1; seeded otherwise
         "seed": 7,
+        "n": n,
         "stream": True,
     }
     if path.endswith("chat/completions"):
@@ -332,8 +347,9 @@ async def test_client_receives_what_vllm_sends(
     # number of chunks depends on timing; the kinds of chunk and the text do not.
     assert shapes(proxied) == shapes(direct)
     assert keys(proxied[0]) == keys(direct[0])
-    assert [keys(e) for e in proxied[-3:]] == [keys(e) for e in direct[-3:]]
+    assert terminal(proxied) == terminal(direct)
     assert text_of(proxied) == text_of(direct)
+    assert sorted(text_of(proxied)) == list(range(n))
     chunks = [e for e in proxied if isinstance(e, dict)]
     if include_usage:
         assert chunks[-1]["choices"] == []
