@@ -145,6 +145,14 @@ RUN_HELP: dict[str, str] = {
         "add stream_options.include_usage to streaming OpenAI requests and strip the extra "
         "chunk, for exact token counts (default on; --no-inject-usage turns it off)"
     ),
+    "otlp_listen": (
+        "HOST:PORT of an OTLP/HTTP receiver (POST /v1/traces) for the model server's "
+        "request spans (traces mode, no proxy in the path)"
+    ),
+    "otlp_forward": "OTLP/HTTP endpoint (the user's collector) that gets every export unchanged",
+    "otlp_energy_spans": (
+        "with --otlp-forward: also send a span llm_energy.request with its energy per finished request"
+    ),
     "tenant_header": "request header naming the tenant for showback (for example x-tenant-id)",
     "tenant_from_api_key": (
         "tenant = first 12 hex digits of SHA-256(salt + bearer token); "
@@ -161,6 +169,8 @@ RUN_HELP: dict[str, str] = {
 RUN_METAVAR: dict[str, str] = {
     "upstream": "URL",
     "observe": "URL",
+    "otlp_listen": "HOST:PORT",
+    "otlp_forward": "URL",
     "carbon_api_url": "URL",
     "listen": "HOST:PORT",
     "metrics_listen": "HOST:PORT",

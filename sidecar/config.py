@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     host_embodied_kg: float | None = Field(None, ge=0)
     lifetime_years: float | None = Field(None, gt=0)
     inject_usage: bool = True
+    otlp_listen: HostPort | None = None
+    """Traces mode: where the OTLP/HTTP receiver (``POST /v1/traces``) listens."""
+    otlp_forward: AnyHttpUrl | None = None
+    """The user's collector: every export received is sent on to it unchanged."""
+    otlp_energy_spans: bool = False
     tenant_header: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
     )
@@ -177,10 +182,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_mode(self) -> Settings:
-        if self.upstream is None and self.observe is None:
+        if self.upstream is None and self.observe is None and self.otlp_listen is None:
             raise ValueError(
-                "give --upstream URL (proxy mode), --observe URL (observer mode), or both"
+                "give --upstream URL (proxy mode), --observe URL (observer mode) "
+                "or --otlp-listen HOST:PORT (traces mode), or several"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _otlp_together(self) -> Settings:
+        if self.otlp_forward is not None and self.otlp_listen is None:
+            raise ValueError("--otlp-forward: needs --otlp-listen (there is nothing to forward)")
+        if self.otlp_energy_spans and self.otlp_forward is None:
+            raise ValueError("--otlp-energy-spans: needs --otlp-forward URL to send them to")
         return self
 
     @classmethod
@@ -204,10 +218,14 @@ class Settings(BaseSettings):
         return _ExplicitSettings(**values)
 
     @property
-    def mode(self) -> Literal["proxy", "observer", "proxy+observer"]:
-        if self.upstream is not None and self.observe is not None:
-            return "proxy+observer"
-        return "proxy" if self.upstream is not None else "observer"
+    def mode(self) -> str:
+        """The active request sources joined by ``+`` in the order proxy, observer, traces."""
+        on = (
+            ("proxy", self.upstream is not None),
+            ("observer", self.observe is not None),
+            ("traces", self.otlp_listen is not None),
+        )
+        return "+".join(name for name, active in on if active)
 
 
 class _ExplicitSettings(Settings):
