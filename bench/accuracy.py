@@ -39,6 +39,11 @@ from sidecar.workload import SyntheticRequest, Workload, WorkloadSpec, generate
 
 PROMPT_ESTIMATE_SPREAD = 0.25
 """The proxy estimates a prompt from the request body (about 4 bytes a token): within ±25 %."""
+STANDBY_LEAD_S = 5.0
+"""Standby readings before the first request. The sidecar starts before traffic: as a
+native sidecar container it is up before the model server, which then spends tens of
+seconds loading weights and warming up before its readiness probe lets a request in.
+Five seconds (50 readings at 10 Hz) is a short, conservative lead-in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,8 @@ def live_replay(
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
     ledger = Ledger(gpus, idle_watts=idle_watts)
+    if wl.samples:  # the model server answers from the first reading on (the meter's call)
+        ledger.upstream_ready(wl.samples[0][0])
     rate = wl.spec.decode_tokens_per_s
     events: list[tuple[float, int, int, str, int]] = []  # (time, kind order, seq, id, arg)
     seq = 0
@@ -282,7 +289,9 @@ def naive(
 
 
 def run(duration_s: float, *, rps: float = 3.0, gpus: int = 2, seed: int = 11) -> AccuracyResult:
-    spec = WorkloadSpec(duration_s=duration_s, rps=rps, gpus=gpus, seed=seed)
+    spec = WorkloadSpec(
+        duration_s=duration_s, rps=rps, gpus=gpus, seed=seed, standby_lead_s=STANDBY_LEAD_S
+    )
     wl = generate(spec)
     last_sample_s = wl.samples[-1][0]
     scored = [r for r in wl.requests if r.end_s < last_sample_s - 1.0]

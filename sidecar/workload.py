@@ -41,6 +41,10 @@ class WorkloadSpec:
     bursty: bool = True
     seed: int = 0
     start_s: float = 1_700_000_000.0
+    standby_lead_s: float = 0.0
+    """Seconds of standby readings before the first arrival: a sidecar starts before
+    traffic does (a native sidecar container starts before the model server, which
+    then loads its weights and passes its readiness probe before any request)."""
 
 
 @dataclass(slots=True)
@@ -111,7 +115,7 @@ def _arrivals(spec: WorkloadSpec, rnd: random.Random) -> list[float]:
         t += rnd.expovariate(max(rate, 1e-9))
         if t >= spec.duration_s:
             return out
-        out.append(t)
+        out.append(t + spec.standby_lead_s)
 
 
 def generate(spec: WorkloadSpec) -> Workload:
@@ -131,7 +135,7 @@ def generate(spec: WorkloadSpec) -> Workload:
     cuts = sorted(
         {
             0.0,
-            spec.duration_s + 30.0,
+            spec.standby_lead_s + spec.duration_s + 30.0,
             *(t for r in reqs for t in (r.start_s, r.first_token_s, r.end_s)),
         }
     )
@@ -154,7 +158,7 @@ def generate(spec: WorkloadSpec) -> Workload:
     samples: list[tuple[float, str, float, float]] = []
     step = 1.0 / spec.sample_hz
     energy = [0.0] * spec.gpus
-    n = int((spec.duration_s + 5.0) * spec.sample_hz)
+    n = int((spec.standby_lead_s + spec.duration_s + 5.0) * spec.sample_hz)
     prev_t = 0.0
     for k in range(n + 1):
         t = k * step
