@@ -59,6 +59,9 @@ READ_BYTES: Final = 64 << 10
 """Largest socket read per client connection (asyncio's default is 256 KiB): with hundreds of
 large uploads in flight, each connection's read and write buffers are what memory is made of."""
 """How much of a 4xx answer to an injected body is read to look for ``stream_options``."""
+TOKEN_PERIOD_S: Final = 0.1
+"""How often a stream's token count goes to the meter (the default sampling period): the
+ledger shares a sample's energy by the tokens of its period, not of each chunk."""
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
@@ -170,8 +173,10 @@ class Proxy:
         budget: ParseBudget | None = None,
         tenants: TenantLabels | None = None,
         clock: Callable[[], float] = time.monotonic,
+        token_period_s: float = TOKEN_PERIOD_S,
     ) -> None:
         self._meter = meter
+        self._token_period_s = token_period_s
         self._upstream = upstream.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -356,6 +361,7 @@ class Proxy:
         usage_tokens: tuple[int | None, int | None] = (None, None)
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
+        pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
         prefix = b""
         try:
             try:
@@ -408,22 +414,36 @@ class Proxy:
             try:
                 await response.prepare(request)
                 first = True
+                clock, period = self._clock, self._token_period_s
+                due = 0.0  # when the tokens counted since the last hand-over go to the meter
                 async for chunk in _chunks(upstream, prefix):
                     out = chunk
                     if tracker is not None:
-                        fed = self._safe("feed", tracker.feed, chunk)
+                        try:  # _safe's handling, inline: this runs for every chunk
+                            fed = tracker.feed(chunk)
+                        except Exception:
+                            fed = None
+                            self._meter.tracking_errors += 1
+                            log.exception("proxy.tracking_failed", step="feed")
                         if fed is not None:
                             out = fed.out
                             if first and streamed:
                                 self._safe("first_token", self._meter.first_token, rid)
                             if fed.tokens and streamed:
                                 counted += fed.tokens
-                                self._safe("tokens", self._meter.tokens_streamed, rid, fed.tokens)
+                                pending += fed.tokens
+                                now = clock()
+                                if now >= due:  # once a period: the count, at the period's time
+                                    self._safe("tokens", self._meter.tokens_streamed, rid, pending)
+                                    pending, due = 0, now + period
                         elif strip_usage:
                             tracker, out = None, chunk  # tracker broke: pass raw bytes from now on
                     first = False
                     if out:
                         await response.write(out)
+                if pending:
+                    self._safe("tokens", self._meter.tokens_streamed, rid, pending)
+                    pending = 0
                 if tracker is not None:  # strip mode holds back an unterminated last event
                     tail = self._safe("flush", tracker.flush)
                     if tail:
@@ -457,6 +477,8 @@ class Proxy:
             log.warning("proxy.upstream_failed", error=type(e).__name__, path=request.path)
             raise
         finally:
+            if pending and rid is not None:  # cut short: the tokens that did stream
+                self._safe("tokens", self._meter.tokens_streamed, rid, pending)
             if usage_tokens == (None, None) and counted:  # cut short: what did stream counts
                 usage_tokens = (None, counted)
             if upstream is not None:
