@@ -18,6 +18,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sidecar.trace import POWER_COLUMNS, REQUEST_COLUMNS, PowerRow, RequestRow
 
@@ -57,16 +58,26 @@ class SyntheticRequest:
     completion_tokens: int
     model: str = "sim-model"
     truth_j: float = 0.0
+    truth_prefill_j: float = 0.0
+    """Its true dynamic energy up to its first token (the rest is decode)."""
+    token_s: list[float] | None = None
+    """When each token left the server, the first included (a step-based engine's);
+    ``None``: a steady stream at the workload's decode rate."""
+    scheduled_s: float | None = None
+    """When the engine first scheduled it (a trace span's view); ``None``: at its start."""
 
     def token_times(self, decode_tokens_per_s: float) -> list[float]:
         """Arrival of each streamed token after the first (the first comes with prefill)."""
+        if self.token_s is not None:
+            return self.token_s[1:]
         step = 1.0 / decode_tokens_per_s
         return [self.first_token_s + k * step for k in range(1, self.completion_tokens)]
 
 
 @dataclass(slots=True)
 class Workload:
-    spec: WorkloadSpec
+    spec: WorkloadSpec | Any
+    """What generated it: a :class:`WorkloadSpec`, or the serving engine's spec."""
     requests: list[SyntheticRequest]
     samples: list[tuple[float, str, float, float]] = field(default_factory=list)
     """``(time_s, gpu, power_w, energy_j)`` in time order."""
@@ -152,6 +163,8 @@ def generate(spec: WorkloadSpec) -> Workload:
                 base = spec.decode_j_per_token * spec.decode_tokens_per_s
             c = base * discount
             r.truth_j += c * (b - a)
+            if mid < r.first_token_s:
+                r.truth_prefill_j += c * (b - a)
             watts += c
         total_w.append(watts)
     rnd_noise = random.Random(spec.seed + 1)

@@ -1,0 +1,308 @@
+"""Per-request and per-stage accuracy on a continuous-batching engine fed a real request trace.
+
+:func:`sidecar.serving_sim.serve` runs a slice of the Azure LLM inference trace
+2023 (``bench/data``) through a step-based engine whose per-request truth is
+exact. Two views of the same run, as the sidecar gets them:
+
+* ``proxy``: what the proxy sees: the request at its arrival (queue included)
+  with a prompt estimated from the body (within ±25 %), the first streamed
+  chunk, one chunk per token as it leaves the server, the end with the usage.
+* ``traces``: what vLLM's ``llm_request`` span tells: scheduled, first token,
+  end, exact prompt and completion tokens, but no token times, so decode is
+  spread evenly from first token to end. Spans come after the request ends;
+  the ledger holds intervals back (``hold_s``) so each span is placed in the
+  intervals where it ran, as traces mode does, with the running count live
+  (the observer on) for the baseline.
+
+Three rules on each view, all over the same reconciled power line and above
+the same baseline for the naive ones: the ledger's, an equal split of each
+piece (pieces cut at every start and end of that view), and a whole-run token
+share (prompt + output). Stage figures compare each request's prefill and
+decode energy (dynamic plus its equal share of the resident draw, CONTRACT.md
+"Stages") with the truth's (true dynamic by stage plus the same contract share
+of the true resident draw).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from bench.accuracy import PROMPT_ESTIMATE_SPREAD, _pieces_dynamic
+from bench.common import median, percentile
+from sidecar.ledger import Ledger, estimate_idle_watts
+from sidecar.power.base import PowerSample
+from sidecar.reconcile import Reconciler, reconcile_all
+from sidecar.serving_sim import EngineSpec, load_trace, serve
+from sidecar.workload import SyntheticRequest, Workload
+
+DATA = Path(__file__).resolve().parent / "data"
+TRACES: dict[str, tuple[str, float]] = {
+    "chat": ("azure_llm_2023_conv_20min.csv", 0.0),
+    "code": ("azure_llm_2023_code_20min.csv", 180.0),
+}
+"""Name: (file, trace second to begin at). Code's first minutes are nearly silent."""
+Mode = Literal["proxy", "traces"]
+MODES: tuple[Mode, ...] = ("proxy", "traces")
+RULES = ("ledger", "equal", "token")
+HOLD_S = 300.0
+"""Traces mode's hold in the replay: longer than any request here plus the export delay."""
+
+
+@dataclass(frozen=True, slots=True)
+class Errors:
+    median: float
+    p90: float
+
+    @classmethod
+    def of(cls, xs: Sequence[float]) -> Errors:
+        return cls(median(xs), percentile(xs, 0.9)) if xs else cls(float("nan"), float("nan"))
+
+
+@dataclass(frozen=True, slots=True)
+class ModeResult:
+    request: dict[str, Errors]
+    """Rule -> per-request dynamic-energy error (%)."""
+    prefill: dict[str, Errors]
+    decode: dict[str, Errors]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    trace: str
+    requests: int
+    batch_p10_median_p90: tuple[float, float, float]
+    modes: dict[str, ModeResult]
+    conservation_error: float
+
+
+def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
+    start = r.start_s if mode == "proxy" else (r.scheduled_s or r.start_s)
+    return start, r.first_token_s, r.end_s
+
+
+def replay(
+    wl: Workload, mode: Mode, *, seed: int = 3
+) -> tuple[dict[str, tuple[float, float, float]], float]:
+    """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them."""
+    rnd = random.Random(seed)
+    gpus = sorted({g for _, g, _, _ in wl.samples})
+    ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else 0.0)
+    ledger.upstream_ready(wl.samples[0][0])
+    events: list[tuple[float, int, int, str, float]] = []
+    seq = itertools.count()
+    for r in wl.requests:
+        start, first, end = _view(r, mode)
+        if mode == "proxy":
+            spread = rnd.uniform(1 - PROMPT_ESTIMATE_SPREAD, 1 + PROMPT_ESTIMATE_SPREAD)
+            evs = [(start, 0, max(1.0, round(r.prompt_tokens * spread))), (first, 1, 0.0)]
+            evs += [(t, 2, 1.0) for t in [first, *r.token_times(0.0)]]
+        else:
+            evs = [(start, 0, float(r.prompt_tokens)), (first, 1, 0.0)]
+        evs.append((end, 3, 0.0))
+        events.extend((t, kind, next(seq), r.id, arg) for t, kind, arg in evs)
+    events.sort()
+    by_id = {r.id: r for r in wl.requests}
+    recs = {g: Reconciler() for g in gpus}
+    out: dict[str, tuple[float, float, float]] = {}
+    measured = 0.0
+    last_e: dict[str, float] = {}
+    i = 0
+    next_tick = wl.samples[0][0]
+
+    def apply(ev: tuple[float, int, int, str, float]) -> None:
+        t, kind, _, rid, arg = ev
+        r = by_id[rid]
+        if kind == 0:
+            ledger.start(rid, t, model="sim", prompt_tokens=arg)
+        elif kind == 1:
+            ledger.first_token(rid, t)
+        elif kind == 2:
+            ledger.tokens(rid, t, int(arg))
+        else:
+            ledger.finish(
+                rid, t, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens
+            )
+
+    def collect() -> None:
+        for f in ledger.pop_finished():
+            out[f.id] = (f.dynamic_j, f.energy_j, f.prefill_j)
+
+    for t, g, p, e in wl.samples:
+        while i < len(events) and events[i][0] <= t:
+            apply(events[i])
+            i += 1
+        for s in recs[g].push(PowerSample(t, g, p, e)):
+            ledger.sample(s.gpu, s.time_s, s.power_w)
+        if g in last_e:
+            measured += e - last_e[g]
+        last_e[g] = e
+        if t >= next_tick:
+            ledger.advance(t)
+            next_tick = t + 0.5
+        collect()
+    for ev in events[i:]:
+        apply(ev)
+    for rec in recs.values():
+        for s in rec.flush():
+            ledger.sample(s.gpu, s.time_s, s.power_w)
+    ledger.flush()
+    collect()
+    return out, abs(ledger.total_j - measured) / measured if measured else 0.0
+
+
+def idle_by_stage(wl: Workload, mode: Mode, idle_w: float) -> dict[str, tuple[float, float]]:
+    """Each request's equal share of ``idle_w`` (all GPUs) while in flight, (prefill, decode)."""
+    bounds: list[tuple[float, int, str]] = []
+    first: dict[str, float] = {}
+    for r in wl.requests:
+        s, f, e = _view(r, mode)
+        first[r.id] = f
+        bounds += [(s, 1, r.id), (e, 0, r.id)]
+    bounds.sort()
+    cuts = sorted({t for t, _, _ in bounds} | set(first.values()))
+    out = {r.id: [0.0, 0.0] for r in wl.requests}
+    active: set[str] = set()
+    j = 0
+    for a, b in itertools.pairwise(cuts):
+        while j < len(bounds) and bounds[j][0] <= a:
+            _, is_start, rid = bounds[j]
+            (active.add if is_start else active.discard)(rid)
+            j += 1
+        if not active:
+            continue
+        each = idle_w * (b - a) / len(active)
+        for rid in active:
+            out[rid][0 if b <= first[rid] else 1] += each
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def naive(
+    wl: Workload, mode: Mode, reconciled: Sequence[PowerSample], idle: dict[str, float]
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Equal split and token share: per request (dynamic J, dynamic J before the first token)."""
+    views = {r.id: _view(r, mode) for r in wl.requests}
+    spans: list[tuple[float, float, str]] = []
+    for rid, (s, f, e) in views.items():  # cut at the first token too, for the stage split
+        spans += [(s, f, rid + "\x00p"), (f, e, rid + "\x00d")]
+    equal: dict[str, list[float]] = {rid: [0.0, 0.0] for rid in views}
+    total = 0.0
+    for g in sorted(idle):
+        mine = [s for s in reconciled if s.gpu == g]
+        for dyn, active in _pieces_dynamic(mine, idle[g], spans):
+            total += dyn
+            for key in active:
+                rid, stage = key.split("\x00")
+                equal[rid][0] += dyn / len(active)
+                if stage == "p":
+                    equal[rid][1] += dyn / len(active)
+    tokens = sum(r.prompt_tokens + r.completion_tokens for r in wl.requests)
+    token = {
+        r.id: (
+            total * (r.prompt_tokens + r.completion_tokens) / tokens,
+            total * r.prompt_tokens / tokens,
+        )
+        for r in wl.requests
+    }
+    return {"equal": {k: (v[0], v[1]) for k, v in equal.items()}, "token": token}
+
+
+def _pct(got: float, want: float) -> float:
+    return abs(got - want) / want * 100.0
+
+
+def run_trace(name: str, duration_s: float, *, rate_scale: float = 1.0) -> TraceResult:
+    """Both views, three rules, on ``duration_s`` seconds of the named trace."""
+    file, from_s = TRACES[name]
+    spec = EngineSpec(duration_s=duration_s, rate_scale=rate_scale, from_s=from_s)
+    wl = serve(load_trace(DATA / file), spec)
+    last = wl.samples[-1][0]
+    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+    conc = [
+        float(
+            sum(
+                1
+                for o in wl.requests
+                if _view(o, "traces")[0] <= (r.first_token_s + r.end_s) / 2 < o.end_s
+            )
+        )
+        for r in scored
+    ]
+    reconciled = reconcile_all(PowerSample(t, g, p, e) for t, g, p, e in wl.samples)
+    reconciled.sort(key=lambda s: s.time_s)
+    idle = estimate_idle_watts(
+        ((s.gpu, s.time_s, s.power_w) for s in reconciled),
+        [(r.start_s, r.end_s) for r in wl.requests],
+    )
+    true_idle_w = spec.idle_w * spec.gpus
+    modes: dict[str, ModeResult] = {}
+    conservation = 0.0
+    for mode in MODES:
+        ledger, cons = replay(wl, mode)
+        conservation = max(conservation, cons)
+        truth_idle = idle_by_stage(wl, mode, true_idle_w)
+        est_idle = idle_by_stage(wl, mode, sum(idle.values()))
+        got: dict[str, dict[str, tuple[float, float, float]]] = {
+            "ledger": {rid: (d, a, p) for rid, (d, a, p) in ledger.items()}
+        }
+        for rule, res in naive(wl, mode, reconciled, idle).items():
+            got[rule] = {
+                rid: (d, d + sum(est_idle[rid]), dp + est_idle[rid][0])
+                for rid, (d, dp) in res.items()
+            }
+        req: dict[str, Errors] = {}
+        pre: dict[str, Errors] = {}
+        dec: dict[str, Errors] = {}
+        for rule in RULES:
+            g = got[rule]
+            e_req, e_pre, e_dec = [], [], []
+            for r in scored:
+                d, a, p = g.get(r.id, (0.0, 0.0, 0.0))
+                ti = truth_idle[r.id]
+                t_pre = r.truth_prefill_j + ti[0]
+                t_dec = r.truth_j - r.truth_prefill_j + ti[1]
+                e_req.append(_pct(d, r.truth_j))
+                if t_pre > 0:
+                    e_pre.append(_pct(p, t_pre))
+                if t_dec > 0:
+                    e_dec.append(_pct(a - p, t_dec))
+            req[rule], pre[rule], dec[rule] = Errors.of(e_req), Errors.of(e_pre), Errors.of(e_dec)
+        modes[mode] = ModeResult(req, pre, dec)
+    return TraceResult(
+        name,
+        len(scored),
+        (percentile(conc, 0.1), median(conc), percentile(conc, 0.9)),
+        modes,
+        conservation,
+    )
+
+
+def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
+    """Flat bench keys: ``serving_<trace>_<mode>_<rule>_{median,p90}_error_percent`` and
+    ``..._{prefill,decode}_median_error_percent``."""
+    fig: dict[str, float | list[float]] = {}
+    for res in results:
+        base = f"serving_{res.trace}"
+        fig[f"{base}_requests"] = res.requests
+        fig[f"{base}_batch_p10_median_p90"] = list(res.batch_p10_median_p90)
+        fig[f"{base}_conservation_error"] = res.conservation_error
+        for mode, m in res.modes.items():
+            for rule in RULES:
+                k = f"{base}_{mode}_{rule}"
+                fig[f"{k}_median_error_percent"] = m.request[rule].median
+                fig[f"{k}_p90_error_percent"] = m.request[rule].p90
+                fig[f"{k}_prefill_median_error_percent"] = m.prefill[rule].median
+                fig[f"{k}_decode_median_error_percent"] = m.decode[rule].median
+    return fig
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    secs = float(sys.argv[1]) if len(sys.argv) > 1 else 180.0
+    print(json.dumps(figures(run_trace(n, secs) for n in TRACES), indent=1))
