@@ -32,6 +32,7 @@ from sidecar.figures import (
 )
 from sidecar.ledger import PHASES, FinishedRequest, Ledger, Phase, Status
 from sidecar.power.base import GpuInfo, PowerSample
+from sidecar.traces.span import RequestSpan
 
 log = structlog.get_logger("sidecar.meter")
 
@@ -116,6 +117,8 @@ class Meter:
         hold_s: float = 0.0,
         sample_period_s: float | None = None,
         tenants: bool = False,
+        traces_hold_s: float | None = None,
+        counted: bool = False,
     ) -> None:
         self.gpus = gpus
         self.ledger = Ledger(
@@ -123,7 +126,12 @@ class Meter:
             idle_watts=idle_watts,
             hold_s=hold_s,
             sample_period_s=sample_period_s,
+            late_hold_s=traces_hold_s,
+            counted=counted,
         )
+        self.traces = traces_hold_s is not None
+        """Traces mode: requests come whole from spans; live sources report only counts."""
+        self.duplicate_spans = 0
         self.clock = clock
         self.models = ModelLabels(max_models)
         self.default_model = default_model
@@ -257,16 +265,64 @@ class Meter:
         )
         if self.listener is not None:
             self.listener.finished(rid)
-        key = (req.model, req.endpoint, status)
+        self._count_finished(req.model, req.endpoint, status, prompt_tokens, completion_tokens)
+        self._collect()
+
+    def span_finished(self, span: RequestSpan) -> None:
+        """Traces mode: the server reported a finished request (its span, seconds to
+        minutes late). Its share is placed in the held intervals where it ran, from its
+        scheduling to its end; its exact tokens count now; a retried export counts once.
+        The request's final figure is handed out under ``span.request_id``."""
+        if not self.traces:
+            raise RuntimeError("span_finished() needs a meter made with traces_hold_s")
+        label = self.models(span.model or self.default_model)  # the server served it
+        placed = self.ledger.place(
+            span.request_id,
+            model=label,
+            start_s=span.scheduled_s,
+            first_token_s=span.first_token_s,
+            end_s=span.end_s,
+            prompt_tokens=span.prompt_tokens,
+            completion_tokens=span.completion_tokens,
+            cached_tokens=span.cached_tokens,
+            endpoint="unknown",
+        )
+        if not placed:
+            self.duplicate_spans += 1
+            log.debug("meter.span_duplicate", request_id=span.request_id)
+            return
+        self._count_finished(label, "unknown", "ok", span.prompt_tokens, span.completion_tokens)
+        self._collect()
+
+    def server_running(self, since_s: float, until_s: float, running: dict[str, float]) -> None:
+        """Traces mode: the server's running count by model over [since_s, until_s]
+        (the observer's scrape): the live in-flight gauge, and how many requests each
+        held interval waits to hear from."""
+        labels: dict[str, int] = {}
+        for model, n in running.items():
+            label = self.models(model)
+            labels[label] = labels.get(label, 0) + max(0, round(n))
+        self._running = {k: v for k, v in labels.items() if v > 0}
+        self.ledger.running(since_s, until_s, sum(labels.values()))
+        self._collect()
+
+    def _count_finished(
+        self,
+        model: str,
+        endpoint: Endpoint,
+        status: Status,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        key = (model, endpoint, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if n:
-                tk = (req.model, kind)
+                tk = (model, kind)
                 self.tokens[tk] = self.tokens.get(tk, 0) + n
         self._finished_inference += 1
         self._completion_tokens += completion_tokens or 0
         self._prompt_tokens += prompt_tokens or 0
-        self._collect()
 
     def other_request(self, status: Status) -> None:
         """A non-inference request (health, model list, metrics): counted, holds no energy."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
+from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
@@ -78,6 +79,10 @@ class Ledger:
     interval is drawn): two samples further apart than three periods bound a gap, through which the power line is not drawn (the
     energy counter's increase is spread evenly over it where both ends carry a
     counter reading; without one nothing is invented).
+    ``late_hold_s`` (traces mode): requests are reported whole, after they ended
+    (:meth:`place`); the energy waits for them that long in compact slots
+    (:mod:`sidecar.ledger.held`), and ``counted`` says a source reports the
+    server's running count (:meth:`running`), so phases are booked live.
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class Ledger:
         silent_after_s: float = SILENT_AFTER_S,
         hold_s: float = 0.0,
         sample_period_s: float | None = None,
+        late_hold_s: float | None = None,
+        counted: bool = False,
+        slot_s: float = SLOT_S,
     ) -> None:
         if sample_period_s is not None and not sample_period_s > 0:
             raise ValueError(f"sample_period_s must be positive, got {sample_period_s}")
@@ -123,6 +131,10 @@ class Ledger:
         self.phase_j = self._books.phase_j
         self.model_j = self._books.model_j
         self.prefill_fit = self._books.prefill_fit
+        self.held: HeldSlots | None = None
+        self._held_meta: dict[str, tuple[int | None, int | None]] = {}
+        if late_hold_s is not None:
+            self.held = HeldSlots(self._books, slot_s=slot_s, hold_s=late_hold_s, counted=counted)
 
     # ----------------------------------------------------------------- requests
     def start(
@@ -281,6 +293,47 @@ class Ledger:
             completion_tokens=completion_tokens,
         )
 
+    def place(
+        self,
+        request_id: str,
+        *,
+        model: str,
+        start_s: float,
+        first_token_s: float,
+        end_s: float,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cached_tokens: int | None = None,
+        endpoint: str = "unknown",
+        status: Status = "ok",
+    ) -> bool:
+        """Traces mode: a request reported whole after it ended; its share is placed in
+        the held slots where it ran. False for a request id placed already."""
+        if self.held is None:
+            raise RuntimeError("place() needs a ledger made with late_hold_s")
+        end = max(end_s, start_s)
+        first = min(max(first_token_s, start_s), end)
+        prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
+        req = HeldRequest(
+            request_id, model, start_s, first, end, float(prompt),
+            float(completion_tokens or 0), endpoint=endpoint, status=status,
+        )  # fmt: skip
+        if not self.held.place(req):
+            return False
+        self._held_meta[request_id] = (prompt_tokens, completion_tokens)
+        self._first_request_s = min(self._first_request_s, start_s)
+        self._last_end_s = max(self._last_end_s, end)
+        self._collect_held()
+        return True
+
+    def running(self, t0: float, t1: float, count: int) -> None:
+        """Traces mode: the server's running count over [t0, t1] (all models)."""
+        if self.held is not None:
+            self.held.running(t0, t1, count)
+            if count > 0:
+                self._first_request_s = min(self._first_request_s, t0)
+            self._collect_held()
+
     # ------------------------------------------------------------------ samples
     def sample(
         self, gpu: str, time_s: float, power_w: float, energy_j: float | None = None
@@ -318,6 +371,9 @@ class Ledger:
         """Assign everything now (end of a trace, or shutdown): no more waiting."""
         self._assign(force=True)
         self._finalize(force=True)
+        if self.held is not None:
+            self.held.flush()
+            self._collect_held()
 
     def pop_finished(self) -> list[FinishedRequest]:
         """Requests whose energy became final since the last call."""
@@ -344,7 +400,14 @@ class Ledger:
 
     def open_j(self) -> float:
         """Energy already shared to requests not handed out yet (for the invariant)."""
-        return sum(r.dynamic_j + r.idle_j for r in self._live.values() if r.attributable)
+        live = sum(r.dynamic_j + r.idle_j for r in self._live.values() if r.attributable)
+        return live + self.held_j
+
+    @property
+    def held_j(self) -> float:
+        """Traces mode: energy still held for requests yet to report (no phase's final
+        owner yet: it reaches requests, standby or unattributed when its slot settles)."""
+        return 0.0 if self.held is None else self.held.held_j + self.held.open_j
 
     def idle_baseline_w(self, gpu: str | None = None) -> float:
         """The baseline of one GPU, or the total over GPUs (what outputs call it)."""
@@ -378,6 +441,8 @@ class Ledger:
         return max(time_s, assigned)
 
     def _is_standby(self, t: float) -> bool:
+        if self.held is not None and not self.held.standby(t):
+            return False
         if t - self._last_end_s < self._settle_s:
             return False
         for start, rid in self._starts:
@@ -399,6 +464,32 @@ class Ledger:
     def _process(self) -> None:
         self._assign(force=False)
         self._finalize(force=False)
+        if self.held is not None:
+            self.held.advance(self._now_s, self._done_s())
+            self._collect_held()
+
+    def _collect_held(self) -> None:
+        """Held requests every slot of which settled become finished requests."""
+        assert self.held is not None
+        for r in self.held.pop_finished():
+            prompt, completion = self._held_meta.pop(r.id, (None, None))
+            self._finished.append(
+                FinishedRequest(
+                    id=r.id,
+                    model=r.model,
+                    endpoint=r.endpoint,
+                    status=r.status,
+                    start_s=r.start_s,
+                    end_s=r.end_s,
+                    first_token_s=r.first_token_s,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    dynamic_j=r.dynamic_j,
+                    idle_j=r.idle_j,
+                    prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
+                    missed_s=r.missed_s,
+                )
+            )
 
     def _assign(self, *, force: bool) -> None:
         for state in self._gpus.values():
@@ -411,9 +502,12 @@ class Ledger:
                 if waiting and any(r.known_s < t1 for r in reqs):
                     break
                 state.pending.popleft()
-                state.energy_j += self._books.assign_interval(
-                    t0, p0, t1, p1, idle_w, reqs, self._now_s
-                )
+                if self.held is not None and not reqs:
+                    state.energy_j += self.held.add_interval(t0, p0, t1, p1, idle_w)
+                else:
+                    state.energy_j += self._books.assign_interval(
+                        t0, p0, t1, p1, idle_w, reqs, self._now_s
+                    )
                 state.assigned_s = t1
                 self._prune(reqs)
 

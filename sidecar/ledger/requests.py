@@ -37,6 +37,9 @@ class FinishedRequest:
     idle_j: float
     prefill_j: float = 0.0
     """The part of ``energy_j`` spent before the first token (CONTRACT.md, Stages)."""
+    missed_s: float = 0.0
+    """Traces mode: seconds of its window already out of the hold when it reported
+    (that energy went to the unattributed bucket, not to it)."""
 
     @property
     def energy_j(self) -> float:

@@ -1,0 +1,268 @@
+"""Traces mode in the ledger: requests reported whole, late, twice or never (sidecar.ledger.held)."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.ledger import FinishedRequest, Ledger
+from sidecar.ledger.held import HeldSlots
+from sidecar.ledger.pieces import Books
+
+REL = 1e-6
+
+
+def _ledger(
+    gpus: int = 1, *, hold_s: float = 60.0, counted: bool = False, idle: float = 100.0
+) -> Ledger:
+    return Ledger(
+        [str(g) for g in range(gpus)],
+        idle_watts={str(g): idle for g in range(gpus)},
+        late_hold_s=hold_s,
+        counted=counted,
+        slot_s=0.25,
+    )
+
+
+def _measured(ledger: Ledger) -> float:
+    return sum(ledger.gpu_energy_j(g) for g in ledger.gpus)
+
+
+def _books(ledger: Ledger, finished: list[FinishedRequest]) -> float:
+    """Σ requests + standby + unattributed + held: what must equal the measured energy."""
+    return (
+        sum(f.energy_j for f in finished)
+        + ledger.phase_j["idle_standby"]
+        + ledger.unattributed_j
+        + ledger.held_j
+    )
+
+
+def _samples(ledger: Ledger, t0: float, t1: float, watts: float, *, dt: float = 0.1) -> None:
+    n = round((t1 - t0) / dt)
+    for i in range(n + 1):
+        for g in ledger.gpus:
+            ledger.sample(g, t0 + i * dt, watts)
+
+
+def test_alone_request_takes_its_intervals_when_the_span_arrives_late() -> None:
+    """A request heard of 5 s after its end takes all serving energy of its window; the
+    rest of the time is standby; nothing is final before the span comes."""
+    ledger = _ledger()
+    _samples(ledger, 0.0, 10.0, 300.0)  # flat 300 W, baseline 100 W
+    assert ledger.pop_finished() == []
+    assert ledger.place(
+        "chatcmpl-1", model="m", start_s=2.0, first_token_s=3.0, end_s=5.0,
+        prompt_tokens=10, completion_tokens=20,
+    )  # fmt: skip
+    _samples(ledger, 10.1, 70.0, 100.0)  # the hold ends
+    [f] = ledger.pop_finished()
+    assert f.id == "chatcmpl-1"
+    assert f.energy_j == pytest.approx(3.0 * 300.0, rel=REL)
+    assert f.idle_j == pytest.approx(3.0 * 100.0, rel=REL)
+    assert f.prefill_j == pytest.approx(300.0, rel=REL)  # scheduled..first token
+    assert f.decode_j == pytest.approx(600.0, rel=REL)
+    assert f.prompt_tokens == 10
+    assert f.completion_tokens == 20
+
+
+def test_duplicate_span_counts_once() -> None:
+    """A retried export places the request once."""
+    ledger = _ledger()
+    _samples(ledger, 0.0, 5.0, 200.0)
+    args = {"model": "m", "start_s": 1.0, "first_token_s": 1.5, "end_s": 3.0,
+            "prompt_tokens": 5, "completion_tokens": 5}  # fmt: skip
+    assert ledger.place("a", **args)  # type: ignore[arg-type]
+    assert not ledger.place("a", **args)  # type: ignore[arg-type]
+    ledger.flush()
+    [f] = ledger.pop_finished()
+    assert f.energy_j == pytest.approx(2.0 * 200.0, rel=REL)
+
+
+def test_span_after_the_hold_gets_nothing_and_the_energy_is_unattributed() -> None:
+    """With a running count, energy of a request never heard from within the hold is
+    unattributed; its span arriving afterwards is counted with no energy."""
+    ledger = _ledger(hold_s=5.0, counted=True)
+    _samples(ledger, 0.0, 4.0, 250.0)
+    ledger.running(0.0, 4.0, 1)
+    _samples(ledger, 4.1, 12.0, 100.0)
+    ledger.running(4.0, 12.0, 0)
+    assert ledger.unattributed_j == pytest.approx(4.0 * 250.0, rel=1e-3)
+    assert ledger.place(
+        "late", model="m", start_s=0.0, first_token_s=1.0, end_s=4.0,
+        prompt_tokens=1, completion_tokens=1,
+    )  # fmt: skip
+    [f] = ledger.pop_finished()
+    assert f.energy_j == 0.0
+    assert f.missed_s > 0.0
+
+
+def test_counted_slots_settle_once_everyone_reported_not_at_the_hold() -> None:
+    """With the running count, a request is final as soon as every request that ran
+    beside it reported: identical requests share equally, long before the hold ends."""
+    ledger = _ledger(hold_s=600.0, counted=True)
+    _samples(ledger, 0.0, 6.0, 300.0)
+    ledger.running(0.0, 6.0, 2)
+    kw = {"model": "m", "start_s": 1.0, "first_token_s": 2.0, "end_s": 5.0,
+          "prompt_tokens": 10, "completion_tokens": 30}  # fmt: skip
+    ledger.place("a", **kw)  # type: ignore[arg-type]
+    _samples(ledger, 6.1, 8.0, 100.0)
+    ledger.running(6.0, 8.0, 0)
+    assert ledger.pop_finished() == []  # b ran too (the count said 2): a waits for it
+    ledger.place("b", **kw)  # type: ignore[arg-type]
+    a, b = sorted(ledger.pop_finished(), key=lambda f: f.id)
+    assert a.energy_j == pytest.approx(b.energy_j, rel=REL)
+    assert a.energy_j + b.energy_j == pytest.approx(4.0 * 300.0, rel=REL)
+    # [0, 1) and [5, 6): the count says two ran, nobody reported: held until the hold ends
+    assert ledger.held_j == pytest.approx(2.0 * 300.0, rel=REL)
+    ledger.flush()
+    assert ledger.unattributed_j == pytest.approx(2.0 * 300.0, rel=REL)
+
+
+def test_missing_request_takes_its_share_to_unattributed() -> None:
+    """The count said two ran, one reported by the end of the hold: the other's equal
+    share (it weighs as the mean of those placed) is unattributed."""
+    ledger = _ledger(hold_s=10.0, counted=True)
+    _samples(ledger, 0.0, 4.0, 300.0)
+    ledger.running(0.0, 4.0, 2)
+    ledger.place("a", model="m", start_s=0.0, first_token_s=1.0, end_s=4.0,
+                 prompt_tokens=10, completion_tokens=30)  # fmt: skip
+    _samples(ledger, 4.1, 20.0, 100.0)
+    ledger.running(4.0, 20.0, 0)
+    [a] = ledger.pop_finished()
+    assert a.energy_j == pytest.approx(0.5 * 4.0 * 300.0, rel=REL)
+    assert ledger.unattributed_j == pytest.approx(0.5 * 4.0 * 300.0, rel=REL)
+
+
+def test_phases_are_live_with_the_count_and_at_the_hold_without() -> None:
+    """With a running count, serving energy reaches the phase counters before any span;
+    without one it waits for the hold (it is held, not lost)."""
+    counted, blind = _ledger(counted=True, hold_s=30.0), _ledger(hold_s=30.0)
+    for ledger in (counted, blind):
+        _samples(ledger, 0.0, 3.0, 300.0)
+        if ledger is counted:
+            ledger.running(0.0, 3.0, 1)
+        _samples(ledger, 3.1, 4.0, 300.0)
+        if ledger is counted:
+            ledger.running(3.0, 4.0, 1)
+    assert counted.phase_j["dynamic"] == pytest.approx(4.0 * 200.0, rel=REL)
+    assert blind.phase_j["dynamic"] == 0.0
+    assert blind.held_j == pytest.approx(_measured(blind), rel=REL)
+    blind.flush()
+    # never heard from and no count: nothing is known to have run
+    assert blind.phase_j["idle_standby"] == pytest.approx(_measured(blind), rel=REL)
+
+
+def test_held_slots_are_bounded_by_the_hold_not_by_gpus_or_sample_rate() -> None:
+    """Memory: one slot per 0.25 s of hold, whatever the GPUs and the sample rate."""
+    ledger = _ledger(gpus=8, hold_s=30.0, counted=True)
+    t = 0.0
+    while t < 120.0:
+        for g in ledger.gpus:
+            ledger.sample(g, t, 250.0)
+        if round(t * 10) % 10 == 0:
+            ledger.running(t - 1.0, t, 3)
+        t += 0.1
+    assert ledger.held is not None
+    assert len(ledger.held) <= 30.0 / 0.25 + 8
+
+
+def test_memory_per_held_slot() -> None:
+    """A held slot costs well under a kilobyte (the brief's compact-record bound)."""
+    books = Books()
+    held = HeldSlots(books, slot_s=0.25, hold_s=1e9, counted=True)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(4000):
+        held.add_interval(i * 0.25, 300.0, (i + 1) * 0.25, 300.0, 100.0)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(held) == 4000
+    assert used / 4000 < 400
+
+
+# --------------------------------------------------------------- properties
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, Any]:
+    gpus = draw(st.integers(1, 3))
+    steps = draw(st.integers(20, 120))
+    watts = draw(st.lists(st.floats(0.0, 700.0), min_size=steps, max_size=steps))
+    reqs = []
+    horizon = steps * 0.1
+    for i in range(draw(st.integers(0, 8))):
+        start = draw(st.floats(0.0, horizon))
+        end = draw(st.floats(start, horizon + 0.5))
+        ft = draw(st.floats(start, end))
+        reqs.append({
+            "id": f"r{i}",
+            "start_s": start, "first_token_s": ft, "end_s": end,
+            "prompt_tokens": draw(st.one_of(st.none(), st.integers(0, 2000))),
+            "completion_tokens": draw(st.one_of(st.none(), st.integers(0, 300))),
+            # when the span arrives (sample step), or never; and whether it is retried
+            "arrives": draw(st.one_of(st.none(), st.integers(0, steps + 40))),
+            "twice": draw(st.booleans()),
+        })  # fmt: skip
+    return {
+        "gpus": gpus,
+        "watts": watts,
+        "reqs": reqs,
+        "counted": draw(st.booleans()),
+        "hold_s": draw(st.sampled_from([0.5, 2.0, 30.0])),
+        "idle": draw(st.floats(0.0, 400.0)),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios())
+def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -> None:
+    """At every step Σ requests + standby + unattributed + held = measured; after the
+    flush nothing is held and the phases sum to the measured energy; each request is
+    handed out at most once."""
+    ledger = _ledger(
+        int(sc["gpus"]),
+        hold_s=float(sc["hold_s"]),
+        counted=bool(sc["counted"]),
+        idle=float(sc["idle"]),
+    )
+    watts: list[float] = sc["watts"]
+    reqs: list[dict[str, Any]] = sc["reqs"]
+    finished: list[FinishedRequest] = []
+    steps = len(watts)
+    for step in range(steps + 41):
+        t = step * 0.1
+        w = watts[min(step, steps - 1)]
+        for g in ledger.gpus:
+            ledger.sample(g, t, w)
+        if sc["counted"] and step % 10 == 9:
+            t0 = t - 1.0
+            n = sum(1 for r in reqs if r["start_s"] < t and r["end_s"] > t0)
+            ledger.running(t0, t, n)
+        for r in reqs:
+            if r["arrives"] == step:
+                for _ in range(2 if r["twice"] else 1):
+                    ledger.place(
+                        str(r["id"]), model="m",
+                        start_s=r["start_s"], first_token_s=r["first_token_s"],
+                        end_s=r["end_s"], prompt_tokens=r["prompt_tokens"],
+                        completion_tokens=r["completion_tokens"],
+                    )  # fmt: skip
+        finished.extend(ledger.pop_finished())
+        measured = _measured(ledger)
+        assert math.isclose(_books(ledger, finished), measured, rel_tol=REL, abs_tol=1e-6)
+    ledger.flush()
+    finished.extend(ledger.pop_finished())
+    measured = _measured(ledger)
+    assert ledger.held_j == pytest.approx(0.0, abs=1e-6)
+    assert math.isclose(_books(ledger, finished), measured, rel_tol=REL, abs_tol=1e-6)
+    assert math.isclose(ledger.total_j, measured, rel_tol=REL, abs_tol=1e-6)
+    ids = [f.id for f in finished]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {str(r["id"]) for r in reqs if r["arrives"] is not None}
+    for f in finished:
+        assert f.energy_j >= -1e-9
+        assert -1e-9 <= f.prefill_j <= f.energy_j + 1e-9
