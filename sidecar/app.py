@@ -40,6 +40,8 @@ from sidecar.power.simulated import SimulatedGpus
 from sidecar.sampler import Sampler, SamplerStats
 from sidecar.server import create_metrics_app
 from sidecar.trace import TraceRecorder
+from sidecar.traces.metrics import TracesCollector
+from sidecar.traces.service import ListenError, TracesService
 from sidecar.tracking.observer import Observation, ObservationDelta, Observer
 from sidecar.tracking.proxy import Proxy
 from sidecar.tracking.tenant import build_tenants
@@ -134,6 +136,7 @@ class Sidecar:
         self.proxy: Proxy | None = None
         self.recorder: TraceRecorder | None = None
         self.observer: Observer | None = None
+        self.traces: TracesService | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready_session: aiohttp.ClientSession | None = None
         self._ready_cache: tuple[float, bool, str] = (-1e9, False, "not checked")
@@ -231,6 +234,8 @@ class Sidecar:
                 on_observation=self._on_observation,
             )
             self._tasks.append(asyncio.create_task(self.observer.run(), name="observer"))
+        if s.otlp_listen is not None:
+            await self._start_traces(self.meter)
         if self._ready_session is None:  # the wait for the GPUs may have opened it
             self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         self._carbon_session = aiohttp.ClientSession()
@@ -242,6 +247,20 @@ class Sidecar:
             gpus=[g.uuid for g in self.gpus],
             sample_hz=s.sample_hz,
         )
+
+    async def _start_traces(self, meter: Meter) -> None:
+        """Traces mode: the OTLP receiver on --otlp-listen feeds the meter request spans."""
+        self.traces = TracesService(
+            self.settings,
+            on_span=meter.span_finished,
+            clock=self.clock,
+            wall_offset_s=time.time() - self.clock(),
+            grams_per_joule=lambda: meter.intensity.g_per_kwh * meter.pue / 3.6e6,
+        )
+        try:
+            await self.traces.start()
+        except ListenError as e:
+            raise StartupError(f"--otlp-listen: {e}") from e
 
     async def _start_waiting(self, detail: str) -> None:
         """No GPU known yet: the proxy passes traffic un-metered while a task keeps trying."""
@@ -338,10 +357,14 @@ class Sidecar:
                     pass
                 except Exception:  # a task that died earlier: report it, release the rest
                     log.exception("sidecar.task_failed", task=task.get_name())
+        if self.traces is not None:  # spans received so far are accounted in the last flush
+            await self.traces.stop_listening()
         if self.sampler is not None:
             self.sampler.flush()
         if self.meter is not None:
             self.meter.flush()
+        if self.traces is not None:  # the last energy spans go out
+            await self.traces.stop()
         if self.proxy is not None:
             await self.proxy.close()
         if self.observer is not None:
@@ -399,6 +422,8 @@ class Sidecar:
     def _record_request(self, finished: FinishedRequest) -> None:
         if self.recorder is not None:
             self.recorder.request(finished)
+        if self.traces is not None:
+            self.traces.finished(finished)
 
     def stats(self) -> SamplerStats:
         return self.sampler.stats if self.sampler is not None else self._startup_stats
@@ -451,7 +476,10 @@ class Sidecar:
             observer_errors=self._observer_errors,
             carbon_errors=lambda: self.carbon.refresh_errors,
         )
-        app = create_metrics_app(make_registry(startup, health), meter, self.stats, self.ready)
+        traces = TracesCollector(lambda: self.traces)
+        app = create_metrics_app(
+            make_registry(startup, health, traces), meter, self.stats, self.ready
+        )
         from sidecar.page import add_page_route
 
         add_page_route(app)  # `/`: the live page, fed by /summary

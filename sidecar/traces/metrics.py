@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -14,13 +14,19 @@ from sidecar.traces.service import TracesService
 
 
 class TracesCollector(Collector):
-    """``llm_energy_otlp_*``: exports and spans received, bodies forwarded, energy spans."""
+    """``llm_energy_otlp_*``: exports and spans received, bodies forwarded, energy spans.
 
-    def __init__(self, service: TracesService) -> None:
+    ``service`` returns the service in force, or None while there is none yet (the
+    sidecar waits for its GPUs before it listens), when the families are left out.
+    """
+
+    def __init__(self, service: Callable[[], TracesService | None]) -> None:
         self._service = service
 
     def collect(self) -> Iterator[Metric]:
-        s = self._service
+        s = self._service()
+        if s is None:
+            return
         exports = CounterMetricFamily(
             "llm_energy_otlp_exports",
             "OTLP export requests received, by the answer given (ok, malformed, too_large, unsupported, overloaded).",
