@@ -50,6 +50,8 @@ log = structlog.get_logger("sidecar.app")
 
 TICK_S = 0.5
 OBSERVE_INTERVAL_S = 1.0
+TRACES_HOLD_S = 900.0
+"""How long a late span can still be placed in the intervals it ran in (CONTRACT.md)."""
 WAIT_BACKOFF_CAP_S = 30.0
 """Longest pause between tries while the power source cannot name this pod's GPUs."""
 
@@ -201,6 +203,7 @@ class Sidecar:
             if s.observe is not None and s.upstream is None
             else 0.0,
             sample_period_s=1.0 / s.sample_hz,
+            traces_hold_s=TRACES_HOLD_S if s.otlp_listen is not None else None,
         )
         self.sampler = Sampler(
             self.source,
