@@ -8,7 +8,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.tracking.openai_chunks import plain_chunk, without_null_usage
 from sidecar.tracking.protocols import RequestInfo, ResponseTracker, Usage
+from sidecar.tracking.responses import _terminal
+from sidecar.tracking.sse import EventSplitter, Piece
 
 CHAT = RequestInfo("chat", "openai", "m", True, 3, False)
 OLLAMA = RequestInfo("chat", "ollama", "m", True, 3, False)
@@ -202,3 +205,58 @@ def test_sse_like_noise_is_chunking_invariant(
         assert chunked == whole
         if not strip:
             assert whole[0] == body
+
+
+class _GeneralOnly(EventSplitter):
+    """The splitter with its ``\\n``-only shortcut turned off: the reference for it."""
+
+    def _scan_lf(self, buf: bytes) -> list[Piece]:
+        return self._scan_any(buf, eof=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"data: x", b"data: {}", b"\n", b"id: 1", b": c", b"d"]), max_size=40
+    ),
+    cut_lists,
+    st.integers(1, 40),
+    st.booleans(),
+)
+def test_lf_shortcut_frames_like_the_general_scan(
+    parts: list[bytes], cuts: list[int], max_buffer: int, hold: bool
+) -> None:
+    """On `\\n`-only streams the find-based scan yields the general scan's pieces, cut anywhere."""
+    body = b"".join(parts)
+    fast, general = EventSplitter(max_buffer, hold=hold), _GeneralOnly(max_buffer, hold=hold)
+    for chunk in split(body, cuts):
+        assert fast.feed(chunk) == general.feed(chunk)
+        assert fast.held_bytes == general.held_bytes
+    assert fast.close() == general.close()
+
+
+_SPACINGS = [(",", ":"), (", ", ": "), (",  ", " :  ")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(_SPACINGS),
+    st.sampled_from(["content", "text", "reasoning_content", "reasoning"]),
+    st.text(max_size=6),
+    st.sampled_from([None, "stop", "length"]),
+    st.booleans(),
+)
+def test_byte_reading_of_a_chunk_agrees_with_its_json(
+    sep: tuple[str, str], key: str, text: str, finish: str | None, null_usage: bool
+) -> None:
+    """Token, `usage: null` and terminal readings from bytes match the decoded chunk, any spacing."""
+    choice = {"index": 0, "delta": {key: text}, "finish_reason": finish}
+    obj: dict[str, Any] = {"id": "c", "model": "m", "choices": [choice]}
+    if null_usage:
+        obj["usage"] = None
+    data = json.dumps(obj, separators=sep).encode()
+    assert plain_chunk(data) == (1 if text else 0, "null_usage" if null_usage else "keep")
+    assert _terminal(data) == (finish is not None)
+    cut = without_null_usage(data)
+    assert json.loads(cut) == {k: v for k, v in obj.items() if k != "usage"}
+    assert (cut == data) == (not null_usage)

@@ -430,3 +430,32 @@ async def test_summary_schema(rig: Rig) -> None:
         assert key in doc
     assert "source" in doc["carbon_intensity"]
     json.dumps(doc)
+
+
+@pytest.mark.parametrize(("period_s", "hand_overs"), [(3600.0, 2), (0.0, 6)])
+async def test_stream_tokens_reach_the_ledger_once_a_period(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, period_s: float, hand_overs: int
+) -> None:
+    """Streamed tokens go to the ledger batched per period (first at once, rest at the end)."""
+    meter, proxy = rig.sidecar.meter, rig.sidecar.proxy
+    assert meter is not None
+    assert proxy is not None
+    monkeypatch.setattr(proxy, "_token_period_s", period_s)
+    calls: list[int] = []
+    tokens = meter.ledger.tokens
+
+    def record(rid: str, t: float, count: int = 1) -> None:
+        calls.append(count)
+        tokens(rid, t, count)
+
+    monkeypatch.setattr(meter.ledger, "tokens", record)
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    direct, proxied, resp = await both(
+        rig, "POST", "/v1/chat/completions", json={**body, "max_tokens": 6, "delay": 0.01}
+    )
+    assert resp.status == 200
+    assert proxied == direct
+    assert calls
+    assert sum(calls) == 6
+    assert len(calls) == hand_overs
+    assert await rig.value("llm_energy_tokens_total", model="b", kind="completion") == 6

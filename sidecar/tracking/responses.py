@@ -277,8 +277,31 @@ class ResponseTracker:
 
     def _feed_sse(self, chunk: bytes) -> Fed:
         assert self._events is not None
+        if (
+            not self._strip
+            and self._events.idle
+            and chunk.endswith(b"\n\n")
+            and len(chunk) <= self._max
+            and chunk[0] != 0x0A  # an empty event first: the splitter's case
+            and b"\r" not in chunk
+        ):
+            return Fed(self._whole_events(chunk), chunk)
         fed = self._pieces(self._events.feed(chunk))
         return fed if self._strip else Fed(fed.tokens, chunk)
+
+    def _whole_events(self, chunk: bytes) -> int:
+        """Token events of a chunk of whole ``\\n``-framed events (what servers flush).
+
+        The splitter would cut it at the same ``\\n\\n`` boundaries; without it there
+        is no held state to join and no piece records, only one ``split``.
+        """
+        tokens = 0
+        for raw in chunk[:-2].split(b"\n\n"):
+            if raw.startswith(b"data: ") and b"\n" not in raw:
+                tokens += self._on_data(raw[6:])[0]
+            else:  # several lines, other fields, an empty event: the general reading
+                tokens += self._on_sse(raw + b"\n\n")[0]
+        return tokens
 
     def _pieces(self, pieces: list[Piece]) -> Fed:
         """Parse framed SSE pieces; in strip mode, also the bytes to send (see :meth:`_unasked`)."""
@@ -297,7 +320,7 @@ class ResponseTracker:
                         raw = without_null_usage(raw)
                     if (
                         not self._server_usage  # a server that sends usage unasked moved nothing
-                        and _TERMINAL.search(raw)
+                        and _terminal(raw)
                         and b'"system_fingerprint"' not in raw
                     ):
                         if self._known_fingerprint is not None:
@@ -344,7 +367,10 @@ class ResponseTracker:
         include a usage field, but with a null value"): that member is removed
         too, so a client that did not ask sees the bytes it would have seen.
         """
-        data = event_data(raw)
+        return self._on_data(event_data(raw))
+
+    def _on_data(self, data: bytes | None) -> tuple[int, Edit]:
+        """:meth:`_on_sse` from the event's joined ``data`` field."""
         if data is None or data.startswith(b"[DONE]"):
             return 0, "keep"
         api = self._info.api
@@ -514,6 +540,19 @@ class ResponseTracker:
         models = [m for m in _MODEL_PAIR.finditer(tail) if not escaped(tail, m.start())]
         if models:
             self._absorb({"model": loads(models[-1].group(1))})
+
+
+def _terminal(raw: bytes) -> bool:
+    """Whether a chunk event has a ``finish_reason`` string (most have ``null``: one find)."""
+    at = raw.find(b'"finish_reason"')
+    if at < 0:
+        return False
+    after = raw[at + 15 : at + 18]
+    if after.startswith((b':"', b': "')):
+        return True
+    if after.startswith((b":n", b": n")) and raw.count(b'"finish_reason"') == 1:
+        return False  # null
+    return _TERMINAL.search(raw) is not None
 
 
 def _with_fingerprint(raw: bytes, fingerprint: str) -> bytes:

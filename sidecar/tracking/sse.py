@@ -78,6 +78,10 @@ class EventSplitter:
         """Frame ``buf`` (held bytes first); keeps its unfinished tail, within the cap."""
         if not self._dirty_line and b"\r" not in buf:
             return self._scan_lf(buf)
+        return self._scan_any(buf, eof=eof)
+
+    def _scan_any(self, buf: bytes, *, eof: bool) -> list[Piece]:
+        """The general scan: any line terminator, a CR at the end left pending."""
         n = len(buf)
         pieces: list[Piece] = []
         start = 0  # start of the current event in buf
@@ -146,6 +150,11 @@ class EventSplitter:
     def held_bytes(self) -> int:
         """Bytes kept between calls; at most ``max_buffer`` plus one pending CR."""
         return len(self._held)
+
+    @property
+    def idle(self) -> bool:
+        """Between events with nothing held: a chunk of whole events needs no splitter."""
+        return not self._held and self._intact
 
 
 class LineSplitter:
