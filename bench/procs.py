@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -183,10 +184,25 @@ class LoadGen:
         )
 
     def call(self, **cmd: Any) -> dict[str, Any]:
+        self.send(**cmd)
+        return self.receive(cmd["cmd"])
+
+    def send(self, **cmd: Any) -> None:
+        """Start a command without waiting for its answer (see :meth:`ready`, :meth:`receive`)."""
         assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
+
+    def ready(self, timeout_s: float) -> bool:
+        """Whether the answer of the command sent is there to read, waiting up to ``timeout_s``."""
+        assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        return bool(readable)
+
+    def receive(self, what: str) -> dict[str, Any]:
+        """The answer of the command sent last."""
+        assert self.proc.stdout is not None
+        cmd = {"cmd": what}
         line = self.proc.stdout.readline()
         if not line:
             raise ProcessError(

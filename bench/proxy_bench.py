@@ -9,6 +9,7 @@ load generator's wall time per request.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_s, cpu_s_many, median, percentile, rss_mb
+from bench.common import ROOT, cpu_s, cpu_s_many, median, percentile, rss_mb
 from bench.procs import (
     LoadGen,
     nginx_pids,
@@ -26,6 +27,10 @@ from bench.procs import (
     start_upstream,
     stop,
 )
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from upstreams import openai_chunks  # the stand-in upstream's own chunks
 
 CHAT = "/v1/chat/completions"
 
@@ -48,6 +53,9 @@ class ProxyPlan:
     uvloop: bool  # also a sidecar on uvloop's event loop (the experiment)
     bare: bool  # also the bare aiohttp proxy (no metering), as the floor
     max_tokens: int = 20  # tokens (SSE chunks) per streamed response
+    ceiling_steps: tuple[int, ...] = (100, 200, 400, 700)  # streams in flight, chunk ceiling
+    ceiling_added_ms: float = 5.0  # the ceiling: added p50 past this
+    inflight_streams: int = 1000  # streams held open at once for the resident memory figure
 
 
 @dataclass(slots=True)
@@ -142,6 +150,84 @@ def latency_figures(
     return out
 
 
+def chunks_per_stream(max_tokens: int) -> int:
+    """SSE events the stand-in upstream writes for one streamed request (include_usage on)."""
+    return len(openai_chunks("bench-model", max_tokens, True))
+
+
+def ceiling_figures(
+    gen: LoadGen, direct_url: str, proxy_url: str, plan: ProxyPlan
+) -> dict[str, float]:
+    """Chunks per second the proxy relays before its added p50 passes ``ceiling_added_ms``.
+
+    Steady rounds (as :func:`latency_figures`) at each step of streams in flight,
+    direct and proxy interleaved; the chunk rate of a step is its streams times
+    the chunks of a stream over the direct path's median stream time. The
+    ceiling is interpolated between the last step under the limit and the
+    first over it (from zero if the first is over); ``bounded`` is 0 when no
+    step passed the limit (the figure is then a lower bound: the last rate).
+    """
+    stream_s = (plan.max_tokens + 2) * plan.latency_delay_s
+    per_stream = chunks_per_stream(plan.max_tokens)
+    points: list[tuple[float, float]] = [(0.0, 0.0)]
+    out: dict[str, float] = {}
+    for conc in plan.ceiling_steps:
+        r = gen.call(
+            cmd="latency",
+            targets={"direct": direct_url, "proxy": proxy_url},
+            concurrency=conc,
+            delay=plan.latency_delay_s,
+            max_tokens=plan.max_tokens,
+            rounds=1,
+            per_worker=2,
+            stagger_s=stream_s,
+        )
+        times = r["times_s"]
+        if r["errors"]["proxy"] or not times["proxy"] or not times["direct"]:
+            raise RuntimeError(f"{r['errors']['proxy']} streams failed at {conc} in flight")
+        direct = median(times["direct"])
+        added_ms = (median(times["proxy"]) - direct) * 1e3
+        rate = conc * per_stream / direct
+        out[f"added_p50_ms_at_{conc}"] = added_ms
+        out[f"chunks_per_s_at_{conc}"] = rate
+        if added_ms > plan.ceiling_added_ms:
+            r0, a0 = points[-1]
+            frac = (plan.ceiling_added_ms - a0) / (added_ms - a0) if added_ms > a0 else 0.0
+            out["max_chunks_per_s"] = r0 + frac * (rate - r0)
+            out["bounded"] = 1.0
+            return out
+        points.append((rate, added_ms))
+    out["max_chunks_per_s"] = points[-1][0]
+    out["bounded"] = 0.0
+    return out
+
+
+def inflight_rss_figures(gen: LoadGen, pid: int, url: str, plan: ProxyPlan) -> dict[str, float]:
+    """Resident memory of the sidecar with ``inflight_streams`` streams open at once.
+
+    Every stream starts at the same instant and lasts a few seconds (0.1 s
+    between chunks), so all are in flight together; RSS is read every 50 ms
+    meanwhile and the highest reading is the figure, beside the reading before.
+    """
+    before = rss_mb(pid)
+    gen.send(
+        cmd="latency",
+        targets={"proxy": url},
+        concurrency=plan.inflight_streams,
+        delay=0.1,
+        max_tokens=plan.max_tokens,
+        rounds=1,
+        pause_s=0.0,
+    )
+    peak = before
+    while not gen.ready(0.05):
+        peak = max(peak, rss_mb(pid))
+    r = gen.receive("latency")
+    if r["errors"]["proxy"]:
+        raise RuntimeError(f"{r['errors']['proxy']} of {plan.inflight_streams} streams failed")
+    return {"rss_before_mb": before, "rss_peak_mb": peak, "streams": float(plan.inflight_streams)}
+
+
 def rss_figures(gen: LoadGen, pid: int, url: str, n: int, warmup: int) -> dict[str, float]:
     """Resident memory of the sidecar before and after ``n`` short requests, per 100k.
 
@@ -227,14 +313,20 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
             log("added latency, 100 concurrent streams, interleaved rounds ...")
             direct = f"http://127.0.0.1:{up_port}{CHAT}"
             latency = latency_figures(gen, direct, targets, plan)
+            log(f"chunk ceiling, {'/'.join(map(str, plan.ceiling_steps))} streams in flight ...")
+            ceiling = ceiling_figures(gen, direct, targets[1].url, plan)
             log(f"memory over {plan.rss_requests} short requests ...")
             rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
+            log(f"memory with {plan.inflight_streams} streams in flight ...")
+            inflight = inflight_rss_figures(gen, sidecar.pid, targets[1].url, plan)
             return {
                 "sidecar_idle_cpu_percent": idle_pct,
                 "stream": stream,
                 "plain": plain,
                 "latency": latency,
+                "ceiling": ceiling,
                 "rss": rss,
+                "inflight_rss": inflight,
             }
         finally:
             if gen is not None:

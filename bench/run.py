@@ -78,6 +78,7 @@ def plan_for(args: argparse.Namespace) -> Plan:
         rss_warmup=20_000,
         uvloop=uv,
         bare=True,
+        ceiling_steps=(100, 200, 300, 400, 550, 700, 900),
     )
     return Plan("full", proxy, 15.0, 3, 60.0, 900.0, args.bloom_hours, 2)
 
@@ -151,6 +152,12 @@ def collect(plan: Plan) -> dict[str, Any]:
         fig["rss_slope_mb_per_100k_requests"] = rss["slope_mb_per_100k"]
         fig["rss_requests"] = int(rss["requests"])
         fig["rss_after_mb"] = rss["rss_after_mb"]
+        c, fl = p["ceiling"], p["inflight_rss"]
+        fig["proxy_max_chunks_per_s_one_core"] = c["max_chunks_per_s"]
+        fig["proxy_max_chunks_bounded"] = bool(c["bounded"])
+        fig["proxy_ceiling_steps"] = {k: v for k, v in c.items() if "_at_" in k}
+        fig["rss_mb_1000_streams_in_flight"] = fl["rss_peak_mb"]
+        fig["rss_mb_before_1000_streams"] = fl["rss_before_mb"]
 
     log(f"sampler, 8 fake GPUs at 10 Hz, {plan.sampler_reps} x {plan.sampler_s:g} s")
     fig.update(sampler_figures(plan))
@@ -233,6 +240,7 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "<= nginx_added_p50_ms + 2",
             None if added is None or nginx_added is None else added <= nginx_added + 2.0,
         ),
+        ("proxy_added_p50_ms_burst", "<= 10", le("proxy_added_p50_ms_burst", 10.0)),
         ("sampler_cpu_percent_8gpu_10hz", "<= 1", le("sampler_cpu_percent_8gpu_10hz", 1.0)),
         ("rss_growth_mb_per_100k_requests", "<= 5", le("rss_growth_mb_per_100k_requests", 5.0)),
         (
@@ -269,6 +277,9 @@ TABLE: list[tuple[str, str, str]] = [
     ("nginx_added_p50_ms_burst", "ms", "added by nginx, burst"),
     ("bare_aiohttp_added_p50_ms_burst", "ms", "added by the bare aiohttp proxy, burst"),
     ("proxy_uvloop_added_p50_ms_burst", "ms", "added by the sidecar on uvloop, burst"),
+    ("proxy_max_chunks_per_s_one_core", "1/s", "sidecar chunk ceiling (added p50 <= 5 ms)"),
+    ("rss_mb_1000_streams_in_flight", "MB", "sidecar RSS, 1,000 streams in flight"),
+    ("rss_mb_before_1000_streams", "MB", "  the same just before"),
     ("sidecar_idle_cpu_percent", "% core", "sidecar idle (1 simulated GPU, 10 Hz)"),
     ("sampler_cpu_percent_8gpu_10hz", "% core", "sampler alone, 8 GPUs at 10 Hz"),
     ("sampler_ledger_cpu_percent_8gpu_10hz", "% core", "sampler + ledger, 8 GPUs at 10 Hz"),
