@@ -156,35 +156,42 @@ def chunks_per_stream(max_tokens: int) -> int:
 
 
 def ceiling_figures(
-    gen: LoadGen, direct_url: str, proxy_url: str, plan: ProxyPlan
+    gen: LoadGen, direct_url: str, proxy_url: str, plan: ProxyPlan, pid: int
 ) -> dict[str, float]:
     """Chunks per second the proxy relays before its added p50 passes ``ceiling_added_ms``.
 
     Steady rounds (as :func:`latency_figures`) at each step of streams in flight,
-    direct and proxy interleaved; the chunk rate of a step is its streams times
+    direct, then proxy; the chunk rate of a step is its streams times
     the chunks of a stream over the direct path's median stream time. The
     ceiling is interpolated between the last step under the limit and the
     first over it (from zero if the first is over); ``bounded`` is 0 when no
     step passed the limit (the figure is then a lower bound: the last rate).
+    Beside each step, the sidecar's (``pid``) CPU as a share of one core over
+    its round (ramp included): well under 100 % at the ceiling means the
+    machine (load generator, upstream) gave out before the sidecar's core did.
     """
     stream_s = (plan.max_tokens + 2) * plan.latency_delay_s
     per_stream = chunks_per_stream(plan.max_tokens)
     points: list[tuple[float, float]] = [(0.0, 0.0)]
     out: dict[str, float] = {}
     for conc in plan.ceiling_steps:
-        r = gen.call(
-            cmd="latency",
-            targets={"direct": direct_url, "proxy": proxy_url},
-            concurrency=conc,
-            delay=plan.latency_delay_s,
-            max_tokens=plan.max_tokens,
-            rounds=1,
-            per_worker=2,
-            stagger_s=stream_s,
-        )
-        times = r["times_s"]
-        if r["errors"]["proxy"] or not times["proxy"] or not times["direct"]:
-            raise RuntimeError(f"{r['errors']['proxy']} streams failed at {conc} in flight")
+        times: dict[str, list[float]] = {}
+        for name, url in (("direct", direct_url), ("proxy", proxy_url)):
+            cpu0, t0 = cpu_s(pid), time.monotonic()
+            r = gen.call(
+                cmd="latency",
+                targets={name: url},
+                concurrency=conc,
+                delay=plan.latency_delay_s,
+                max_tokens=plan.max_tokens,
+                rounds=1,
+                per_worker=2,
+                stagger_s=stream_s,
+            )
+            if r["errors"][name] or not r["times_s"][name]:
+                raise RuntimeError(f"{r['errors'][name]} streams failed at {conc} in flight")
+            times[name] = r["times_s"][name]
+        out[f"cpu_percent_at_{conc}"] = (cpu_s(pid) - cpu0) / (time.monotonic() - t0) * 100
         direct = median(times["direct"])
         added_ms = (median(times["proxy"]) - direct) * 1e3
         rate = conc * per_stream / direct
@@ -314,7 +321,7 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
             direct = f"http://127.0.0.1:{up_port}{CHAT}"
             latency = latency_figures(gen, direct, targets, plan)
             log(f"chunk ceiling, {'/'.join(map(str, plan.ceiling_steps))} streams in flight ...")
-            ceiling = ceiling_figures(gen, direct, targets[1].url, plan)
+            ceiling = ceiling_figures(gen, direct, targets[1].url, plan, sidecar.pid)
             log(f"memory over {plan.rss_requests} short requests ...")
             rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
             log(f"memory with {plan.inflight_streams} streams in flight ...")
