@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from sidecar.carbon import CarbonIntensityTracker, EmbodiedModel, build_tracker
 from sidecar.config import Credentials, Settings, split_host_port
 from sidecar.ledger import FinishedRequest
-from sidecar.meter import Meter
+from sidecar.meter import Meter, RunningFrom
 from sidecar.metrics import BuildInfo, HealthCollector, SidecarCollector, make_registry
 from sidecar.pending import WAITING_GPU, StartupCollector, UnmeteredMeter
 from sidecar.power.backoff import Backoff
@@ -42,7 +42,7 @@ from sidecar.server import create_metrics_app
 from sidecar.trace import TraceRecorder
 from sidecar.traces.metrics import TracesCollector
 from sidecar.traces.service import ListenError, TracesService
-from sidecar.tracking.observer import Observation, ObservationDelta, Observer
+from sidecar.tracking.observer import Observer
 from sidecar.tracking.proxy import Proxy
 from sidecar.tracking.tenant import build_tenants
 
@@ -199,11 +199,10 @@ class Sidecar:
             embodied_g_per_s=embodied.grams_per_second,
             budget_g_per_day=s.emissions_budget,
             on_finished=self._record_request,
-            hold_s=2.5 * OBSERVE_INTERVAL_S
-            if s.observe is not None and s.upstream is None
-            else 0.0,
+            hold_s=2.5 * OBSERVE_INTERVAL_S if s.mode == "observer" else 0.0,
             sample_period_s=1.0 / s.sample_hz,
             traces_hold_s=TRACES_HOLD_S if s.otlp_listen is not None else None,
+            running_from=_running_from(s),
         )
         self.sampler = Sampler(
             self.source,
@@ -234,7 +233,7 @@ class Sidecar:
                 default_model=s.model,
                 interval_s=OBSERVE_INTERVAL_S,
                 clock=self.clock,
-                on_observation=self._on_observation,
+                on_observation=self.meter.observer.on_observation,
             )
             self._tasks.append(asyncio.create_task(self.observer.run(), name="observer"))
         if s.otlp_listen is not None:
@@ -394,29 +393,6 @@ class Sidecar:
             except Exception:
                 log.exception("sidecar.tick_failed")
 
-    def _on_observation(self, obs: Observation, delta: ObservationDelta | None) -> None:
-        """Observer mode: the server's counters become per-model activity in the ledger.
-
-        With the proxy also in the path, its per-request view wins: while it has
-        seen inference traffic in the last minute the observer only watches.
-        """
-        meter = self.meter
-        if meter is None or delta is None:
-            return
-        if meter.last_proxied_s is not None and self.clock() - meter.last_proxied_s < 60.0:
-            return
-        models = set(obs.running) | set(delta.generation_tokens) | set(delta.prompt_tokens)
-        for model in sorted(models):
-            meter.observed(
-                model,
-                since_s=delta.start_s,
-                until_s=delta.end_s,
-                running=obs.running.get(model, 0.0),
-                prompt_tokens=delta.prompt_tokens.get(model, 0.0),
-                completion_tokens=delta.generation_tokens.get(model, 0.0),
-                finished=delta.requests.get(model, 0.0),
-            )
-
     # ------------------------------------------------------------------- outputs
     def _record_power(self, sample: PowerSample) -> None:
         if self.recorder is not None:
@@ -498,6 +474,13 @@ class Sidecar:
         """The proxy in force: the un-metered one until the GPUs are known, then the metered."""
         assert self.proxy is not None
         return await self.proxy.handle(request)
+
+
+def _running_from(s: Settings) -> RunningFrom | None:
+    """Traces mode: the server's running count comes from the observer, else the proxy."""
+    if s.observe is not None:
+        return "observer"
+    return "proxy" if s.upstream is not None else None
 
 
 def _idle_map(values: tuple[float, ...], gpus: list[GpuInfo]) -> dict[str, float] | None:

@@ -1,6 +1,9 @@
-"""The meter: where request events, power samples and carbon meet the outputs.
+"""The meter: the accounting behind ``/metrics`` and ``/summary``.
 
-It owns the ledger and keeps every figure the outputs need as plain numbers
+Request events come from the activity sources (:mod:`sidecar.sources`: proxy,
+observer, traces), each through the same small protocol; the meter composes
+them (which runs alone, which defers to which, who reports the running count)
+and keeps the methods the proxy calls as its event interface. It owns the ledger and keeps every figure the outputs need as plain numbers
 (counters, bucket counts, a ring of per-second snapshots), so a Prometheus
 scrape or a ``/summary`` call only reads cached state: its cost follows the
 number of label values, never the requests in flight. Emissions accrue as
@@ -13,8 +16,6 @@ request naming it did not fail, so failures cannot use up the label budget.
 
 from __future__ import annotations
 
-import itertools
-import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ import structlog
 
 from sidecar.carbon.emissions import operational_grams
 from sidecar.figures import (
-    OTHER_MODEL,
     Histogram,
     ModelLabels,
     Snapshot,
@@ -32,36 +32,24 @@ from sidecar.figures import (
 )
 from sidecar.ledger import PHASES, FinishedRequest, Ledger, Phase, Status
 from sidecar.power.base import GpuInfo, PowerSample
+from sidecar.sources.base import ENDPOINTS, ActivitySource, Endpoint
+from sidecar.sources.join import ProxySpanJoin
+from sidecar.sources.observer import ObserverSource
+from sidecar.sources.proxy import LoadListener, ProxySource
+from sidecar.sources.traces import TraceSource
 from sidecar.traces.span import RequestSpan
 
 log = structlog.get_logger("sidecar.meter")
 
-Endpoint = Literal[
-    "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other"
-]
-ENDPOINTS: Final[tuple[Endpoint, ...]] = (
-    "chat", "completion", "responses", "embedding", "pooling", "generate", "unknown", "other",
-)  # fmt: skip
-OBSERVED: Final = "observed"
-"""Ledger endpoint of observer mode's per-model activity spans."""
-OBSERVED_STALE_S: Final = 30.0
-"""An activity span the observer has not renewed for this long ends where it was last seen."""
-PROXY_WINS_S: Final = 60.0
-"""With the proxy in the path, its per-request view wins for this long after a request."""
+__all__ = ["BOUNDARY", "ENDPOINTS", "Endpoint", "FixedIntensity", "IntensitySource", "Meter"]
+
 NO_TENANT: Final = "none"
 STAGES: Final = ("prefill", "decode")
 BOUNDARY: Final = (
     "energy of the metered GPUs only; CPU, memory, network and cooling are outside "
     "(PUE scales emissions, not joules)"
 )
-
-
-class LoadListener(Protocol):
-    """Told of request lifecycle events (the simulated GPU follows proxied load with it)."""
-
-    def started(self, rid: str) -> None: ...
-    def streaming(self, rid: str) -> None: ...
-    def finished(self, rid: str) -> None: ...
+RunningFrom = Literal["observer", "proxy"]
 
 
 class IntensitySource(Protocol):
@@ -87,17 +75,6 @@ class FixedIntensity:
     basis: str = "unknown"
 
 
-@dataclass(slots=True)
-class _Open:
-    """A request the proxy is tracking; counters are bumped when it ends."""
-
-    model: str
-    """The ledger's label for it now: provisional until a response confirms it."""
-    endpoint: Endpoint
-    tenant: str | None = None
-    response_model: str | None = None
-
-
 class Meter:
     """Accounting state of one sidecar process."""
 
@@ -118,8 +95,11 @@ class Meter:
         sample_period_s: float | None = None,
         tenants: bool = False,
         traces_hold_s: float | None = None,
-        counted: bool = False,
+        running_from: RunningFrom | None = None,
     ) -> None:
+        """``traces_hold_s`` turns traces mode on (spans are the requests, held that
+        long); ``running_from`` names the source of the server's running count there
+        (the observer's scrape, else the proxy's open requests, else none)."""
         self.gpus = gpus
         self.ledger = Ledger(
             [g.gpu for g in gpus],
@@ -127,11 +107,8 @@ class Meter:
             hold_s=hold_s,
             sample_period_s=sample_period_s,
             late_hold_s=traces_hold_s,
-            counted=counted,
+            counted=running_from is not None,
         )
-        self.traces = traces_hold_s is not None
-        """Traces mode: requests come whole from spans; live sources report only counts."""
-        self.duplicate_spans = 0
         self.clock = clock
         self.models = ModelLabels(max_models)
         self.default_model = default_model
@@ -143,11 +120,6 @@ class Meter:
         self.embodied_g_per_s = embodied_g_per_s
         self.budget_g_per_day = budget_g_per_day
         self._on_finished = on_finished
-        self.listener: LoadListener | None = None
-        self._ids = itertools.count(1)
-        # request ids are unique across restarts, so appended --record files attribute cleanly
-        self._id_prefix = secrets.token_hex(4)
-        self._open: dict[str, _Open] = {}
         self.started_s = clock()
         self._last_tick_s = self.started_s
         # counters (cumulative since start)
@@ -162,9 +134,6 @@ class Meter:
         self._finished_inference = 0
         self._completion_tokens = 0
         self._history: deque[Snapshot] = deque(maxlen=130)
-        self._observed: dict[str, tuple[str, float]] = {}  # label -> (open span, renewed at)
-        self._running: dict[str, int] = {}  # observer mode: the server's running count
-        self.last_proxied_s: float | None = None
         self.stage_j: dict[tuple[str, str], float] = {}  # (model, stage) of finished requests
         self.tenant_j: dict[str, float] = {}
         self.tenant_g: dict[str, float] = {}
@@ -172,8 +141,31 @@ class Meter:
         self._prompt_tokens = 0
         self._prefill_j = 0.0
         self._decode_j = 0.0
+        # the sources, composed: with traces on, spans are the requests (joined with the
+        # proxy's view by the server's id) and the observer reports only the running count;
+        # without, the observer only watches while the proxy sees every request itself
+        self.traces = traces_hold_s is not None
+        self.join: ProxySpanJoin | None = None
+        self.trace: TraceSource | None = None
+        if traces_hold_s is not None:
+            self.join = ProxySpanJoin(self, traces_hold_s)
+            self.trace = TraceSource(self, self.join)
+        self.proxy = ProxySource(self, join=self.join, report_counts=running_from == "proxy")
+        self.observer = ObserverSource(
+            self,
+            counts_only=self.traces,
+            defer=None if self.traces else self.proxy.saw_traffic,
+        )
+        self.sources: tuple[ActivitySource, ...] = tuple(
+            s for s in (self.proxy, self.observer, self.trace) if s is not None
+        )
+        self._live_view: tuple[ActivitySource, ...] = self.sources
+        """Whose in-flight figure counts: in traces mode the running count's source."""
+        if self.traces:
+            counts: dict[str, ActivitySource] = {"observer": self.observer, "proxy": self.proxy}
+            self._live_view = () if running_from is None else (counts[running_from],)
 
-    # ------------------------------------------------------------ request events
+    # ------------------------------------------- the event interface (the proxy's)
     def request_started(
         self,
         endpoint: Endpoint,
@@ -183,57 +175,17 @@ class Meter:
         *,
         tenant: str | None = None,
     ) -> str:
-        """An inference request arrived (at ``time_s``, default now); returns its id.
-
-        ``tenant`` is the request's showback label, already bounded by the caller.
-        The model label is provisional until the response: a name becomes a label
-        only once a successful response confirms it (the response's name preferred).
-        """
-        rid = f"{self._id_prefix}-r{next(self._ids)}"
-        name = model or self.default_model
-        now = self.clock()
-        self.last_proxied_s = now
-        self._end_observed_spans(now)  # the proxy's per-request view wins from here
-        if tenant is not None:
-            self.tenants = True
-        self._open[rid] = _Open(name, endpoint, tenant)
-        t = now if time_s is None else time_s
-        provisional = model is None or not self.models.known(name)
-        self.ledger.start(
-            rid, t, model=name, endpoint=endpoint, prompt_tokens=prompt_tokens,
-            provisional=provisional,
-        )  # fmt: skip
-        if self.listener is not None:
-            self.listener.started(rid)
-        return rid
+        """An inference request arrived through the proxy; returns its id."""
+        return self.proxy.request_started(endpoint, model, prompt_tokens, time_s, tenant=tenant)
 
     def model_learned(self, rid: str, model: str) -> None:
-        """The response named the model: it becomes the label if the request succeeds."""
-        req = self._open.get(rid)
-        if req is not None:
-            req.response_model = model
-
-    def _final_label(self, req: _Open, status: Status) -> str:
-        """A request that did not fail registers its model's name (the response's name
-        first; a client that left did not make the server fail); a failed one (a
-        404 for a mistyped name, an upstream down) uses a name only if it is a label
-        already, else ``other``, so failures cannot use up the label budget."""
-        name = req.response_model or req.model
-        if status != "error":
-            return self.models(name)
-        for candidate in (req.response_model, req.model):
-            if candidate is not None and self.models.known(candidate):
-                return candidate
-        return OTHER_MODEL
+        self.proxy.model_learned(rid, model)
 
     def first_token(self, rid: str) -> None:
-        self.ledger.first_token(rid, self.clock())
-        if self.listener is not None:
-            self.listener.streaming(rid)
+        self.proxy.first_token(rid)
 
     def tokens_streamed(self, rid: str, count: int) -> None:
-        if count > 0:
-            self.ledger.tokens(rid, self.clock(), count)
+        self.proxy.tokens_streamed(rid, count)
 
     def request_finished(
         self,
@@ -243,91 +195,41 @@ class Meter:
         completion_tokens: int | None = None,
         *,
         tenant: str | None = None,
+        server_id: str | None = None,
     ) -> None:
-        """The request ended. ``tenant``, when given, replaces the label given at the
-        start (the caller may downgrade it once it knows whether the response succeeded)."""
-        req = self._open.pop(rid, None)
-        if req is None:
-            return
-        if tenant is not None:
-            req.tenant = tenant
-            self.tenants = True
-        label = self._final_label(req, status)
-        self.ledger.relabel(rid, label, final=True)
-        req.model = label
-        self._tenant_of[rid] = req.tenant
-        self.ledger.finish(
-            rid,
-            self.clock(),
-            status=status,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+        """The proxied request ended (see :meth:`ProxySource.request_finished`)."""
+        self.proxy.request_finished(
+            rid, status, prompt_tokens, completion_tokens, tenant=tenant, server_id=server_id
         )
-        if self.listener is not None:
-            self.listener.finished(rid)
-        self._count_finished(req.model, req.endpoint, status, prompt_tokens, completion_tokens)
-        self._collect()
+
+    def other_request(self, status: Status) -> None:
+        self.proxy.other_request(status)
+
+    @property
+    def listener(self) -> LoadListener | None:
+        """Told of proxied request events (the simulated GPU follows proxied load)."""
+        return self.proxy.listener
+
+    @listener.setter
+    def listener(self, value: LoadListener | None) -> None:
+        self.proxy.listener = value
 
     def span_finished(self, span: RequestSpan) -> None:
         """Traces mode: the server reported a finished request (its span, seconds to
         minutes late). Its share is placed in the held intervals where it ran, from its
         scheduling to its end; its exact tokens count now; a retried export counts once.
         The request's final figure is handed out under ``span.request_id``."""
-        if not self.traces:
+        if self.trace is None:
             raise RuntimeError("span_finished() needs a meter made with traces_hold_s")
-        label = self.models(span.model or self.default_model)  # the server served it
-        placed = self.ledger.place(
-            span.request_id,
-            model=label,
-            start_s=span.scheduled_s,
-            first_token_s=span.first_token_s,
-            end_s=span.end_s,
-            prompt_tokens=span.prompt_tokens,
-            completion_tokens=span.completion_tokens,
-            cached_tokens=span.cached_tokens,
-            endpoint="unknown",
-        )
-        if not placed:
-            self.duplicate_spans += 1
-            log.debug("meter.span_duplicate", request_id=span.request_id)
-            return
-        self._count_finished(label, "unknown", "ok", span.prompt_tokens, span.completion_tokens)
-        self._collect()
+        self.trace.span_finished(span)
+
+    @property
+    def duplicate_spans(self) -> int:
+        return 0 if self.trace is None else self.trace.duplicates
 
     def server_running(self, since_s: float, until_s: float, running: dict[str, float]) -> None:
-        """Traces mode: the server's running count by model over [since_s, until_s]
-        (the observer's scrape): the live in-flight gauge, and how many requests each
-        held interval waits to hear from."""
-        labels: dict[str, int] = {}
-        for model, n in running.items():
-            label = self.models(model)
-            labels[label] = labels.get(label, 0) + max(0, round(n))
-        self._running = {k: v for k, v in labels.items() if v > 0}
-        self.ledger.running(since_s, until_s, sum(labels.values()))
-        self._collect()
-
-    def _count_finished(
-        self,
-        model: str,
-        endpoint: Endpoint,
-        status: Status,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-    ) -> None:
-        key = (model, endpoint, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
-            if n:
-                tk = (model, kind)
-                self.tokens[tk] = self.tokens.get(tk, 0) + n
-        self._finished_inference += 1
-        self._completion_tokens += completion_tokens or 0
-        self._prompt_tokens += prompt_tokens or 0
-
-    def other_request(self, status: Status) -> None:
-        """A non-inference request (health, model list, metrics): counted, holds no energy."""
-        key: tuple[str, Endpoint, Status] = (self.models(self.default_model), "other", status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        """Traces mode: the server's running count by model over [since_s, until_s]."""
+        self.observer.counts(since_s, until_s, running)
 
     def observed(
         self,
@@ -340,70 +242,52 @@ class Meter:
         completion_tokens: float,
         finished: float,
     ) -> None:
-        """Observer mode: the server's own counters for one model over [since_s, until_s].
-
-        While the model is active (requests running, or tokens produced since the
-        last scrape: short requests can start and end between two scrapes), it
-        holds one activity span in the ledger, weighted by the tokens it
-        processed, so dynamic energy splits between models by token throughput.
-        The ledger holds intervals back by more than a scrape interval in this
-        mode, so a span can open at the previous scrape. Gives energy per model
-        and per token, not per request: no request is visible here.
-        """
-        self.ledger.upstream_ready(since_s)  # the server answers: its model is loaded
-        if self._proxy_active():
-            return  # the proxy sees every request itself; counting these too would double
-        label = self.models(model)
-        self._running[label] = max(0, round(running))
-        work = round(prompt_tokens + completion_tokens)
-        active = running > 0 or work > 0
-        span = self._observed.get(label)
-        rid = span[0] if span is not None else None
-        if active and rid is None:
-            # a fresh id per span: the last one may still sit in the ledger's hold
-            rid = f"{OBSERVED}:{label}:{next(self._ids)}"
-            self.ledger.start(rid, since_s, model=label, endpoint=OBSERVED)
-            self.ledger.first_token(rid, since_s)
-        if rid is not None:
-            if work > 0:
-                self.ledger.tokens(rid, until_s, work)
-            if active:
-                self.ledger.touch(rid, until_s)
-                self._observed[label] = (rid, until_s)
-            else:  # idle since the last scrape: the span ended there
-                self.ledger.finish(rid, since_s, status="ok")
-                del self._observed[label]
-        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
-            if n > 0:
-                tk = (label, kind)
-                self.tokens[tk] = self.tokens.get(tk, 0) + round(n)
-        if finished > 0:
-            key: tuple[str, Endpoint, Status] = (label, "generate", "ok")
-            self.requests[key] = self.requests.get(key, 0) + round(finished)
-            self._finished_inference += round(finished)
-        self._completion_tokens += round(max(0.0, completion_tokens))
-        self._collect()
-
-    def _proxy_active(self) -> bool:
-        last = self.last_proxied_s
-        return last is not None and self.clock() - last < PROXY_WINS_S
-
-    def _end_observed_spans(self, now: float, *, stale_only: bool = False) -> None:
-        """An activity span never outlives the observer's view of it: spans end where
-        the observer last renewed them once the proxy takes over or the observer
-        falls silent, and the server's running count they stood for goes with them."""
-        for label, (rid, seen_s) in list(self._observed.items()):
-            if stale_only and now - seen_s < OBSERVED_STALE_S:
-                continue
-            self.ledger.finish(rid, seen_s, status="ok")
-            del self._observed[label]
-            self._running.pop(label, None)
-        if not stale_only:
-            self._running.clear()
+        """Observer mode: the server's counters for one model (:class:`ObserverSource`)."""
+        self.observer.observed(
+            model, since_s=since_s, until_s=until_s, running=running,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finished=finished,
+        )  # fmt: skip
 
     def upstream_answered(self) -> None:
         """The model server answered (readiness): the start-up baseline begins now."""
         self.ledger.upstream_ready(self.clock())
+
+    # ------------------------------------------------- what sources count (Accounts)
+    def count_finished(
+        self,
+        model: str,
+        endpoint: Endpoint,
+        status: Status,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        key = (model, endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if endpoint == "other":
+            return
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n:
+                tk = (model, kind)
+                self.tokens[tk] = self.tokens.get(tk, 0) + n
+        self._finished_inference += 1
+        self._completion_tokens += completion_tokens or 0
+        self._prompt_tokens += prompt_tokens or 0
+
+    def count_tokens(self, model: str, prompt: int, completion: int, finished: int) -> None:
+        for kind, n in (("prompt", prompt), ("completion", completion)):
+            if n > 0:
+                tk = (model, kind)
+                self.tokens[tk] = self.tokens.get(tk, 0) + n
+        if finished > 0:
+            key: tuple[str, Endpoint, Status] = (model, "generate", "ok")
+            self.requests[key] = self.requests.get(key, 0) + finished
+            self._finished_inference += finished
+        self._completion_tokens += completion
+
+    def set_tenant(self, request_id: str, tenant: str | None) -> None:
+        if tenant is not None:
+            self.tenants = True
+        self._tenant_of[request_id] = tenant
 
     # --------------------------------------------------------------- power, time
     def on_samples(self, samples: Iterable[PowerSample]) -> None:
@@ -411,15 +295,15 @@ class Meter:
         for s in samples:
             if s.gpu in gpus:
                 self.ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
-        self._collect()
+        self.collect()
 
     def tick(self) -> None:
         """Once a second or so: let bounded waits expire, accrue embodied, snapshot."""
         now = self.clock()
-        if self._observed:
-            self._end_observed_spans(now, stale_only=True)
+        for source in self.sources:
+            source.tick(now)
         self.ledger.advance(now)
-        self._collect()
+        self.collect()
         dt = max(0.0, now - self._last_tick_s)
         self._last_tick_s = now
         self.emissions_g["embodied"] += self.embodied_g_per_s * dt
@@ -427,10 +311,12 @@ class Meter:
 
     def flush(self) -> None:
         """Shutdown: assign everything and report every request."""
+        for source in self.sources:
+            source.flush()
         self.ledger.flush()
-        self._collect()
+        self.collect()
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
         """Fold newly assigned energy into emissions and finished requests into outputs."""
         total = self.ledger.total_j
         intensity = self.intensity.g_per_kwh
@@ -447,7 +333,7 @@ class Meter:
                 self.model_g[model] = self.model_g.get(model, 0.0) + grams
                 self._model_assigned_j[key] = joules
         for f in self.ledger.pop_finished():
-            if f.endpoint == OBSERVED:  # a model's stretch of activity, not a request
+            if f.activity:  # a model's stretch of activity, not a request
                 continue
             self.request_j.setdefault(f.model, Histogram()).observe(f.energy_j)
             self._book_stages(f)
@@ -471,6 +357,8 @@ class Meter:
                 except Exception:  # a recorder fault must not stop accounting
                     log.exception("meter.on_finished_failed")
 
+    _collect = collect
+
     def _book_stages(self, f: FinishedRequest) -> None:
         for stage, joules in zip(STAGES, (f.prefill_j, f.decode_j), strict=True):
             key = (f.model, stage)
@@ -491,19 +379,13 @@ class Meter:
 
     # ------------------------------------------------------------------ queries
     def in_flight(self) -> dict[str, int]:
-        """Requests in flight by model: the proxy's, or in observer mode the server's count.
-
-        Requests whose model is not a label yet (no successful response confirmed
-        it) count under ``other``, so the gauge's label values stay bounded.
-        """
+        """Requests in flight by model, as the sources see them: the proxy's open
+        requests, the server's running count (observer); in traces mode only the
+        source of the running count (none: 0)."""
         out: dict[str, int] = {}
-        for model, n in self.ledger.in_flight().items():
-            label = model if self.models.known(model) else OTHER_MODEL
-            out[label] = out.get(label, 0) + n
-        for label in self._observed:  # an activity span stands in for the running count
-            out[label] = out.get(label, 0) - 1
-        for label, n in self._running.items():
-            out[label] = out.get(label, 0) + n
+        for source in self._live_view:
+            for label, n in source.in_flight().items():
+                out[label] = out.get(label, 0) + n
         return {k: v for k, v in out.items() if v > 0}
 
     def power_w(self, last_power: dict[str, float]) -> float:

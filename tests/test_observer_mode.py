@@ -121,9 +121,10 @@ async def test_proxy_view_wins_when_both_modes_run(aiohttp_server: ServerFactory
         assert settings.mode == "proxy+observer"
         meter = sidecar.meter
         assert meter is not None
-        meter.last_proxied_s = sidecar.clock()
+        meter.proxy.last_seen_s = sidecar.clock()  # the proxy saw an inference request
         await asyncio.sleep(2.3)
-        assert not meter._observed
+        assert meter.observer.in_flight() == {}
+        assert meter.ledger.in_flight() == {}  # no activity span beside the proxied requests
         assert sidecar.observer is not None
         assert sidecar.observer.scrapes >= 1
     finally:

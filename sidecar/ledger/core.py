@@ -147,6 +147,7 @@ class Ledger:
         prompt_tokens: float | None = None,
         provisional: bool = False,
         attributable: bool = True,
+        activity: bool = False,
     ) -> None:
         """An inference request arrived. ``prompt_tokens`` may be an estimate.
 
@@ -154,6 +155,8 @@ class Ledger:
         :attr:`model_j` only once :meth:`relabel` settles the label (or at its end).
         ``attributable=False``: activity in flight that is no request of its own
         (its shares go to :attr:`unattributed_j`, and it is never handed out).
+        ``activity=True``: a model's stretch of activity, not a request (observer mode):
+        its shares count per model, and it is handed out marked so.
         """
         if request_id in self._live:
             raise ValueError(f"request {request_id!r} started twice")
@@ -161,6 +164,7 @@ class Ledger:
         req = Request(request_id, model, endpoint, t, prompt_tokens, known_s=t)
         req.booked = not provisional
         req.attributable = attributable
+        req.activity = activity
         self._live[request_id] = req
         bisect.insort(self._starts, (t, request_id))
         self._first_request_s = min(self._first_request_s, t)
@@ -579,6 +583,7 @@ class Ledger:
                 dynamic_j=r.dynamic_j,
                 idle_j=r.idle_j,
                 prefill_j=self._prefill_j(r),
+                activity=r.activity,
             )
         )
 

@@ -37,6 +37,8 @@ class FinishedRequest:
     idle_j: float
     prefill_j: float = 0.0
     """The part of ``energy_j`` spent before the first token (CONTRACT.md, Stages)."""
+    activity: bool = False
+    """A model's stretch of activity (observer mode), not a request: no per-request figure."""
     missed_s: float = 0.0
     """Traces mode: seconds of its window already out of the hold when it reported
     (that energy went to the unattributed bucket, not to it)."""
@@ -80,6 +82,8 @@ class Request:
     on the request until :meth:`Ledger.relabel` or the end settles it."""
     attributable: bool = True
     """False for activity the ledger knows of but cannot hand to any request."""
+    activity: bool = False
+    """A model's stretch of activity, not a request (observer mode)."""
     emitted: bool = False
     """Handed out already; a lagging GPU's late share can no longer reach it."""
 
