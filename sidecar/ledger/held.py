@@ -114,6 +114,7 @@ class HeldSlots:
     _seen: dict[str, float] = field(default_factory=dict)
     _seen_order: deque[tuple[float, str]] = field(default_factory=deque)
     _done_s: float = -INF
+    _reported_s: float = -INF
     _now_s: float = -INF
     finished: list[HeldRequest] = field(default_factory=list)
     held_j: float = 0.0
@@ -176,6 +177,7 @@ class HeldSlots:
         count = max(0, count)
         rep = _Report(t0, t1, count)
         self._reports.append(rep)
+        self._reported_s = max(self._reported_s, t1)
         for k in range(self._k(t0), self._k(t1 - 1e-9) + 1):
             slot = self._slots.get(k)
             if slot is not None and not slot.settled:
@@ -249,7 +251,8 @@ class HeldSlots:
 
     def _close_passed(self) -> None:
         """Close, in order, the slots every GPU has passed; a counted slot whose count
-        has not come yet stops the walk until it comes (or the hold settles it)."""
+        has not come yet stops the walk until it comes (a slot no count will cover,
+        from before the first, waits for the hold)."""
         if self._last_k is None:
             return
         first = self._first_k
@@ -259,7 +262,10 @@ class HeldSlots:
             slot = self._slots.get(k)
             if slot is not None and not slot.settled:
                 if self.counted and slot.running is None:
-                    break
+                    if (k + 1) * self.slot_s > self._reported_s:
+                        break  # its count is still to come
+                    k += 1  # no count ever covered it (before the first): the hold settles it
+                    continue
                 self._close(slot)
             k += 1
         self._close_k = k

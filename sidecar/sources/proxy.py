@@ -65,7 +65,7 @@ class ProxySource:
         self._id_prefix = secrets.token_hex(4)
         self._open: dict[str, _Open] = {}
         self.last_seen_s: float | None = None
-        self._count_from_s: float | None = None
+        self._count_from_s: float | None = accounts.clock()  # counts cover from the start
         self._peak = 0
 
     # ------------------------------------------------------------------ events

@@ -359,6 +359,7 @@ class Proxy:
         strip_usage = held.original is not None
         status: Status = "ok"
         usage_tokens: tuple[int | None, int | None] = (None, None)
+        server_id: str | None = None  # the response's id: the join with the server's trace
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
         pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
@@ -457,6 +458,7 @@ class Proxy:
                         if completion is None and streamed and (usage.token_events or counted):
                             completion = usage.token_events or counted
                         usage_tokens = (usage.prompt_tokens, completion)
+                        server_id = usage.response_id
                         if usage.model and rid is not None:
                             self._safe("model", self._meter.model_learned, rid, usage.model)
                     self._learn_null_usage(info, tracker, strip_usage, upstream.status)
@@ -488,6 +490,8 @@ class Proxy:
                     upstream.release()
             if rid is not None:
                 extra: dict[str, Any] = {}
+                if server_id is not None:
+                    extra["server_id"] = server_id
                 if tenant is not None and self._tenants is not None:
                     extra["tenant"] = self._safe(
                         "tenant_label", self._tenants.label, tenant, ok=status == "ok"

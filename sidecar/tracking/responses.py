@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from sidecar.tracking.budget import ParseBudget
@@ -68,6 +68,7 @@ class Usage:
     completion_tokens: int | None
     model: str | None
     token_events: int = 0
+    response_id: str | None = field(default=None, compare=False)  # the join with its span
 
 
 class ResponseTracker:
@@ -117,6 +118,7 @@ class ResponseTracker:
         "_model",
         "_prompt",
         "_reserved",
+        "_response_id",
         "_server_usage",
         "_streamed_usage",
         "_streaming",
@@ -154,6 +156,7 @@ class ResponseTracker:
         self._prompt: int | None = None
         self._completion: int | None = None
         self._model: str | None = None
+        self._response_id: str | None = None
         self._streamed_usage = 0  # continuous usage: completion tokens already counted
         self._token_events = 0
         self._done = False
@@ -262,7 +265,9 @@ class ResponseTracker:
             completion = self._completion
             if completion is None and self._info.endpoint in ("embedding", "pooling"):
                 completion = 0 if self._prompt is not None else None
-            self._usage = Usage(self._prompt, completion, self._model, self._token_events)
+            self._usage = Usage(
+                self._prompt, completion, self._model, self._token_events, self._response_id
+            )
         return self._usage
 
     # ------------------------------------------------------------------ internals
@@ -506,6 +511,9 @@ class ResponseTracker:
         model = model_name(obj.get("model"))
         if model is not None:
             self._model = model
+        rid = obj.get("id")
+        if self._response_id is None and isinstance(rid, str) and 0 < len(rid) <= 256:
+            self._response_id = rid
         for key in ("response", "message"):  # Responses' final event, Messages' message_start
             inner = obj.get(key)
             if isinstance(inner, dict):
