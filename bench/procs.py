@@ -238,3 +238,21 @@ def start_bare(
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc, f"the {name} proxy")
     return proc, port
+
+
+def start_relay(
+    tmp: Path, upstream_port: int, *, uvloop: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The bare httptools relay (no metering, no aiohttp): the other candidate's floor."""
+    port = free_port()
+    name = "relay-uvloop" if uvloop else "relay"
+    proc = subprocess.Popen(
+        [python(), "-m", "bench.bare_relay", str(upstream_port), str(port)]
+        + (["uvloop"] if uvloop else []),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=_log(tmp, name),
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc, f"the {name} proxy")
+    return proc, port

@@ -23,6 +23,7 @@ from bench.procs import (
     nginx_pids,
     start_bare,
     start_nginx,
+    start_relay,
     start_sidecar,
     start_upstream,
     stop,
@@ -52,6 +53,7 @@ class ProxyPlan:
     rss_warmup: int  # requests before the first reading: allocator arenas and caches settle
     uvloop: bool  # also a sidecar on uvloop's event loop (the experiment)
     bare: bool  # also the bare aiohttp proxy (no metering), as the floor
+    relay: bool = False  # also the bare httptools relay (bench/bare_relay.py), the other candidate
     max_tokens: int = 20  # tokens (SSE chunks) per streamed response
     ceiling_steps: tuple[int, ...] = (100, 200, 400, 700)  # streams in flight, chunk ceiling
     ceiling_added_ms: float = 5.0  # the ceiling: added p50 past this
@@ -306,6 +308,16 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
                             (lambda p: lambda: [p])(bare.pid),
                         )
                     )
+            if plan.relay:
+                relay, relay_port = start_relay(tmp, up_port)
+                procs.append(relay)
+                targets.append(
+                    Target(
+                        "bare_httptools",
+                        f"http://127.0.0.1:{relay_port}{CHAT}",
+                        (lambda p: lambda: [p])(relay.pid),
+                    )
+                )
             gen = LoadGen(tmp)
             time.sleep(1.0)
             idle0 = cpu_s(sidecar.pid)

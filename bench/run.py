@@ -60,6 +60,7 @@ def plan_for(args: argparse.Namespace) -> Plan:
             rss_warmup=8_000,
             uvloop=uv,
             bare=True,
+            relay=_has_httptools(),
         )
         bloom_hours = args.bloom_hours if args.bloom else None
         return Plan("quick", proxy, 8.0, 1, 10.0, 180.0, bloom_hours, 2)
@@ -78,9 +79,18 @@ def plan_for(args: argparse.Namespace) -> Plan:
         rss_warmup=20_000,
         uvloop=uv,
         bare=True,
+        relay=_has_httptools(),
         ceiling_steps=(100, 200, 300, 400, 550, 700, 900),
     )
     return Plan("full", proxy, 15.0, 3, 60.0, 900.0, args.bloom_hours, 2)
+
+
+def _has_httptools() -> bool:
+    try:
+        import httptools  # noqa: F401  (the relay candidate's parser, a bench extra)
+    except ImportError:
+        return False
+    return True
 
 
 def _has_uvloop() -> bool:
@@ -139,7 +149,7 @@ def collect(plan: Plan) -> dict[str, Any]:
         fig["nginx_added_p50_ms_burst"] = lat["nginx"]["burst_added_p50_ms"]
         fig["direct_p50_ms"] = lat["direct"]["p50_ms"]
         fig["direct_p50_ms_burst"] = lat["direct"]["burst_p50_ms"]
-        for name in ("bare_aiohttp", "bare_aiohttp_uvloop", "proxy_uvloop"):
+        for name in ("bare_aiohttp", "bare_aiohttp_uvloop", "proxy_uvloop", "bare_httptools"):
             if name in s:
                 fig[f"{name}_cpu_us_per_stream"] = s[name]["cpu_us_per_request"]
                 fig[f"{name}_cpu_us_per_request"] = q[name]["cpu_us_per_request"]
@@ -261,22 +271,26 @@ TABLE: list[tuple[str, str, str]] = [
     ("nginx_cpu_us_per_stream", "µs", "nginx CPU per 20-token stream"),
     ("bare_aiohttp_cpu_us_per_stream", "µs", "bare aiohttp proxy (no metering), per stream"),
     ("proxy_uvloop_cpu_us_per_stream", "µs", "sidecar on uvloop, per stream"),
+    ("bare_httptools_cpu_us_per_stream", "µs", "bare httptools relay (no metering), per stream"),
     ("proxy_cpu_ratio_stream", "x", "sidecar / nginx, streams"),
     ("proxy_cpu_us_per_request", "µs", "sidecar CPU per plain request"),
     ("nginx_cpu_us_per_request", "µs", "nginx CPU per plain request"),
     ("bare_aiohttp_cpu_us_per_request", "µs", "bare aiohttp proxy, per plain request"),
     ("proxy_uvloop_cpu_us_per_request", "µs", "sidecar on uvloop, per plain request"),
+    ("bare_httptools_cpu_us_per_request", "µs", "bare httptools relay, per plain request"),
     ("proxy_cpu_ratio_request", "x", "sidecar / nginx, plain requests"),
     ("direct_p50_ms", "ms", "median stream, direct (100 in flight, steady)"),
     ("proxy_added_p50_ms", "ms", "added by the sidecar"),
     ("nginx_added_p50_ms", "ms", "added by nginx"),
     ("bare_aiohttp_added_p50_ms", "ms", "added by the bare aiohttp proxy"),
     ("proxy_uvloop_added_p50_ms", "ms", "added by the sidecar on uvloop"),
+    ("bare_httptools_added_p50_ms", "ms", "added by the bare httptools relay"),
     ("direct_p50_ms_burst", "ms", "median stream, direct (100 sent at once)"),
     ("proxy_added_p50_ms_burst", "ms", "added by the sidecar, burst"),
     ("nginx_added_p50_ms_burst", "ms", "added by nginx, burst"),
     ("bare_aiohttp_added_p50_ms_burst", "ms", "added by the bare aiohttp proxy, burst"),
     ("proxy_uvloop_added_p50_ms_burst", "ms", "added by the sidecar on uvloop, burst"),
+    ("bare_httptools_added_p50_ms_burst", "ms", "added by the bare httptools relay, burst"),
     ("proxy_max_chunks_per_s_one_core", "1/s", "sidecar chunk ceiling (added p50 <= 5 ms)"),
     ("rss_mb_1000_streams_in_flight", "MB", "sidecar RSS, 1,000 streams in flight"),
     ("rss_mb_before_1000_streams", "MB", "  the same just before"),
