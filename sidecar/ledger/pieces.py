@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import itertools
 
-from sidecar.ledger.prefill_fit import PrefillFit
-from sidecar.ledger.requests import PHASES, Phase, Request
+from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
+from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
+
+PLACE_FACTOR = 2.0
+"""A streamed prompt is placed in the last ``PLACE_FACTOR * tokens / rate`` seconds before
+its first token: generous, so a prompt that did not queue keeps its whole wait."""
 
 
 class Books:
@@ -20,6 +24,8 @@ class Books:
     def __init__(self) -> None:
         self.phase_j: dict[Phase, float] = dict.fromkeys(PHASES, 0.0)
         self.prefill_fit = PrefillFit()
+        self.step_model = StepModel()
+        self.prefill_rate = PrefillRate()
         self.model_j: dict[tuple[str, Phase], float] = {}
         self.unattributed_j = 0.0
 
@@ -73,12 +79,16 @@ class Books:
         if dyn > 0.0:
             informed = [r.informed for r in inside]
             works = [
-                r.work(a, b, now) if k else (0.0, 0.0)
+                self._work(r, a, b, now) if k else (0.0, 0.0)
                 for r, k in zip(inside, informed, strict=True)
             ]
             self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
-            ratio = self.prefill_fit.ratio
-            raw = [p * ratio + d for p, d in works]
+            contexts = [_context(r) for r in inside]
+            x = StepModel.features(works, contexts)
+            self.step_model.observe(x, dyn, b - a)
+            raw = self.step_model.weights(x, works, contexts) or [
+                p * self.prefill_fit.ratio + d for p, d in works
+            ]
             n_inf = sum(informed)
             mean = (sum(raw) / n_inf) if n_inf else 1.0
             weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]
@@ -97,6 +107,31 @@ class Books:
             if r.booked:
                 self._add_model(r.model, each_idle, d)
 
+    def _work(self, r: Request, a: float, b: float, now: float) -> tuple[float, float]:
+        """Prefill and decode tokens worked in [a, b]: :meth:`Request.work`, with a streamed
+        prompt placed in the last ``tokens / rate`` seconds before its first token
+        (:class:`PrefillRate`), not over its whole wait."""
+        rate = self.prefill_rate.tokens_per_s
+        prefill = decode = 0.0
+        for t0, t1, p, d in r.segments:
+            if t1 <= a:
+                continue
+            if t0 >= b:
+                break
+            if p > 0.0 and t1 == r.first_token_s:  # a streamed prompt (and its first token)
+                if r.prompt_tokens is not None and r.prompt_work:
+                    p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
+                if a < t1 <= b:  # seen once per GPU: where the prompt ends
+                    self.prefill_rate.observe(p, t1 - t0)
+                if rate is not None:
+                    t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
+            share = spread(1.0, t0, t1, a, b)
+            prefill += p * share
+            decode += d * share
+        if r.first_token_s is None and r.end_s == INF and r.prompt_work:
+            prefill += spread(r.prompt_work, r.start_s, max(now, b), a, b)
+        return prefill, decode
+
     def _add_model(self, model: str, idle: float, dyn: float) -> None:
         key_i: tuple[str, Phase] = (model, "idle_serving")
         key_d: tuple[str, Phase] = (model, "dynamic")
@@ -107,3 +142,10 @@ class Books:
         """A provisional label became final: its shares so far go to its model."""
         r.booked = True
         self._add_model(r.model, r.idle_j, r.dynamic_j)
+
+
+def _context(r: Request) -> float:
+    """Tokens in its KV cache while it decodes: its prompt and about half its output
+    (the streamed count where the proxy sees it; a trace knows only the total)."""
+    prompt = r.prompt_tokens if r.prompt_tokens is not None else (r.prompt_work or 0.0)
+    return prompt + (r.streamed if r.streamed else (r.completion_tokens or 0) / 2.0)
