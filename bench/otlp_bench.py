@@ -1,7 +1,8 @@
 """CPU per received span in traces mode, in-process and through a real sidecar process.
 
 ``in_process``: decode (official bindings) + request-span extraction + duplicate check +
-``Meter.span_finished`` (placement in held intervals fed by a simulated GPU at 10 Hz), timed
+``Meter.span_finished`` (placement in held intervals fed by a simulated GPU at 10 Hz) + the
+settling of every held slot when the hold ends (no running count: the costliest case), timed
 with ``time.process_time`` over exports of ``--spans-per-export`` vLLM ``llm_request`` spans.
 ``process``: a real ``python -m sidecar run --otlp-listen ... --power-source simulated`` is
 sent the same exports over HTTP by this process; its CPU (``/proc/<pid>/stat``, all
@@ -72,11 +73,13 @@ def in_process(n_spans: int, per_export: int) -> dict[str, float]:
         for t in range(int(duration_s * 10))
     )
     now[0] = duration_s
+    meter.tick()
     receiver = Receiver(meter.span_finished, to_monotonic_s=lambda s: s - wall_offset_s)
     data = bodies(n_spans, per_export, round(wall_offset_s * 1e9))
     t0 = time.process_time()
     for body in data:
         receiver._take(receiver._decode(body, "application/x-protobuf", None))
+    meter.flush()  # the hold ends: every slot settles, every request is handed out
     cpu = time.process_time() - t0
     decode_t0 = time.process_time()
     for body in data:
@@ -86,6 +89,8 @@ def in_process(n_spans: int, per_export: int) -> dict[str, float]:
         "otlp_cpu_us_per_span_in_process": round(cpu / n_spans * 1e6, 2),
         "otlp_decode_cpu_us_per_span": round(decode_cpu / n_spans * 1e6, 2),
         "otlp_spans_accepted": receiver.spans["accepted"],
+        "otlp_requests_final": len(finished),
+        "otlp_joules_booked": round(sum(f.energy_j for f in finished), 3),
     }
 
 
@@ -135,6 +140,9 @@ async def through_process(n_spans: int, per_export: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from sidecar import logs
+
+    logs.configure("warning")  # as the sidecar runs: no per-request debug lines
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spans", type=int, default=20_000)
     p.add_argument("--spans-per-export", type=int, default=100)

@@ -47,6 +47,19 @@ COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
 CACHED_TOKENS: Final = "gen_ai.usage.cached_tokens"
 MODEL_KEYS: Final = ("gen_ai.response.model", "gen_ai.request.model", "llm_energy.model")
 MAX_ID_CHARS: Final = 256
+WANTED: Final = frozenset(
+    (
+        TTFT,
+        PREFILL,
+        DECODE,
+        REQUEST_ID,
+        PROMPT_TOKENS,
+        COMPLETION_TOKENS,
+        CACHED_TOKENS,
+        *MODEL_KEYS,
+    )
+)
+"""The only attributes read: the rest of a span's (sampling parameters...) is never decoded."""
 
 
 class InvalidSpan(ValueError):
@@ -151,23 +164,16 @@ def _count(attrs: Mapping[str, object], key: str) -> int | None:
 
 
 def _attrs(kvs: Iterable[KeyValue]) -> dict[str, object]:
-    """Scalar attribute values by key (arrays and maps are of no use here)."""
+    """The scalar values of the attributes read here, by key (arrays and maps are of no use)."""
     out: dict[str, object] = {}
     for kv in kvs:
-        value = _scalar(kv.value)
-        if value is not None:
-            out[kv.key] = value
+        if kv.key in WANTED:
+            value = _scalar(kv.value)
+            if value is not None:
+                out[kv.key] = value
     return out
 
 
 def _scalar(value: AnyValue) -> object:
     kind = value.WhichOneof("value")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "int_value":
-        return value.int_value
-    if kind == "double_value":
-        return value.double_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
+    return None if kind is None or kind in ("array_value", "kvlist_value") else getattr(value, kind)
