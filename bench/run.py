@@ -10,6 +10,7 @@ quick run).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import subprocess
@@ -24,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo root, on the path
     sys.path.insert(0, str(ROOT))
 
-from bench import accuracy, bloom, ledger_bench, proxy_bench, scrape_bench  # noqa: E402
+from bench import (  # noqa: E402
+    accuracy,
+    bloom,
+    ledger_bench,
+    proxy_bench,
+    scrape_bench,
+    serving_accuracy,
+)
 from bench.common import machine, median, nginx_binary, python  # noqa: E402
 from sidecar import logs  # noqa: E402
 
@@ -197,6 +205,12 @@ def collect(plan: Plan) -> dict[str, Any]:
         acc.concurrency_p90,
     ]
     fig["attribution_conservation_error"] = acc.live_conservation_error
+    log(f"serving accuracy: continuous batching on the Azure LLM trace 2023, {plan.accuracy_s:g} s")
+    fig.update(
+        serving_accuracy.figures(
+            serving_accuracy.run_trace(name, plan.accuracy_s) for name in serving_accuracy.TRACES
+        )
+    )
 
     log("one /metrics scrape with 1,000 requests in flight")
     sc = scrape_bench.run()
@@ -262,6 +276,15 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         ("scrape_ms_1000_inflight", "<= 50", le("scrape_ms_1000_inflight", 50.0)),
     ]
+    for trace, mode in itertools.product(("chat", "code"), ("proxy", "traces")):
+        k = f"serving_{trace}_{mode}"
+        med = _get(fig, f"{k}_ledger_median_error_percent")
+        p90 = _get(fig, f"{k}_ledger_p90_error_percent")
+        naive = [_get(fig, f"{k}_{rule}_median_error_percent") for rule in ("equal", "token")]
+        met = None
+        if med is not None and p90 is not None and None not in naive:
+            met = med <= 3.0 and p90 <= 10.0 and all(med < n for n in naive if n is not None)
+        rows.append((f"{k}_ledger_median_error_percent", "<= 3, p90 <= 10, below both naive", met))
     return {key: {"goal": goal, "met": met} for key, goal, met in rows}
 
 
@@ -307,6 +330,18 @@ TABLE: list[tuple[str, str, str]] = [
     ("naive_equal_split_error_percent", "%", "naive: equal split per interval"),
     ("naive_token_share_error_percent", "%", "naive: whole-window share of all tokens"),
     ("naive_output_token_share_error_percent", "%", "naive: share of output tokens"),
+    *(
+        row
+        for t, m in (("chat", "proxy"), ("chat", "traces"), ("code", "proxy"), ("code", "traces"))
+        for row in (
+            (f"serving_{t}_{m}_ledger_median_error_percent", "%", f"serving {t}, {m}: sidecar"),
+            (f"serving_{t}_{m}_ledger_p90_error_percent", "%", "  p90"),
+            (f"serving_{t}_{m}_ledger_prefill_median_error_percent", "%", "  prefill stage"),
+            (f"serving_{t}_{m}_ledger_decode_median_error_percent", "%", "  decode stage"),
+            (f"serving_{t}_{m}_equal_median_error_percent", "%", "  naive equal split"),
+            (f"serving_{t}_{m}_token_median_error_percent", "%", "  naive token share"),
+        )
+    ),
     ("scrape_ms_1000_inflight", "ms", "/metrics scrape, 1,000 in flight"),
     ("bloom_wh_per_request_all_in", "Wh", "BLOOM-like: GPU energy per request, all-in"),
     ("bloom_wh_per_request_seed", "Wh", "  the seed's (688 kWh / 230,768)"),
