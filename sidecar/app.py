@@ -9,10 +9,12 @@ order. The aiohttp applications come from factories that tests also use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import aiohttp
 import structlog
@@ -139,7 +141,9 @@ class Sidecar:
         self.recorder: TraceRecorder | None = None
         self.observer: Observer | None = None
         self.traces: TracesService | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._stack = contextlib.AsyncExitStack()
+        """Start-up registers each step's undo here as it succeeds; :meth:`stop` unwinds it,
+        so a failure at any step releases exactly what the steps before it took."""
         self._ready_session: aiohttp.ClientSession | None = None
         self._ready_cache: tuple[float, bool, str] = (-1e9, False, "not checked")
         self._unmetered: UnmeteredMeter | None = None  # the proxy's meter while no GPU is known
@@ -152,6 +156,7 @@ class Sidecar:
         GPUs yet (:class:`PowerSourcePending`), serve un-metered and keep trying."""
         s = self.settings
         self.source = build_source(s, env=self.env, clock=self.clock, simulated=self.simulated)
+        self._stack.push_async_callback(asyncio.to_thread, self.source.close)
         try:
             self.gpus = await asyncio.to_thread(self.source.open)
         except PowerSourcePending as e:
@@ -168,6 +173,7 @@ class Sidecar:
             raise PowerSourceError(f"power source {s.power_source!r} reports no GPU")
         if s.record is not None:
             self.recorder = TraceRecorder(s.record, wall_offset_s=time.time() - self.clock())
+            self._stack.callback(self.recorder.close)
         idle = _idle_map(s.idle_watts, self.gpus)
         embodied = EmbodiedModel.for_gpus(
             self.gpus[0].name,
@@ -204,6 +210,9 @@ class Sidecar:
             traces_hold_s=TRACES_HOLD_S if s.otlp_listen is not None else None,
             running_from=_running_from(s),
         )
+        if s.otlp_listen is not None:  # stops (last energy spans out) after the final flush
+            self._stack.push_async_callback(self._traces_service(self.meter).stop)
+        self._stack.callback(self._final_flush)
         self.sampler = Sampler(
             self.source,
             self.gpus,
@@ -212,8 +221,8 @@ class Sidecar:
             raw_sink=self._record_power if self.recorder else None,
             clock=self.clock,
         )
-        self._tasks.append(asyncio.create_task(self.sampler.run(), name="sampler"))
-        self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+        self._spawn(self.sampler.run(), "sampler")
+        self._spawn(self._ticker(), "ticker")
         if s.upstream is not None:
             self.proxy = Proxy(
                 self.meter,
@@ -225,6 +234,7 @@ class Sidecar:
                 clock=self.clock,
             )
             await self.proxy.start()
+            self._stack.push_async_callback(self.proxy.close)
             if self._drive and self.simulated is not None:
                 self.meter.listener = RequestDrivenLoad(self.simulated, self.clock)
         if s.observe is not None:
@@ -235,13 +245,15 @@ class Sidecar:
                 clock=self.clock,
                 on_observation=self.meter.observer.on_observation,
             )
-            self._tasks.append(asyncio.create_task(self.observer.run(), name="observer"))
-        if s.otlp_listen is not None:
-            await self._start_traces(self.meter)
+            self._stack.push_async_callback(self.observer.close)
+            self._spawn(self.observer.run(), "observer")
+        if self.traces is not None:
+            await self._start_traces()
         if self._ready_session is None:  # the wait for the GPUs may have opened it
-            self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
-        self._carbon_session = aiohttp.ClientSession()
+            self._ready_session = self._session(aiohttp.ClientTimeout(total=2.0))
+        self._carbon_session = self._session(None)
         await self.carbon.start(self._carbon_session)
+        self._stack.push_async_callback(self.carbon.stop)
         log.info(
             "sidecar.started",
             mode=s.mode,
@@ -250,7 +262,7 @@ class Sidecar:
             sample_hz=s.sample_hz,
         )
 
-    async def _start_traces(self, meter: Meter) -> None:
+    def _traces_service(self, meter: Meter) -> TracesService:
         """Traces mode: the OTLP receiver on --otlp-listen feeds the meter request spans."""
         self.traces = TracesService(
             self.settings,
@@ -259,6 +271,12 @@ class Sidecar:
             wall_offset_s=time.time() - self.clock(),
             grams_per_joule=lambda: meter.intensity.g_per_kwh * meter.pue / 3.6e6,
         )
+        return self.traces
+
+    async def _start_traces(self) -> None:
+        assert self.traces is not None
+        # receiver off before the final flush, so every span received is accounted
+        self._stack.push_async_callback(self.traces.stop_listening)
         try:
             await self.traces.start()
         except ListenError as e:
@@ -286,8 +304,9 @@ class Sidecar:
                 clock=self.clock,
             )
             await self.proxy.start()
-        self._ready_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
-        self._tasks.append(asyncio.create_task(self._attach_when_ready(), name="power-source-wait"))
+            self._stack.push_async_callback(self.proxy.close)
+        self._ready_session = self._session(aiohttp.ClientTimeout(total=2.0))
+        self._spawn(self._attach_when_ready(), "power-source-wait")
 
     def _note_waiting(self, reason: ErrorReason, detail: str) -> None:
         key = (WAITING_GPU, reason)
@@ -329,7 +348,7 @@ class Sidecar:
         if self._unmetered is not None:
             self._unmetered.attached = self.meter
         if previous is not None and previous is not self.proxy:
-            self._tasks.append(asyncio.create_task(self._retire(previous), name="proxy-retire"))
+            self._spawn(self._retire(previous), "proxy-retire")
         log.info(
             "sidecar.power_source_attached",
             gpus=[g.uuid for g in self.gpus],
@@ -348,39 +367,28 @@ class Sidecar:
             await proxy.close()
 
     async def stop(self) -> None:
-        while self._tasks:  # a GPU attach cut short by the cancel may have added tasks
-            tasks, self._tasks = self._tasks, []
-            for task in reversed(tasks):
-                task.cancel()
-            for task in tasks:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except Exception:  # a task that died earlier: report it, release the rest
-                    log.exception("sidecar.task_failed", task=task.get_name())
-        if self.traces is not None:  # spans received so far are accounted in the last flush
-            await self.traces.stop_listening()
+        """Unwind start-up in reverse: tasks cancelled, receiver off, last flush, energy
+        spans out, sessions and the power source closed. Safe to call twice."""
+        await self._stack.aclose()
+        log.info("sidecar.stopped")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A task that the exit stack cancels (and awaits) in its turn."""
+        task = asyncio.create_task(coro, name=name)
+        self._stack.push_async_callback(_cancel, task)
+
+    def _session(self, timeout: aiohttp.ClientTimeout | None) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(timeout=timeout) if timeout else aiohttp.ClientSession()
+        self._stack.push_async_callback(session.close)
+        return session
+
+    def _final_flush(self) -> None:
+        """Every reading and every request still held becomes a figure (after the
+        sources stopped, before the energy spans go out)."""
         if self.sampler is not None:
             self.sampler.flush()
         if self.meter is not None:
             self.meter.flush()
-        if self.traces is not None:  # the last energy spans go out
-            await self.traces.stop()
-        if self.proxy is not None:
-            await self.proxy.close()
-        if self.observer is not None:
-            await self.observer.close()
-        await self.carbon.stop()
-        if self._carbon_session is not None:
-            await self._carbon_session.close()
-        if self._ready_session is not None:
-            await self._ready_session.close()
-        if self.recorder is not None:
-            self.recorder.close()
-        if self.source is not None:
-            await asyncio.to_thread(self.source.close)
-        log.info("sidecar.stopped")
 
     async def _ticker(self) -> None:
         assert self.meter is not None
@@ -411,7 +419,7 @@ class Sidecar:
         """Proxy mode: the upstream answers (any HTTP status). Cached for a second."""
         upstream = self.settings.upstream
         if upstream is None:
-            return True, "observer mode"
+            return True, f"{self.settings.mode} mode: no upstream in the path"
         at, ok, detail = self._ready_cache
         now = self.clock()
         if now - at < 1.0:
@@ -474,6 +482,16 @@ class Sidecar:
         """The proxy in force: the un-metered one until the GPUs are known, then the metered."""
         assert self.proxy is not None
         return await self.proxy.handle(request)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # a task that died earlier: report it, release the rest
+        log.exception("sidecar.task_failed", task=task.get_name())
 
 
 def _running_from(s: Settings) -> RunningFrom | None:
