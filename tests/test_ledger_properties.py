@@ -54,11 +54,23 @@ def traces(draw: st.DrawFn, max_requests: int = 12) -> Trace:
     return power, reqs, idle
 
 
+FITTED = (0.02, 0.01, 0.05, 2.0)
+"""Step-model costs (prompt, output, output x context, step) for runs with the fit in force."""
+
+
+def fit(ledger: Ledger) -> None:
+    """Put the step model and the prefill rate in force, as after minutes of traffic."""
+    ledger._books.step_model.coef = FITTED
+    ledger._books.prefill_rate.tokens_per_s = 5000.0
+
+
 def run(
-    trace: Trace, order: list[int] | None = None
+    trace: Trace, order: list[int] | None = None, fitted: bool = False
 ) -> tuple[Ledger, dict[str, tuple[float, float]]]:
     power, reqs, idle = trace
     ledger = Ledger(list(power), idle_watts=idle, baseline_window_s=None if idle else 600.0)
+    if fitted:
+        fit(ledger)
     order = order if order is not None else list(range(len(reqs)))
     for i in order:
         ledger.add_request(**reqs[i])  # type: ignore[arg-type]
@@ -78,10 +90,10 @@ def integral(power: dict[str, list[tuple[float, float]]]) -> float:
 
 
 @settings(max_examples=300, deadline=None)
-@given(traces())
-def test_nothing_is_lost_or_created(trace: Trace) -> None:
+@given(traces(), st.booleans())
+def test_nothing_is_lost_or_created(trace: Trace, fitted: bool) -> None:
     """Phases, GPUs and requests-plus-standby all sum to the measured energy (1e-6 relative)."""
-    ledger, got = run(trace)
+    ledger, got = run(trace, fitted=fitted)
     measured = integral(trace[0])
     tol = 1e-6 * max(1.0, measured)
     assert ledger.total_j == pytest.approx(measured, abs=tol)
@@ -93,34 +105,36 @@ def test_nothing_is_lost_or_created(trace: Trace) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(traces())
-def test_every_share_is_non_negative(trace: Trace) -> None:
+@given(traces(), st.booleans())
+def test_every_share_is_non_negative(trace: Trace, fitted: bool) -> None:
     """No phase, request share or model share is ever negative."""
-    ledger, got = run(trace)
+    ledger, got = run(trace, fitted=fitted)
     assert all(v >= 0 for v in ledger.phase_j.values())
     assert all(d >= 0 and i >= 0 for d, i in got.values())
 
 
 @settings(max_examples=200, deadline=None)
-@given(traces(max_requests=1))
-def test_a_request_alone_gets_all_dynamic_and_idle_serving(trace: Trace) -> None:
+@given(traces(max_requests=1), st.booleans())
+def test_a_request_alone_gets_all_dynamic_and_idle_serving(trace: Trace, fitted: bool) -> None:
     """With a single request, every joule of dynamic and idle_serving is its own."""
-    ledger, got = run(trace)
+    ledger, got = run(trace, fitted=fitted)
     for d, i in got.values():
         assert d == pytest.approx(ledger.phase_j["dynamic"], abs=1e-9)
         assert i == pytest.approx(ledger.phase_j["idle_serving"], abs=1e-9)
 
 
 @settings(max_examples=200, deadline=None)
-@given(traces(max_requests=6), st.integers(2, 4))
-def test_identical_concurrent_requests_get_equal_energy(trace: Trace, copies: int) -> None:
+@given(traces(max_requests=6), st.integers(2, 4), st.booleans())
+def test_identical_concurrent_requests_get_equal_energy(
+    trace: Trace, copies: int, fitted: bool
+) -> None:
     """Copies of one request (same times and tokens) receive identical shares."""
     power, reqs, idle = trace
     if not reqs:
         return
     base = reqs[0]
     clones = [dict(base, request_id=f"clone{k}") for k in range(copies)]
-    _, got = run((power, reqs[1:] + clones, idle))
+    _, got = run((power, reqs[1:] + clones, idle), fitted=fitted)
     shares = [got[f"clone{k}"] for k in range(copies)]
     for d, i in shares[1:]:
         assert d == pytest.approx(shares[0][0], rel=1e-9, abs=1e-9)
@@ -128,14 +142,14 @@ def test_identical_concurrent_requests_get_equal_energy(trace: Trace, copies: in
 
 
 @settings(max_examples=150, deadline=None)
-@given(traces(), st.randoms(use_true_random=False))
-def test_reordering_events_changes_nothing(trace: Trace, rnd: random.Random) -> None:
+@given(traces(), st.randoms(use_true_random=False), st.booleans())
+def test_reordering_events_changes_nothing(trace: Trace, rnd: random.Random, fitted: bool) -> None:
     """The order in which simultaneous request events arrive does not change any result."""
     n = len(trace[1])
     order = list(range(n))
     rnd.shuffle(order)
-    ledger_a, got_a = run(trace)
-    ledger_b, got_b = run(trace, order)
+    ledger_a, got_a = run(trace, fitted=fitted)
+    ledger_b, got_b = run(trace, order, fitted=fitted)
     assert ledger_a.phase_j == pytest.approx(ledger_b.phase_j, abs=1e-9)
     for rid, (d, i) in got_a.items():
         assert got_b[rid] == pytest.approx((d, i), abs=1e-9)
@@ -147,6 +161,8 @@ def test_live_events_conserve_energy(trace: Trace, rnd: random.Random) -> None:
     """Events delivered live (chunks, late usage) and interleaved with samples conserve energy."""
     power, reqs, idle = trace
     ledger = Ledger(list(power), idle_watts=idle, max_wait_s=rnd.choice([0.5, 5.0]))
+    if rnd.random() < 0.5:
+        fit(ledger)
     events: list[tuple[float, int, str, dict[str, Any]]] = []
     for r in reqs:
         rid = str(r["request_id"])
