@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.ledger import FinishedRequest
 from sidecar.meter import FixedIntensity, Meter, RunningFrom
@@ -146,3 +150,62 @@ def test_observer_with_traces_gives_only_the_running_count() -> None:
     measured = meter.ledger.gpu_energy_j("0")
     booked = f.energy_j + meter.ledger.phase_j["idle_standby"] + meter.ledger.unattributed_j
     assert booked + meter.ledger.held_j == pytest.approx(measured, rel=1e-6)
+
+
+@st.composite
+def mixes(draw: st.DrawFn) -> list[dict[str, Any]]:
+    out = []
+    for i in range(draw(st.integers(0, 6))):
+        start = draw(st.integers(1, 30)) / 10
+        out.append({
+            "id": f"s{i}",
+            "start": start,
+            "end": start + draw(st.integers(1, 30)) / 10,
+            "proxied": draw(st.booleans()),
+            "span_at": draw(st.one_of(st.none(), st.integers(0, 120))),  # tenths after its end
+            "twice": draw(st.booleans()),
+        })  # fmt: skip
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixes(), st.sampled_from([None, "proxy"]))
+def test_proxy_and_traces_conserve_and_count_each_request_once(
+    reqs: list[dict[str, Any]], running_from: RunningFrom | None
+) -> None:
+    """Whatever the spans do (late, twice, never, with or without a proxied twin):
+    each request counts once, and Σ requests + standby + unattributed + held = measured."""
+    clock = [0.0]
+    done: list[FinishedRequest] = []
+    meter = Meter(
+        [GpuInfo("0", "GPU-0", "sim")],
+        clock=lambda: clock[0],
+        idle_watts={"0": 50.0},
+        intensity=FixedIntensity(400.0, "xx", "fixed"),
+        traces_hold_s=8.0,
+        running_from=running_from,
+        on_finished=done.append,
+    )
+    rids: dict[str, str] = {}
+    for step in range(1, 200):
+        clock[0] = step / 10
+        meter.on_samples([PowerSample(clock[0], "0", 100.0 + (step % 7) * 20.0)])
+        if step % 10 == 0:
+            meter.tick()
+        for r in reqs:
+            if r["proxied"] and round(r["start"] * 10) == step:
+                rids[r["id"]] = meter.request_started("chat", "m", 10.0)
+            if r["proxied"] and round(r["end"] * 10) == step:
+                meter.request_finished(rids[r["id"]], "ok", 10, 5, server_id=r["id"])
+            if r["span_at"] is not None and round(r["end"] * 10) + r["span_at"] == step:
+                for _ in range(2 if r["twice"] else 1):
+                    meter.span_finished(_span(r["id"], r["start"], r["start"] + 0.05, r["end"]))
+        ledger = meter.ledger
+        booked = sum(f.energy_j for f in done) + ledger.phase_j["idle_standby"]
+        booked += ledger.unattributed_j + ledger.held_j
+        assert booked == pytest.approx(ledger.gpu_energy_j("0"), rel=1e-6, abs=1e-6)
+    meter.flush()
+    heard = {r["id"] for r in reqs if r["proxied"] or r["span_at"] is not None}
+    assert sorted(f.id for f in done) == sorted(heard)
+    assert sum(meter.requests.values()) == len(heard)
+    assert meter.ledger.held_j == pytest.approx(0.0, abs=1e-6)

@@ -292,8 +292,8 @@ class HeldSlots:
         slot = self._slots.get(self._k(t))
         if slot is not None and (slot.placed or slot.running):
             return False
-        for rep in reversed(self._reports):
-            if rep.t0 <= t <= rep.t1 + self.slot_s:
+        for rep in reversed(self._reports):  # the latest count begun by then holds
+            if rep.t0 <= t:
                 return rep.running == 0
         return True
 
