@@ -81,6 +81,8 @@ class TraceResult:
     batch_p10_median_p90: tuple[float, float, float]
     modes: dict[str, ModeResult]
     conservation_error: float
+    traces_unpaced: Errors
+    """Traces view with output spread at a steady rate (the ledger's ``paced`` off)."""
 
 
 def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
@@ -89,12 +91,13 @@ def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
 
 
 def replay(
-    wl: Workload, mode: Mode, *, seed: int = 3
+    wl: Workload, mode: Mode, *, seed: int = 3, paced: bool = True
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
     """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them."""
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
     ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else 0.0)
+    ledger._books.paced = mode == "traces" and paced  # vLLM's spans: a continuous batcher
     ledger.upstream_ready(wl.samples[0][0])
     events: list[tuple[float, int, int, str, float]] = []
     seq = itertools.count()
@@ -275,12 +278,14 @@ def run_trace(name: str, duration_s: float) -> TraceResult:
                     e_dec.append(_pct(a - p, t_dec))
             req[rule], pre[rule], dec[rule] = Errors.of(e_req), Errors.of(e_pre), Errors.of(e_dec)
         modes[mode] = ModeResult(req, pre, dec)
+    unpaced, _ = replay(wl, "traces", paced=False)
     return TraceResult(
         name,
         len(scored),
         (percentile(conc, 0.1), median(conc), percentile(conc, 0.9)),
         modes,
         conservation,
+        Errors.of([_pct(unpaced.get(r.id, (0.0, 0.0, 0.0))[0], r.truth_j) for r in scored]),
     )
 
 
@@ -293,6 +298,8 @@ def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
         fig[f"{base}_requests"] = res.requests
         fig[f"{base}_batch_p10_median_p90"] = list(res.batch_p10_median_p90)
         fig[f"{base}_conservation_error"] = res.conservation_error
+        fig[f"{base}_traces_unpaced_ledger_median_error_percent"] = res.traces_unpaced.median
+        fig[f"{base}_traces_unpaced_ledger_p90_error_percent"] = res.traces_unpaced.p90
         for mode, m in res.modes.items():
             for rule in RULES:
                 k = f"{base}_{mode}_{rule}"

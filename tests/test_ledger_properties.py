@@ -59,9 +59,11 @@ FITTED = (0.02, 0.01, 0.05, 2.0)
 
 
 def fit(ledger: Ledger) -> None:
-    """Put the step model and the prefill rate in force, as after minutes of traffic."""
+    """Put the step model, the prefill rate and paced output in force (traces mode after
+    minutes of traffic)."""
     ledger._books.step_model.coef = FITTED
     ledger._books.prefill_rate.tokens_per_s = 5000.0
+    ledger._books.paced = True
 
 
 def run(

@@ -13,6 +13,9 @@ import itertools
 from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
 from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
 
+MIN_DECODE_PACE = 0.2
+"""A step that carries a full prompt chunk is several decode steps long (a 2,048-token
+budget at ~45 us a token against ~20 ms decode steps): the slowest output pace."""
 PLACE_FACTOR = 2.0
 """A streamed prompt is placed in the last ``PLACE_FACTOR * tokens / rate`` seconds before
 its first token: generous, so a prompt that did not queue keeps its whole wait."""
@@ -26,6 +29,11 @@ class Books:
         self.prefill_fit = PrefillFit()
         self.step_model = StepModel()
         self.prefill_rate = PrefillRate()
+        self.paced = False
+        """Output known only as a total slows where prompts are prefilled (continuous
+        batching: one token a step, long steps when they carry a prompt chunk). For a
+        server known to batch continuously (traces mode: vLLM's own spans); off for
+        recordings of unknown servers, whose tokens may flow at a steady rate."""
         self.model_j: dict[tuple[str, Phase], float] = {}
         self.unattributed_j = 0.0
 
@@ -78,10 +86,12 @@ class Books:
         weights: list[float] | None = None
         if dyn > 0.0:
             informed = [r.informed for r in inside]
-            works = [
-                self._work(r, a, b, now) if k else (0.0, 0.0)
+            parts = [
+                self._work(r, a, b, now) if k else (0.0, 0.0, 0.0)
                 for r, k in zip(inside, informed, strict=True)
             ]
+            pace = self._decode_pace(sum(p for p, _, _ in parts), b - a) if self.paced else 1.0
+            works = [(p, d + s * pace) for p, d, s in parts]
             self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
             contexts = [_context(r) for r in inside]
             x = StepModel.features(works, contexts)
@@ -107,12 +117,24 @@ class Books:
             if r.booked:
                 self._add_model(r.model, each_idle, d)
 
-    def _work(self, r: Request, a: float, b: float, now: float) -> tuple[float, float]:
+    def _decode_pace(self, prompt_tokens: float, seconds: float) -> float:
+        """How fast output known only as a total (a trace) comes in a piece that also
+        prefills ``prompt_tokens``, relative to its average: every running request
+        gets one token a step, and a step carrying a prompt chunk is long, so a
+        prompt busy for share ``x`` of the piece at the server's rate leaves ``1 - x``
+        of its pace (never under ``MIN_DECODE_PACE``: a long step still yields a token)."""
+        rate = self.prefill_rate.tokens_per_s
+        if rate is None or seconds <= 0.0 or prompt_tokens <= 0.0:
+            return 1.0
+        return max(MIN_DECODE_PACE, 1.0 - prompt_tokens / (rate * seconds))
+
+    def _work(self, r: Request, a: float, b: float, now: float) -> tuple[float, float, float]:
         """Prefill and decode tokens worked in [a, b]: :meth:`Request.work`, with a streamed
         prompt placed in the last ``tokens / rate`` seconds before its first token
-        (:class:`PrefillRate`), not over its whole wait."""
+        (:class:`PrefillRate`), not over its whole wait. The third figure is the part of
+        the decode spread evenly from a total (not in the second)."""
         rate = self.prefill_rate.tokens_per_s
-        prefill = decode = 0.0
+        prefill = decode = spread_total = 0.0
         for t0, t1, p, d in r.segments:
             if t1 <= a:
                 continue
@@ -127,10 +149,13 @@ class Books:
                     t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
             share = spread(1.0, t0, t1, a, b)
             prefill += p * share
-            decode += d * share
+            if p == 0.0 and r.streamed == 0 and r.first_token_s is not None:
+                spread_total += d * share
+            else:
+                decode += d * share
         if r.first_token_s is None and r.end_s == INF and r.prompt_work:
             prefill += spread(r.prompt_work, r.start_s, max(now, b), a, b)
-        return prefill, decode
+        return prefill, decode, spread_total
 
     def _add_model(self, model: str, idle: float, dyn: float) -> None:
         key_i: tuple[str, Phase] = (model, "idle_serving")
