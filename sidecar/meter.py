@@ -108,6 +108,7 @@ class Meter:
             sample_period_s=sample_period_s,
             late_hold_s=traces_hold_s,
             counted=running_from is not None,
+            live_phases=running_from == "observer",
         )
         self.clock = clock
         self.models = ModelLabels(max_models)

@@ -18,13 +18,19 @@ REL = 1e-6
 
 
 def _ledger(
-    gpus: int = 1, *, hold_s: float = 60.0, counted: bool = False, idle: float = 100.0
+    gpus: int = 1,
+    *,
+    hold_s: float = 60.0,
+    counted: bool = False,
+    idle: float = 100.0,
+    live: bool | None = None,
 ) -> Ledger:
     return Ledger(
         [str(g) for g in range(gpus)],
         idle_watts={str(g): idle for g in range(gpus)},
         late_hold_s=hold_s,
         counted=counted,
+        live_phases=counted if live is None else live,
         slot_s=0.25,
     )
 
@@ -212,6 +218,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "watts": watts,
         "reqs": reqs,
         "counted": draw(st.booleans()),
+        "live": draw(st.booleans()),  # the count is the server's (observer), or the proxy's
         # scrapes that never came (the observer missed one, or started late)
         "dropped": draw(st.sets(st.integers(0, 20), max_size=6)),
         "hold_s": draw(st.sampled_from([0.5, 2.0, 30.0])),
@@ -229,6 +236,7 @@ def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -
         int(sc["gpus"]),
         hold_s=float(sc["hold_s"]),
         counted=bool(sc["counted"]),
+        live=bool(sc["live"]),
         idle=float(sc["idle"]),
     )
     watts: list[float] = sc["watts"]
@@ -268,3 +276,25 @@ def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -
     for f in finished:
         assert f.energy_j >= -1e-9
         assert -1e-9 <= f.prefill_j <= f.energy_j + 1e-9
+
+
+def test_a_count_that_is_not_the_servers_books_phases_when_slots_settle() -> None:
+    """The proxy's count (it sees requests queued): intervals settle once it is satisfied,
+    but the phases wait for the settlement, so queued time with nothing running is standby."""
+    ledger = _ledger(hold_s=600.0, counted=True, live=False)
+    _samples(ledger, 0.0, 4.0, 300.0)
+    ledger.running(0.0, 4.0, 1)
+    assert ledger.phase_j["dynamic"] == 0.0  # not live: nothing booked yet
+    ledger.place(
+        "q", model="m", start_s=2.0, first_token_s=2.5, end_s=3.0,
+        prompt_tokens=5, completion_tokens=5, heard_s=(1.0, 3.5),
+    )  # fmt: skip
+    ledger.running(4.0, 5.0, 0)
+    _samples(ledger, 4.1, 5.0, 100.0)
+    [f] = ledger.pop_finished()  # final at once, not at the hold
+    assert f.energy_j == pytest.approx(1.0 * 300.0, rel=REL)
+    assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-9)
+    # [0, 4) except the 1 s it ran: standby (the 1 s before it was heard of is held to the hold)
+    assert ledger.phase_j["idle_standby"] + ledger.held_j == pytest.approx(
+        _measured(ledger) - f.energy_j, rel=REL
+    )

@@ -81,8 +81,9 @@ class Ledger:
     counter reading; without one nothing is invented).
     ``late_hold_s`` (traces mode): requests are reported whole, after they ended
     (:meth:`place`); the energy waits for them that long in compact slots
-    (:mod:`sidecar.ledger.held`), and ``counted`` says a source reports the
-    server's running count (:meth:`running`), so phases are booked live.
+    (:mod:`sidecar.ledger.held`); ``counted`` says a source reports a running
+    count (:meth:`running`), so intervals settle once all it counted reported, and
+    ``live_phases`` that it is the server's own, so the phases follow it live.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Ledger:
         sample_period_s: float | None = None,
         late_hold_s: float | None = None,
         counted: bool = False,
+        live_phases: bool = False,
         slot_s: float = SLOT_S,
     ) -> None:
         if sample_period_s is not None and not sample_period_s > 0:
@@ -134,7 +136,10 @@ class Ledger:
         self.held: HeldSlots | None = None
         self._held_meta: dict[str, tuple[int | None, int | None]] = {}
         if late_hold_s is not None:
-            self.held = HeldSlots(self._books, slot_s=slot_s, hold_s=late_hold_s, counted=counted)
+            self.held = HeldSlots(
+                self._books, slot_s=slot_s, hold_s=late_hold_s, counted=counted,
+                live_phases=live_phases,
+            )  # fmt: skip
 
     # ----------------------------------------------------------------- requests
     def start(
@@ -310,9 +315,11 @@ class Ledger:
         cached_tokens: int | None = None,
         endpoint: str = "unknown",
         status: Status = "ok",
+        heard_s: tuple[float, float] | None = None,
     ) -> bool:
         """Traces mode: a request reported whole after it ended; its share is placed in
-        the held slots where it ran. False for a request id placed already."""
+        the held slots where it ran. False for a request id placed already.
+        ``heard_s``: a wider window over which a running count saw it (the proxy's)."""
         if self.held is None:
             raise RuntimeError("place() needs a ledger made with late_hold_s")
         end = max(end_s, start_s)
@@ -322,6 +329,9 @@ class Ledger:
             request_id, model, start_s, first, end, float(prompt),
             float(completion_tokens or 0), endpoint=endpoint, status=status,
         )  # fmt: skip
+        if heard_s is not None:
+            req.heard_from_s = min(req.heard_from_s, heard_s[0])
+            req.heard_to_s = max(req.heard_to_s, heard_s[1])
         if not self.held.place(req):
             return False
         self._held_meta[request_id] = (prompt_tokens, completion_tokens)

@@ -63,6 +63,14 @@ class HeldRequest:
     """Part of its window lies past the newest slot: samples for it are still due."""
     missed_s: float = 0.0
     """Seconds of its window no held slot covered any more (it came after the hold)."""
+    heard_from_s: float = INF
+    heard_to_s: float = -INF
+    """Where a running count may have counted it: its window, widened to the proxy's
+    view of it where joined (the proxy counts it queued, and until its last byte)."""
+
+    def __post_init__(self) -> None:
+        self.heard_from_s = min(self.heard_from_s, self.start_s)
+        self.heard_to_s = max(self.heard_to_s, self.end_s)
 
     def work(self, a: float, b: float) -> tuple[float, float]:
         """Prefill and decode tokens worked in [a, b]: the prompt over scheduling..first
@@ -76,7 +84,7 @@ class HeldRequest:
 class _Slot:
     """One slot of the grid: about 100 bytes plus 8 per request placed in it."""
 
-    __slots__ = ("dyn_j", "idle_j", "k", "phased", "placed", "running", "settled")
+    __slots__ = ("closed", "dyn_j", "idle_j", "k", "phased", "placed", "running", "settled")
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -84,7 +92,8 @@ class _Slot:
         self.dyn_j = 0.0  # energy above it
         self.running: int | None = None  # the server's running count over it, where known
         self.placed: list[HeldRequest] = []
-        self.phased = False  # its phases are booked already (a running count said so)
+        self.phased = False  # its phases are booked already (a live running count said so)
+        self.closed = False  # every GPU passed it and its count is in: it may settle
         self.settled = False
 
 
@@ -103,8 +112,11 @@ class HeldSlots:
     slot_s: float = SLOT_S
     hold_s: float = HOLD_S
     counted: bool = False
-    """Whether a source reports the running count (observer, proxy): then phases are
-    booked live and a slot settles as soon as every request that ran in it reported."""
+    """Whether a source reports the running count (observer, proxy): then a slot settles
+    as soon as every request that ran in it reported."""
+    live_phases: bool = False
+    """Whether that count is the server's own (the observer's): then the phases follow
+    it live; otherwise they are booked when a slot settles."""
     _slots: dict[int, _Slot] = field(default_factory=dict)
     _first_k: int | None = None
     _close_k: int | None = None
@@ -197,10 +209,10 @@ class HeldSlots:
         self._seen[req.id] = req.end_s
         self._seen_order.append((req.end_s, req.id))
         first = self._first_k
-        k0 = self._k(req.start_s)
-        k1 = self._k(req.end_s - 1e-9) if req.end_s > req.start_s else k0
-        if first is not None and k0 < first:
-            req.missed_s = min(req.end_s, first * self.slot_s) - req.start_s
+        k0 = self._k(req.heard_from_s)
+        k1 = self._k(req.heard_to_s - 1e-9) if req.heard_to_s > req.heard_from_s else k0
+        if first is not None and self._k(req.start_s) < first:
+            req.missed_s = max(0.0, min(req.end_s, first * self.slot_s) - req.start_s)
         touched: list[_Slot] = []
         last = self._last_k
         for k in range(max(k0, first if first is not None else k0), k1 + 1):
@@ -208,7 +220,11 @@ class HeldSlots:
                 break
             slot = self._slots.get(k)
             if slot is None or slot.settled:
-                req.missed_s += self.slot_s if slot is not None else 0.0
+                if slot is not None:
+                    t0 = k * self.slot_s
+                    req.missed_s += max(
+                        0.0, min(req.end_s, t0 + self.slot_s) - max(req.start_s, t0)
+                    )
                 continue
             slot.placed.append(req)
             req.open_slots += 1
@@ -324,10 +340,10 @@ class HeldSlots:
         if self._waiting:
             still: list[HeldRequest] = []
             for req in self._waiting:
-                if req.start_s < t1 and req.end_s > t0:
+                if req.heard_from_s < t1 and req.heard_to_s > t0:
                     slot.placed.append(req)
                     req.open_slots += 1
-                if req.end_s > t1:
+                if req.heard_to_s > t1:
                     still.append(req)
                 else:
                     req.waiting_slots = False
@@ -338,18 +354,21 @@ class HeldSlots:
         return slot
 
     def _close(self, slot: _Slot) -> None:
-        """Every GPU passed the slot: book its phases if a count is known, settle if complete."""
-        if slot.running is not None and not slot.phased:
+        """Every GPU passed the slot: book its phases if a live count is known, settle if
+        complete."""
+        if slot.running is not None and not slot.closed:
+            slot.closed = True
             if slot.running == 0 and not slot.placed:
                 self._settle(slot)  # nothing ran: standby, and nothing will claim it
                 return
-            slot.phased = True
-            self._book_phase(slot.idle_j, slot.dyn_j, serving=True)
+            if self.live_phases:
+                slot.phased = True
+                self._book_phase(slot.idle_j, slot.dyn_j, serving=True)
         self._settle_if_complete(slot)
 
     def _settle_if_complete(self, slot: _Slot) -> None:
-        """A phased slot settles once as many requests reported as the count says ran."""
-        if slot.settled or slot.running is None or not slot.phased:
+        """A closed slot settles once as many requests reported as the count says ran."""
+        if slot.settled or slot.running is None or not slot.closed:
             return
         if len(slot.placed) >= slot.running:
             self._settle(slot)

@@ -83,7 +83,8 @@ class ProxySpanJoin:
             return placed
         view = entry[1]
         self.joined += 1
-        return self._place(span, view.model, view.endpoint, view.status, view.tenant)
+        heard = (view.start_s, view.end_s)  # the proxy counted it queued and to its last byte
+        return self._place(span, view.model, view.endpoint, view.status, view.tenant, heard)
 
     def tick(self, now_s: float) -> None:
         """Proxied requests whose span did not come in time keep the proxy's view."""
@@ -108,6 +109,7 @@ class ProxySpanJoin:
         endpoint: Endpoint,
         status: Status,
         tenant: str | None,
+        heard_s: tuple[float, float] | None = None,
     ) -> bool:
         acc = self._accounts
         placed = acc.ledger.place(
@@ -121,6 +123,7 @@ class ProxySpanJoin:
             cached_tokens=span.cached_tokens,
             endpoint=endpoint,
             status=status,
+            heard_s=heard_s,
         )
         if placed:
             acc.set_tenant(span.request_id, tenant)
