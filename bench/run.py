@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -59,13 +60,13 @@ def plan_for(args: argparse.Namespace) -> Plan:
             plain=2000,
             reps=2,
             concurrency=32,
-            latency_rounds=3,
+            latency_rounds=2,
             latency_concurrency=100,
             latency_delay_s=0.03,
             latency_per_worker=2,
             latency_burst_rounds=2,
-            rss_requests=20_000,
-            rss_warmup=8_000,
+            rss_requests=12_000,
+            rss_warmup=6_000,
             uvloop=uv,
             bare=True,
             relay=_has_httptools(),
@@ -369,6 +370,11 @@ def table(fig: dict[str, Any], checks: dict[str, dict[str, Any]]) -> str:
         f"machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m['memory_gb']} GB, "
         f"Python {m['python']}, nginx {m['nginx']}, aiohttp {m['aiohttp']}; mode {fig['mode']}"
     )
+    if "load_avg_1m_start" in fig:
+        lines.append(
+            f"load average (1 min): {fig['load_avg_1m_start']:.2f} at the start, "
+            f"{fig.get('load_avg_1m_end', float('nan')):.2f} at the end"
+        )
     return "\n".join(lines)
 
 
@@ -388,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("warning", json=True)  # the in-process sidecar logs to stderr, quietly
     plan = plan_for(args)
     fig: dict[str, Any] = {"mode": plan.mode, "machine": machine()}
+    fig["load_avg_1m_start"] = os.getloadavg()[0]  # a shared machine: read figures beside it
     fig.update(collect(plan))
+    fig["load_avg_1m_end"] = os.getloadavg()[0]
     checks = goals(fig)
     fig["goals"] = checks
     text = table(fig, checks)
