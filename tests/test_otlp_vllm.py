@@ -40,7 +40,8 @@ CLIENT_PARENT = "00f067aa0ba902b7"
 @dataclass
 class Wire:
     """A plain HTTP endpoint that keeps every POST body as received; with ``relay_to`` it
-    also passes the body on and answers with the relay's answer."""
+    also passes the body on (keeping it once the relay answered) and answers with the
+    relay's answer."""
 
     relay_to: str | None = None
     bodies: list[tuple[bytes, str | None, str | None]] = field(default_factory=list)
@@ -57,8 +58,6 @@ class Wire:
                     self.headers.get("Content-Type"),
                     self.headers.get("Content-Encoding"),
                 )
-                with wire.lock:
-                    wire.bodies.append((body, ctype, coding))
                 status, answer = 200, b""
                 if wire.relay_to is not None:
                     headers = {"Content-Type": ctype or ""}
@@ -70,6 +69,8 @@ class Wire:
                             status, answer = r.status, r.read()
                     except OSError:
                         status = 503
+                with wire.lock:  # kept once relayed: the sidecar has answered it by then
+                    wire.bodies.append((body, ctype, coding))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(answer)))
@@ -273,6 +274,43 @@ async def test_traces_mode_beside_vllm(rig: Rig) -> None:
     # Forwarding: every body vLLM sent reached the collector unchanged, with its headers.
     forwarded = [b for b in rig.collector.snapshot() if b[0] in {body for body, _, _ in sent}]
     assert sorted(forwarded) == sorted(sent)
+
+
+async def test_duplicate_export_counts_once(rig: Rig) -> None:
+    """vLLM's own export sent a second time (a retry) adds no request and no token."""
+    rid, _ = await chat(rig.vllm.url, 2, {})
+    body = None
+    for _ in range(int(SETTLE_TIMEOUT_S * 10)):
+        body = next(
+            (
+                b
+                for b, _, _ in rig.tap.snapshot()
+                for s in spans_of(b)
+                if any(kv.value.string_value == rid for kv in s.attributes)
+            ),
+            None,
+        )
+        if body is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert body is not None
+    before = await scrape(rig.sidecar.metrics_url)
+    url = rig.tap.relay_to
+    assert url is not None
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=body, headers={"Content-Type": "application/x-protobuf"}) as r,
+    ):
+        assert r.status == 200
+    after = await scrape(rig.sidecar.metrics_url)
+    for name, labels in (
+        ("llm_energy_tokens_total", {"kind": "prompt"}),
+        ("llm_energy_requests_total", {}),
+    ):
+        assert total(after, name, **labels) == total(before, name, **labels)
+    assert total(after, "llm_energy_otlp_spans_total", result="duplicate") > total(
+        before, "llm_energy_otlp_spans_total", result="duplicate"
+    )
 
 
 async def test_malformed_and_huge_bodies_beside_vllm(rig: Rig) -> None:
