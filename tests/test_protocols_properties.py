@@ -8,9 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.tracking.openai_chunks import plain_chunk, without_null_usage
+from sidecar.tracking.openai_chunks import is_terminal, plain_chunk, without_null_usage
 from sidecar.tracking.protocols import RequestInfo, ResponseTracker, Usage
-from sidecar.tracking.responses import _terminal
 from sidecar.tracking.sse import EventSplitter, Piece
 
 CHAT = RequestInfo("chat", "openai", "m", True, 3, False)
@@ -256,7 +255,7 @@ def test_byte_reading_of_a_chunk_agrees_with_its_json(
         obj["usage"] = None
     data = json.dumps(obj, separators=sep).encode()
     assert plain_chunk(data) == (1 if text else 0, "null_usage" if null_usage else "keep")
-    assert _terminal(data) == (finish is not None)
+    assert is_terminal(data) == (finish is not None)
     cut = without_null_usage(data)
     assert json.loads(cut) == {k: v for k, v in obj.items() if k != "usage"}
     assert (cut == data) == (not null_usage)

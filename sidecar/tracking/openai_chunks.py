@@ -7,10 +7,18 @@ leave anything unusual to a full parse.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final, Literal
 
-__all__ = ["Edit", "has_output", "plain_chunk", "without_null_usage"]
+__all__ = [
+    "Edit",
+    "has_output",
+    "is_terminal",
+    "plain_chunk",
+    "with_fingerprint",
+    "without_null_usage",
+]
 
 Edit = Literal["keep", "drop", "null_usage"]
 # A top-level `"usage": null` member, after another member or before one. A quote
@@ -23,6 +31,7 @@ _TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning)"\s*:\s*"(?!"
 _TEXT_KEYS: Final = (b'"content"', b'"text"', b'"reasoning_content"', b'"reasoning"')
 _BLANKS: Final = b" \t"  # the patterns also cut blanks before the comma: leave those to them
 _SEPARATORS: Final = {b':"': 2, b': "': 3}  # after a key: where its string value starts
+_TERMINAL: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 _COMPLEX_KEYS: Final = (b'"tool_calls"', b'"function_call"', b'"token"', b'"details"', b'"error"')
 
 
@@ -109,3 +118,24 @@ def without_null_usage(raw: bytes) -> bytes:
         if matches:
             return raw
     return raw
+
+
+def is_terminal(raw: bytes) -> bool:
+    """Whether a chunk event has a ``finish_reason`` string (most have ``null``: one find)."""
+    at = raw.find(b'"finish_reason"')
+    if at < 0:
+        return False
+    after = raw[at + 15 : at + 18]
+    if after.startswith((b':"', b': "')):
+        return True
+    if after.startswith((b":n", b": n")) and raw.count(b'"finish_reason"') == 1:
+        return False  # null
+    return _TERMINAL.search(raw) is not None
+
+
+def with_fingerprint(raw: bytes, fingerprint: str) -> bytes:
+    """One chunk event with ``system_fingerprint`` as its last member, as vLLM writes it."""
+    end = raw.rfind(b"}")
+    if end <= 0:
+        return raw
+    return raw[:end] + b',"system_fingerprint":' + json.dumps(fingerprint).encode() + raw[end:]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import aiohttp
@@ -417,7 +417,9 @@ class Proxy:
                 first = True
                 clock, period = self._clock, self._token_period_s
                 due = 0.0  # when the tokens counted since the last hand-over go to the meter
-                async for chunk in _chunks(upstream, prefix):
+                content = upstream.content
+                chunk = prefix or await content.readany()  # b"" at the end of the body
+                while chunk:
                     out = chunk
                     if tracker is not None:
                         try:  # _safe's handling, inline: this runs for every chunk
@@ -442,6 +444,7 @@ class Proxy:
                     first = False
                     if out:
                         await response.write(out)
+                    chunk = await content.readany()
                 if pending:
                     self._safe("tokens", self._meter.tokens_streamed, rid, pending)
                     pending = 0
@@ -548,13 +551,6 @@ class Proxy:
             self.null_usage_unasked = False
         else:
             self._calibrate = True
-
-
-async def _chunks(upstream: aiohttp.ClientResponse, prefix: bytes = b"") -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
-    async for chunk in upstream.content.iter_any():
-        yield chunk
 
 
 async def _read(request: web.Request) -> bytes:

@@ -19,7 +19,14 @@ from typing import Final, Literal
 
 from sidecar.tracking.budget import ParseBudget
 from sidecar.tracking.event_scan import Scan, anthropic_event, meta_counts, responses_event
-from sidecar.tracking.openai_chunks import Edit, has_output, plain_chunk, without_null_usage
+from sidecar.tracking.openai_chunks import (
+    Edit,
+    has_output,
+    is_terminal,
+    plain_chunk,
+    with_fingerprint,
+    without_null_usage,
+)
 from sidecar.tracking.requests import RequestInfo
 from sidecar.tracking.sse import EventSplitter, LineSplitter, Piece, event_data
 from sidecar.tracking.wire import (
@@ -38,7 +45,6 @@ _SALVAGE_TAIL: Final = 64 * 1024
 _USAGE_KEY: Final = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL_PAIR: Final = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 _Mode = Literal["pass", "sse", "ndjson", "json"]
-_TERMINAL: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,11 +331,11 @@ class ResponseTracker:
                         raw = without_null_usage(raw)
                     if (
                         not self._server_usage  # a server that sends usage unasked moved nothing
-                        and _terminal(raw)
+                        and is_terminal(raw)
                         and b'"system_fingerprint"' not in raw
                     ):
                         if self._known_fingerprint is not None:
-                            raw = _with_fingerprint(raw, self._known_fingerprint)
+                            raw = with_fingerprint(raw, self._known_fingerprint)
                         else:
                             self._terminal.append(raw)  # may gain the usage chunk's fingerprint
                             continue
@@ -351,7 +357,7 @@ class ResponseTracker:
         held, self._terminal = self._terminal, []
         if fingerprint is None:
             return held
-        return [_with_fingerprint(raw, fingerprint) for raw in held]
+        return [with_fingerprint(raw, fingerprint) for raw in held]
 
     @property
     def usage_fingerprint(self) -> str | None:
@@ -548,27 +554,6 @@ class ResponseTracker:
         models = [m for m in _MODEL_PAIR.finditer(tail) if not escaped(tail, m.start())]
         if models:
             self._absorb({"model": loads(models[-1].group(1))})
-
-
-def _terminal(raw: bytes) -> bool:
-    """Whether a chunk event has a ``finish_reason`` string (most have ``null``: one find)."""
-    at = raw.find(b'"finish_reason"')
-    if at < 0:
-        return False
-    after = raw[at + 15 : at + 18]
-    if after.startswith((b':"', b': "')):
-        return True
-    if after.startswith((b":n", b": n")) and raw.count(b'"finish_reason"') == 1:
-        return False  # null
-    return _TERMINAL.search(raw) is not None
-
-
-def _with_fingerprint(raw: bytes, fingerprint: str) -> bytes:
-    """One chunk event with ``system_fingerprint`` as its last member, as vLLM writes it."""
-    end = raw.rfind(b"}")
-    if end <= 0:
-        return raw
-    return raw[:end] + b',"system_fingerprint":' + json.dumps(fingerprint).encode() + raw[end:]
 
 
 def _usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
