@@ -134,22 +134,28 @@ class Books:
         (:class:`PrefillRate`), not over its whole wait. The third figure is the part of
         the decode spread evenly from a total (not in the second)."""
         rate = self.prefill_rate.tokens_per_s
+        first = r.first_token_s
+        totals_only = r.streamed == 0 and first is not None
         prefill = decode = spread_total = 0.0
         for t0, t1, p, d in r.segments:
             if t1 <= a:
                 continue
             if t0 >= b:
                 break
-            if p > 0.0 and t1 == r.first_token_s:  # a streamed prompt (and its first token)
+            if p > 0.0 and t1 == first:  # a streamed prompt (and its first token)
                 if r.prompt_tokens is not None and r.prompt_work:
                     p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
                 if a < t1 <= b:  # seen once per GPU: where the prompt ends
                     self.prefill_rate.observe(p, t1 - t0)
                 if rate is not None:
                     t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
-            share = spread(1.0, t0, t1, a, b)
+            if t1 <= t0:  # all at one instant (spread()'s rule, inlined: this is the hot loop)
+                share = 1.0 if a < t0 <= b else 0.0
+            else:
+                overlap = (t1 if t1 < b else b) - (t0 if t0 > a else a)
+                share = overlap / (t1 - t0) if overlap > 0.0 else 0.0
             prefill += p * share
-            if p == 0.0 and r.streamed == 0 and r.first_token_s is not None:
+            if totals_only and p == 0.0:
                 spread_total += d * share
             else:
                 decode += d * share
