@@ -109,6 +109,7 @@ class Meter:
             late_hold_s=traces_hold_s,
             counted=running_from is not None,
             live_phases=running_from == "observer",
+            paced_decode=traces_hold_s is not None,  # the server's spans: continuous batching
         )
         self.clock = clock
         self.models = ModelLabels(max_models)
@@ -228,9 +229,16 @@ class Meter:
     def duplicate_spans(self) -> int:
         return 0 if self.trace is None else self.trace.duplicates
 
-    def server_running(self, since_s: float, until_s: float, running: dict[str, float]) -> None:
-        """Traces mode: the server's running count by model over [since_s, until_s]."""
-        self.observer.counts(since_s, until_s, running)
+    def server_running(
+        self,
+        since_s: float,
+        until_s: float,
+        running: dict[str, float],
+        finished: dict[str, float] | None = None,
+    ) -> None:
+        """Traces mode: the server's running count by model at ``until_s``, and the
+        requests it finished since ``since_s`` (:meth:`ObserverSource.counts`)."""
+        self.observer.counts(since_s, until_s, running, finished)
 
     def observed(
         self,

@@ -70,7 +70,7 @@ def test_proxy_and_span_join_into_one_request() -> None:
     _run(meter, clock, 6.0)
     assert done == []  # the proxy saw one running: its intervals wait for the span
     meter.span_finished(_span("chatcmpl-1", 1.2, 2.0, 3.9))
-    _run(meter, clock, 7.0)
+    _run(meter, clock, 11.0)  # past the grace (the exporter's delay) of its last interval
     [f] = done
     assert f.id == "chatcmpl-1"
     assert f.endpoint == "chat"
@@ -130,9 +130,11 @@ def test_observer_with_traces_gives_only_the_running_count() -> None:
     meter = _meter(clock, "observer", done)
     for t in range(1, 6):
         _run(meter, clock, float(t))
-        running = {"m": 1.0} if 1 <= t <= 3 else {}
+        running = {"m": 1.0} if t <= 2 else {}  # the gauge at each scrape
         obs = Observation(float(t), "vllm", running=running)
-        delta = ObservationDelta(t - 1.0, float(t), {"m": 7.0}, {"m": 9.0}, {"m": 1.0}, False)
+        ended = {"m": 1.0} if t == 3 else {}  # it finished in the third window
+        tokens = {"m": 7.0} if t <= 3 else {}
+        delta = ObservationDelta(t - 1.0, float(t), tokens, tokens, ended, False)
         meter.observer.on_observation(obs, delta)
         if t == 2:
             assert meter.in_flight() == {"m": 1}
@@ -140,7 +142,7 @@ def test_observer_with_traces_gives_only_the_running_count() -> None:
     assert meter.requests == {}
     assert done == []
     meter.span_finished(_span("chatcmpl-2", 0.5, 1.0, 3.0))
-    _run(meter, clock, 6.0)
+    _run(meter, clock, 12.0)
     [f] = done
     assert meter.tokens == {("m", "prompt"): 17, ("m", "completion"): 20}
     assert meter.requests == {("m", "unknown", "ok"): 1}
@@ -150,6 +152,7 @@ def test_observer_with_traces_gives_only_the_running_count() -> None:
     measured = meter.ledger.gpu_energy_j("0")
     booked = f.energy_j + meter.ledger.phase_j["idle_standby"] + meter.ledger.unattributed_j
     assert booked + meter.ledger.held_j == pytest.approx(measured, rel=1e-6)
+    assert meter.ledger.held_j == pytest.approx(7.0 * 150.0)  # after 5 s no count came: held
 
 
 @st.composite

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
-from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
+from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots, span_request
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
@@ -84,6 +84,8 @@ class Ledger:
     (:mod:`sidecar.ledger.held`); ``counted`` says a source reports a running
     count (:meth:`running`), so intervals settle once all it counted reported, and
     ``live_phases`` that it is the server's own, so the phases follow it live.
+    ``paced_decode``: output known only as a total slows where prompts are prefilled
+    (a server known to batch continuously: traces mode), see :class:`Books`.
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class Ledger:
         counted: bool = False,
         live_phases: bool = False,
         slot_s: float = SLOT_S,
+        paced_decode: bool = False,
+        grace_s: float | None = None,
     ) -> None:
         if sample_period_s is not None and not sample_period_s > 0:
             raise ValueError(f"sample_period_s must be positive, got {sample_period_s}")
@@ -133,6 +137,7 @@ class Ledger:
         self.phase_j = self._books.phase_j
         self.model_j = self._books.model_j
         self.prefill_fit = self._books.prefill_fit
+        self._books.paced = paced_decode
         self.held: HeldSlots | None = None
         self._held_meta: dict[str, tuple[int | None, int | None]] = {}
         if late_hold_s is not None:
@@ -140,6 +145,8 @@ class Ledger:
                 self._books, slot_s=slot_s, hold_s=late_hold_s, counted=counted,
                 live_phases=live_phases,
             )  # fmt: skip
+            if grace_s is not None:
+                self.held.grace_s = grace_s
 
     # ----------------------------------------------------------------- requests
     def start(
@@ -325,14 +332,16 @@ class Ledger:
         end = max(end_s, start_s)
         first = min(max(first_token_s, start_s), end)
         prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
-        req = HeldRequest(
-            request_id, model, start_s, first, end, float(prompt),
-            float(completion_tokens or 0), endpoint=endpoint, status=status,
+        req = span_request(
+            request_id, model, start_s=start_s, first_token_s=first, end_s=end,
+            prompt_work=float(prompt), completion_tokens=float(completion_tokens or 0),
+            endpoint=endpoint,
         )  # fmt: skip
-        if heard_s is not None:
-            req.heard_from_s = min(req.heard_from_s, heard_s[0])
-            req.heard_to_s = max(req.heard_to_s, heard_s[1])
-        if not self.held.place(req):
+        req.status = status
+        heard = (
+            (start_s, end) if heard_s is None else (min(start_s, heard_s[0]), max(end, heard_s[1]))
+        )
+        if not self.held.place(HeldRequest(req, *heard)):
             return False
         self._held_meta[request_id] = (prompt_tokens, completion_tokens)
         self._first_request_s = min(self._first_request_s, start_s)
@@ -485,7 +494,8 @@ class Ledger:
     def _collect_held(self) -> None:
         """Held requests every slot of which settled become finished requests."""
         assert self.held is not None
-        for r in self.held.pop_finished():
+        for held in self.held.pop_finished():
+            r = held.req
             prompt, completion = self._held_meta.pop(r.id, (None, None))
             self._finished.append(
                 FinishedRequest(
@@ -501,7 +511,7 @@ class Ledger:
                     dynamic_j=r.dynamic_j,
                     idle_j=r.idle_j,
                     prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
-                    missed_s=r.missed_s,
+                    missed_s=held.missed_s,
                 )
             )
 

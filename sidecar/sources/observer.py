@@ -48,7 +48,11 @@ class ObserverSource:
         if delta is None:
             return
         if self._counts_only:
-            self.counts(delta.start_s, delta.end_s, obs.running)
+            moved = {
+                m: delta.prompt_tokens.get(m, 0.0) + delta.generation_tokens.get(m, 0.0)
+                for m in set(delta.prompt_tokens) | set(delta.generation_tokens)
+            }
+            self.counts(delta.start_s, delta.end_s, obs.running, delta.requests, moved)
             return
         models = set(obs.running) | set(delta.generation_tokens) | set(delta.prompt_tokens)
         for model in sorted(models):
@@ -62,8 +66,18 @@ class ObserverSource:
                 finished=delta.requests.get(model, 0.0),
             )
 
-    def counts(self, since_s: float, until_s: float, running: Mapping[str, float]) -> None:
-        """Traces mode: only the server's running count, all models together."""
+    def counts(
+        self,
+        since_s: float,
+        until_s: float,
+        running: Mapping[str, float],
+        finished: Mapping[str, float] | None = None,
+        tokens: Mapping[str, float] | None = None,
+    ) -> None:
+        """Traces mode: only what the server ran over [since_s, until_s], all models
+        together: those running at its end plus those that finished in it (a gauge
+        read at two scrapes misses a request that began and ended between them; one
+        at least where tokens moved and the server counts no finished requests)."""
         acc = self._acc
         acc.ledger.upstream_ready(since_s)
         labels: dict[str, int] = {}
@@ -71,7 +85,10 @@ class ObserverSource:
             label = acc.models(model)
             labels[label] = labels.get(label, 0) + max(0, round(n))
         self._running = {k: v for k, v in labels.items() if v > 0}
-        acc.ledger.running(since_s, until_s, sum(labels.values()))
+        ran = sum(labels.values()) + sum(max(0, round(n)) for n in (finished or {}).values())
+        if ran == 0 and any(n > 0 for n in (tokens or {}).values()):
+            ran = 1
+        acc.ledger.running(since_s, until_s, ran)
         acc.collect()
 
     def observed(
