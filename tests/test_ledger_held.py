@@ -338,3 +338,18 @@ def test_a_finished_count_keeps_slots_open_past_the_grace() -> None:
     [f] = ledger.pop_finished()
     assert f.energy_j == pytest.approx(1.0 * 200.0, rel=1e-6)
     assert ledger.held_j == pytest.approx(1.0 * 100.0, rel=1e-6)  # the last second: its grace
+
+
+def test_busy_readings_do_not_become_the_baseline_without_counts() -> None:
+    """Traces alone: spans come late, so once requests are heard of, live readings are
+    not taken as standby: the estimated baseline stays at what the idle start showed."""
+    ledger = Ledger(["0"], late_hold_s=60.0)
+    _samples(ledger, 0.0, 20.0, 60.0)  # idle, before any traffic
+    before = ledger.idle_baseline_w()
+    ledger.place(
+        "a", model="m", start_s=19.0, first_token_s=19.5, end_s=20.0,
+        prompt_tokens=1, completion_tokens=1,
+    )  # fmt: skip
+    _samples(ledger, 20.1, 60.0, 300.0)  # busy; its spans are still to come
+    assert before == pytest.approx(60.0)
+    assert ledger.idle_baseline_w() == pytest.approx(60.0)

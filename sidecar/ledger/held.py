@@ -139,6 +139,7 @@ class HeldSlots:
     _done_s: float = -INF
     _now_s: float = -INF
     _reported_s: float = -INF
+    _last_end_s: float = -INF
     finished: list[HeldRequest] = field(default_factory=list)
     held_j: float = 0.0
     """Energy in slots not settled yet: requests still to be heard from may take it."""
@@ -222,6 +223,7 @@ class HeldSlots:
             return False
         self._seen[req.id] = req.end_s
         self._seen_order.append((req.end_s, req.id))
+        self._last_end_s = max(self._last_end_s, req.end_s)
         first, last = self._first_k, self._last_k
         k0 = self._k(held.heard_from_s)
         k1 = self._k(held.heard_to_s - 1e-9) if held.heard_to_s > held.heard_from_s else k0
@@ -305,14 +307,16 @@ class HeldSlots:
 
     def standby(self, t: float) -> bool:
         """Whether nothing is known to run at ``t`` (for the baseline estimator): no
-        count above zero by then and no placed request covering it."""
+        count above zero by then and no placed request covering it. Without counts a
+        reading is live and its requests report later, so none counts as standby
+        while a request ended within the hold (the baseline holds its last figure)."""
         slot = self._slots.get(self._k(t))
         if slot is not None and (slot.placed or slot.running):
             return False
         for rep in reversed(self._reports):  # the latest count begun by then holds
             if rep.t0 <= t:
                 return rep.running == 0
-        return True
+        return t - self._last_end_s > self.hold_s
 
     def __len__(self) -> int:
         """Slots held now (for the memory figure)."""
