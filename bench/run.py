@@ -212,6 +212,7 @@ def collect(plan: Plan) -> dict[str, Any]:
             serving_accuracy.run_trace(name, plan.accuracy_s) for name in serving_accuracy.TRACES
         )
     )
+    fig.update(serving_accuracy.fast_sampling(plan.accuracy_s))
 
     log("one /metrics scrape with 1,000 requests in flight")
     sc = scrape_bench.run()
@@ -343,6 +344,10 @@ TABLE: list[tuple[str, str, str]] = [
             (f"serving_{t}_{m}_token_median_error_percent", "%", "  naive token share"),
         )
     ),
+    ("serving_chat_proxy_50hz_ledger_median_error_percent", "%", "serving chat, proxy, 50 Hz"),
+    ("serving_chat_proxy_50hz_ledger_p90_error_percent", "%", "  p90"),
+    ("serving_chat_traces_50hz_ledger_median_error_percent", "%", "serving chat, traces, 50 Hz"),
+    ("serving_chat_traces_50hz_ledger_p90_error_percent", "%", "  p90"),
     ("scrape_ms_1000_inflight", "ms", "/metrics scrape, 1,000 in flight"),
     ("bloom_wh_per_request_all_in", "Wh", "BLOOM-like: GPU energy per request, all-in"),
     ("bloom_wh_per_request_seed", "Wh", "  the seed's (688 kWh / 230,768)"),

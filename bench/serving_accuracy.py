@@ -221,10 +221,16 @@ def _pct(got: float, want: float) -> float:
     return abs(got - want) / want * 100.0
 
 
-def run_trace(name: str, duration_s: float) -> TraceResult:
+def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> TraceResult:
     """Both views, three rules, on ``duration_s`` seconds of the named trace."""
     file, from_s, rate_scale = TRACES[name]
-    spec = EngineSpec(duration_s=duration_s, rate_scale=rate_scale, from_s=from_s)
+    spec = EngineSpec(
+        duration_s=duration_s,
+        rate_scale=rate_scale,
+        from_s=from_s,
+        sample_hz=sample_hz,
+        sensor_window_s=min(0.02, 1.0 / sample_hz),
+    )
     wl = serve(load_trace(DATA / file), spec)
     last = wl.samples[-1][0]
     scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
@@ -289,6 +295,23 @@ def run_trace(name: str, duration_s: float) -> TraceResult:
     )
 
 
+FAST_HZ = 50.0
+"""The what-if sampling rate: ``--sample-hz 50``, as fast as NVML's instant field refreshes."""
+
+
+def fast_sampling(duration_s: float) -> dict[str, float]:
+    """The chat trace's sidecar figures at ``FAST_HZ`` (keys ``serving_chat_<view>_50hz_...``)."""
+    res = run_trace("chat", duration_s, sample_hz=FAST_HZ)
+    fig: dict[str, float] = {}
+    for mode, m in res.modes.items():
+        k = f"serving_chat_{mode}_{FAST_HZ:g}hz_ledger"
+        fig[f"{k}_median_error_percent"] = m.request["ledger"].median
+        fig[f"{k}_p90_error_percent"] = m.request["ledger"].p90
+        fig[f"{k}_prefill_median_error_percent"] = m.prefill["ledger"].median
+        fig[f"{k}_decode_median_error_percent"] = m.decode["ledger"].median
+    return fig
+
+
 def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
     """Flat bench keys: ``serving_<trace>_<mode>_<rule>_{median,p90}_error_percent`` and
     ``..._{prefill,decode}_median_error_percent``."""
@@ -315,4 +338,6 @@ if __name__ == "__main__":
     import sys
 
     secs = float(sys.argv[1]) if len(sys.argv) > 1 else 180.0
-    print(json.dumps(figures(run_trace(n, secs) for n in TRACES), indent=1))
+    out = figures(run_trace(n, secs) for n in TRACES)
+    out.update(fast_sampling(secs))
+    print(json.dumps(out, indent=1))
