@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
-from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots, span_request
+from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
@@ -139,7 +139,6 @@ class Ledger:
         self.prefill_fit = self._books.prefill_fit
         self._books.paced = paced_decode
         self.held: HeldSlots | None = None
-        self._held_meta: dict[str, tuple[int | None, int | None]] = {}
         if late_hold_s is not None:
             self.held = HeldSlots(
                 self._books, slot_s=slot_s, hold_s=late_hold_s, counted=counted,
@@ -329,23 +328,15 @@ class Ledger:
         ``heard_s``: a wider window over which a running count saw it (the proxy's)."""
         if self.held is None:
             raise RuntimeError("place() needs a ledger made with late_hold_s")
-        end = max(end_s, start_s)
-        first = min(max(first_token_s, start_s), end)
-        prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
-        req = span_request(
-            request_id, model, start_s=start_s, first_token_s=first, end_s=end,
-            prompt_work=float(prompt), completion_tokens=float(completion_tokens or 0),
-            endpoint=endpoint,
+        held = HeldRequest.whole(
+            request_id, model, start_s=start_s, first_token_s=first_token_s, end_s=end_s,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens, endpoint=endpoint, status=status, heard_s=heard_s,
         )  # fmt: skip
-        req.status = status
-        heard = (
-            (start_s, end) if heard_s is None else (min(start_s, heard_s[0]), max(end, heard_s[1]))
-        )
-        if not self.held.place(HeldRequest(req, *heard)):
+        if not self.held.place(held):
             return False
-        self._held_meta[request_id] = (prompt_tokens, completion_tokens)
         self._first_request_s = min(self._first_request_s, start_s)
-        self._last_end_s = max(self._last_end_s, end)
+        self._last_end_s = max(self._last_end_s, held.req.end_s)
         self._collect_held()
         return True
 
@@ -494,26 +485,7 @@ class Ledger:
     def _collect_held(self) -> None:
         """Held requests every slot of which settled become finished requests."""
         assert self.held is not None
-        for held in self.held.pop_finished():
-            r = held.req
-            prompt, completion = self._held_meta.pop(r.id, (None, None))
-            self._finished.append(
-                FinishedRequest(
-                    id=r.id,
-                    model=r.model,
-                    endpoint=r.endpoint,
-                    status=r.status,
-                    start_s=r.start_s,
-                    end_s=r.end_s,
-                    first_token_s=r.first_token_s,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    dynamic_j=r.dynamic_j,
-                    idle_j=r.idle_j,
-                    prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
-                    missed_s=held.missed_s,
-                )
-            )
+        self._finished.extend(h.finished() for h in self.held.pop_finished())
 
     def _assign(self, *, force: bool) -> None:
         for state in self._gpus.values():

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.pieces import Books
-from sidecar.ledger.requests import INF, Request
+from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
 SLOT_S: Final = 0.25
 """Default slot width: finer than a scrape, a few sample periods."""
@@ -64,6 +64,56 @@ class HeldRequest:
     """Part of its window lies past the newest slot: samples for it are still due."""
     missed_s: float = 0.0
     """Seconds of its window no held slot covered any more (it came after the hold)."""
+    reported: tuple[int | None, int | None] = (None, None)
+    """Its prompt and completion tokens as reported (cached prompt tokens included)."""
+
+    @classmethod
+    def whole(
+        cls,
+        request_id: str,
+        model: str,
+        *,
+        start_s: float,
+        first_token_s: float,
+        end_s: float,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cached_tokens: int | None = None,
+        endpoint: str = "unknown",
+        status: Status = "ok",
+        heard_s: tuple[float, float] | None = None,
+    ) -> HeldRequest:
+        """A request reported whole; cached prompt tokens do (almost) no prefill work."""
+        end = max(end_s, start_s)
+        first = min(max(first_token_s, start_s), end)
+        prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
+        req = span_request(
+            request_id, model, start_s=start_s, first_token_s=first, end_s=end,
+            prompt_work=float(prompt), completion_tokens=float(completion_tokens or 0),
+            endpoint=endpoint,
+        )  # fmt: skip
+        req.status = status
+        lo, hi = (start_s, end) if heard_s is None else heard_s
+        return cls(req, min(lo, start_s), max(hi, end), reported=(prompt_tokens, completion_tokens))
+
+    def finished(self) -> FinishedRequest:
+        """What the ledger hands out once every slot it ran in has settled."""
+        r = self.req
+        return FinishedRequest(
+            id=r.id,
+            model=r.model,
+            endpoint=r.endpoint,
+            status=r.status,
+            start_s=r.start_s,
+            end_s=r.end_s,
+            first_token_s=r.first_token_s,
+            prompt_tokens=self.reported[0],
+            completion_tokens=self.reported[1],
+            dynamic_j=r.dynamic_j,
+            idle_j=r.idle_j,
+            prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
+            missed_s=self.missed_s,
+        )
 
 
 def span_request(
