@@ -56,8 +56,8 @@ def plan_for(args: argparse.Namespace) -> Plan:
     if args.quick:
         uv = args.uvloop and _has_uvloop()
         proxy = proxy_bench.ProxyPlan(
-            streams=1500,
-            plain=2000,
+            streams=1200,
+            plain=1600,
             reps=2,
             concurrency=32,
             latency_rounds=2,
@@ -65,8 +65,8 @@ def plan_for(args: argparse.Namespace) -> Plan:
             latency_delay_s=0.03,
             latency_per_worker=2,
             latency_burst_rounds=2,
-            rss_requests=12_000,
-            rss_warmup=6_000,
+            rss_requests=8_000,
+            rss_warmup=5_000,
             uvloop=uv,
             bare=True,
             relay=_has_httptools(),
