@@ -8,6 +8,11 @@ decode cost, discounted alike for every member of a larger batch. The true
 dynamic energy of a request is the exact sum of its contribution over time;
 the power trace is idle plus all contributions, sampled with noise, with an
 energy counter that integrates the noiseless power as hardware does.
+
+This is the plain per-request model (no steps, tokens at a steady rate), kept
+for the tests and benchmarks that pin it. Realistic serving physics (continuous
+batching, chunked prefill, memory-bound decode, a real request trace) is
+:mod:`sidecar.serving_sim`, which returns the same :class:`Workload`.
 """
 
 from __future__ import annotations
