@@ -126,10 +126,12 @@ def test_counted_slots_settle_once_everyone_reported_not_at_the_hold() -> None:
     a, b = sorted(ledger.pop_finished(), key=lambda f: f.id)
     assert a.energy_j == pytest.approx(b.energy_j, rel=REL)
     assert a.energy_j + b.energy_j == pytest.approx(4.0 * 300.0, rel=REL)
-    # [0, 1) and [5, 6): the count's window is satisfied (both reported), but neither ran
-    # there; the phases followed the count live, so that energy is unattributed
+    # [0, 1) and [5, 6): the count's window is satisfied (both reported), neither ran
+    # there, and no count said one ran all through it: standby
     assert ledger.held_j == pytest.approx(0.0, abs=1e-9)
-    assert ledger.unattributed_j == pytest.approx(2.0 * 300.0, rel=REL)
+    assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-9)
+    standby = _measured(ledger) - a.energy_j - b.energy_j
+    assert ledger.phase_j["idle_standby"] == pytest.approx(standby, rel=REL)
 
 
 def test_missing_request_takes_its_share_to_unattributed() -> None:
@@ -148,16 +150,17 @@ def test_missing_request_takes_its_share_to_unattributed() -> None:
 
 
 def test_phases_are_live_with_the_count_and_at_the_hold_without() -> None:
-    """With a running count, serving energy reaches the phase counters before any span;
-    without one it waits for the hold (it is held, not lost)."""
+    """Where the count shows a request ran all through (running at both scrapes), serving
+    energy reaches the phase counters before any span; without one it waits for the
+    hold (it is held, not lost)."""
     counted, blind = _ledger(counted=True, hold_s=30.0), _ledger(hold_s=30.0)
     for ledger in (counted, blind):
         _samples(ledger, 0.0, 3.0, 300.0)
         if ledger is counted:
-            ledger.running(0.0, 3.0, 1)
+            ledger.running(0.0, 3.0, 1, through=1)
         _samples(ledger, 3.1, 4.0, 300.0)
         if ledger is counted:
-            ledger.running(3.0, 4.0, 1)
+            ledger.running(3.0, 4.0, 1, through=1)
     assert counted.phase_j["dynamic"] == pytest.approx(4.0 * 200.0, rel=REL)
     assert blind.phase_j["dynamic"] == 0.0
     assert blind.held_j == pytest.approx(_measured(blind), rel=REL)
@@ -255,7 +258,8 @@ def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -
         if sc["counted"] and step % 10 == 9 and step // 10 not in sc["dropped"]:
             t0 = t - 1.0
             n = sum(1 for r in reqs if r["start_s"] < t and r["end_s"] > t0)
-            ledger.running(t0, t, n)
+            through = sum(1 for r in reqs if r["start_s"] <= t0 and r["end_s"] >= t)
+            ledger.running(t0, t, n, through)
         for r in reqs:
             if r["arrives"] == step:
                 for _ in range(2 if r["twice"] else 1):

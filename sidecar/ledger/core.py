@@ -340,10 +340,11 @@ class Ledger:
         self._collect_held()
         return True
 
-    def running(self, t0: float, t1: float, count: int) -> None:
-        """Traces mode: the server's running count over [t0, t1] (all models)."""
+    def running(self, t0: float, t1: float, count: int, through: int = 0) -> None:
+        """Traces mode: the requests that ran over [t0, t1] (all models), ``through``
+        of them all of it (:meth:`HeldSlots.running`)."""
         if self.held is not None:
-            self.held.running(t0, t1, count)
+            self.held.running(t0, t1, count, through)
             if count > 0:
                 self._first_request_s = min(self._first_request_s, t0)
             self._collect_held()

@@ -20,8 +20,10 @@ slot power is taken as constant, so a request that covers part of a slot takes
 its share of that part.
 
 With the server's own count (``live_phases``), phases are booked once a slot is
-past the grace: serving where the count saw requests; otherwise they are booked
-when the slot settles, from what reported. A request is final once every slot
+past the grace where the count shows a request ran through it (running at both
+scrapes, more than finished between them); otherwise they are booked when the
+slot settles, from what reported (a window's count cannot say which part of it
+ran requests). A request is final once every slot
 it ran in has settled; the ledger hands it out then. Conservation holds at every
 step: settled energy is in requests, ``idle_standby`` or unattributed; the rest
 is held (:attr:`held_j` in slots, :attr:`open_j` on requests not final yet).
@@ -144,7 +146,9 @@ def span_request(
 class _Slot:
     """One slot of the grid."""
 
-    __slots__ = ("dyn_j", "idle_j", "k", "phased", "placed", "running", "settled", "waiting")
+    __slots__ = (
+        "dyn_j", "idle_j", "k", "phased", "placed", "running", "settled", "sure", "waiting",
+    )  # fmt: skip
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -154,6 +158,7 @@ class _Slot:
         self.waiting = 0  # counts over it not satisfied yet
         self.placed: list[HeldRequest] = []
         self.phased = False  # its phases are booked already (the server's count)
+        self.sure = False  # a count says some request ran through all of it
         self.settled = False
 
 
@@ -162,6 +167,7 @@ class _Report:
     t0: float
     t1: float
     running: int
+    through: int = 0
     heard: int = 0
 
 
@@ -241,10 +247,11 @@ class HeldSlots:
             self._book_phase(idle_j, dyn_j)
 
     # ---------------------------------------------------------- running counts
-    def running(self, t0: float, t1: float, count: int) -> None:
+    def running(self, t0: float, t1: float, count: int, through: int = 0) -> None:
         """A source's count of the requests that ran over [t0, t1] (the observer's
-        scrape window, the proxy's view between two ticks)."""
-        rep = _Report(t0, t1, max(0, count))
+        scrape window, the proxy's view between two ticks); ``through`` of them ran
+        all of it (running at both ends: the window is serving for sure)."""
+        rep = _Report(t0, t1, max(0, count), max(0, through))
         heard = {id(r) for r in self._waiting if self._overlaps(r, t0, t1)}
         for k in self._window(t0, t1):
             slot = self._slots.get(k)
@@ -261,6 +268,7 @@ class HeldSlots:
 
     def _apply(self, slot: _Slot, rep: _Report) -> None:
         slot.running = rep.running if slot.running is None else max(slot.running, rep.running)
+        slot.sure = slot.sure or rep.through > 0
         if rep.heard < rep.running:
             slot.waiting += 1
 
@@ -435,7 +443,7 @@ class HeldSlots:
                     k += 1
                     continue
                 settled = self._settle_if_complete(slot)
-                if not settled and self.live_phases and slot.running and not slot.phased:
+                if not settled and self.live_phases and slot.sure and not slot.phased:
                     slot.phased = True
                     self._book_phase(slot.idle_j, slot.dyn_j)
             k += 1

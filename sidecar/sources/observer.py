@@ -42,6 +42,7 @@ class ObserverSource:
         self._ids = itertools.count(1)
         self._spans: dict[str, tuple[str, float]] = {}  # label -> (open span id, renewed at)
         self._running: dict[str, int] = {}  # the server's running count by label
+        self._last_count: tuple[float, int] | None = None  # (scrape time, running total)
 
     def on_observation(self, obs: Observation, delta: ObservationDelta | None) -> None:
         """One scrape and its increments since the previous one."""
@@ -85,10 +86,18 @@ class ObserverSource:
             label = acc.models(model)
             labels[label] = labels.get(label, 0) + max(0, round(n))
         self._running = {k: v for k, v in labels.items() if v > 0}
-        ran = sum(labels.values()) + sum(max(0, round(n)) for n in (finished or {}).values())
+        now_running = sum(labels.values())
+        ended = sum(max(0, round(n)) for n in (finished or {}).values())
+        ran = now_running + ended
         if ran == 0 and any(n > 0 for n in (tokens or {}).values()):
             ran = 1
-        acc.ledger.running(since_s, until_s, ran)
+        # running at the window's start and not among those that ended in it: ran all of it
+        last = self._last_count
+        through = 0
+        if last is not None and abs(last[0] - since_s) < 1e-6 and now_running > 0:
+            through = max(0, last[1] - ended)
+        self._last_count = (until_s, now_running)
+        acc.ledger.running(since_s, until_s, ran, through)
         acc.collect()
 
     def observed(
