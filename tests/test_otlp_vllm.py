@@ -40,8 +40,8 @@ CLIENT_PARENT = "00f067aa0ba902b7"
 @dataclass
 class Wire:
     """A plain HTTP endpoint that keeps every POST body as received; with ``relay_to`` it
-    also passes the body on (keeping it once the relay answered) and answers with the
-    relay's answer."""
+    also passes the body on (keeping it only when the relay took it, 200) and answers with
+    the relay's answer."""
 
     relay_to: str | None = None
     bodies: list[tuple[bytes, str | None, str | None]] = field(default_factory=list)
@@ -69,8 +69,9 @@ class Wire:
                             status, answer = r.status, r.read()
                     except OSError:
                         status = 503
-                with wire.lock:  # kept once relayed: the sidecar has answered it by then
-                    wire.bodies.append((body, ctype, coding))
+                if status == 200:  # kept once the sidecar took it (not while it was not up yet)
+                    with wire.lock:
+                        wire.bodies.append((body, ctype, coding))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(answer)))
@@ -259,6 +260,18 @@ async def test_traces_mode_beside_vllm(rig: Rig) -> None:
             break
         await asyncio.sleep(0.1)
     assert set(ids) <= set(energy)
+    print(
+        "energy spans (J, prefill, decode):",
+        [
+            tuple(
+                round(kv.value.double_value, 3)
+                for key in ("joules", "prefill_joules", "decode_joules")
+                for kv in energy[rid].attributes
+                if kv.key == f"llm_energy.{key}"
+            )
+            for rid in ids
+        ],
+    )
     for rid in ids:
         e, parent = energy[rid], request_spans[rid]
         assert (e.trace_id, e.parent_span_id) == (parent.trace_id, parent.span_id)
@@ -272,7 +285,12 @@ async def test_traces_mode_beside_vllm(rig: Rig) -> None:
         )
 
     # Forwarding: every body vLLM sent reached the collector unchanged, with its headers.
-    forwarded = [b for b in rig.collector.snapshot() if b[0] in {body for body, _, _ in sent}]
+    forwarded: list[tuple[bytes, str | None, str | None]] = []
+    for _ in range(100):
+        forwarded = [b for b in rig.collector.snapshot() if b[0] in {body for body, _, _ in sent}]
+        if len(forwarded) >= len(sent):
+            break
+        await asyncio.sleep(0.1)
     assert sorted(forwarded) == sorted(sent)
 
 
