@@ -278,11 +278,12 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         ("scrape_ms_1000_inflight", "<= 50", le("scrape_ms_1000_inflight", 50.0)),
     ]
-    for trace, mode in itertools.product(("chat", "code"), ("proxy", "traces")):
+    for trace, mode in itertools.product(("chat", "code"), ("proxy", "traces", "traces_live")):
         k = f"serving_{trace}_{mode}"
         med = _get(fig, f"{k}_ledger_median_error_percent")
         p90 = _get(fig, f"{k}_ledger_p90_error_percent")
-        naive = [_get(fig, f"{k}_{rule}_median_error_percent") for rule in ("equal", "token")]
+        view = f"serving_{trace}_{'proxy' if mode == 'proxy' else 'traces'}"
+        naive = [_get(fig, f"{view}_{rule}_median_error_percent") for rule in ("equal", "token")]
         met = None
         if med is not None and p90 is not None and None not in naive:
             met = med <= 3.0 and p90 <= 10.0 and all(med < n for n in naive if n is not None)
@@ -334,7 +335,7 @@ TABLE: list[tuple[str, str, str]] = [
     ("naive_output_token_share_error_percent", "%", "naive: share of output tokens"),
     *(
         row
-        for t, m in (("chat", "proxy"), ("chat", "traces"), ("code", "proxy"), ("code", "traces"))
+        for t, m in itertools.product(("chat", "code"), ("proxy", "traces", "traces_live"))
         for row in (
             (f"serving_{t}_{m}_ledger_median_error_percent", "%", f"serving {t}, {m}: sidecar"),
             (f"serving_{t}_{m}_ledger_p90_error_percent", "%", "  p90"),

@@ -13,6 +13,9 @@ exact. Two views of the same run, as the sidecar gets them:
   the ledger holds intervals back (``hold_s``) so each span is placed in the
   intervals where it ran, as traces mode does, with the running count live
   (the observer on) for the baseline.
+* ``traces_live``: the same spans through the path ``run --otlp-listen --observe``
+  takes: held slots, each span placed when it arrives (up to 5 s after the end, as
+  vLLM's batch exporter sends), the server's running count from a 1 s scrape.
 
 Three rules on each view, all over the same reconciled power line and above
 the same baseline for the naive ones: the ledger's, an equal split of each
@@ -161,6 +164,82 @@ def replay(
     return out, abs(ledger.total_j - measured) / measured if measured else 0.0
 
 
+EXPORT_DELAY_S = 5.0
+"""vLLM's batch span exporter sends within this long of a request's end (uniform here)."""
+SCRAPE_S = 1.0
+"""The observer's scrape period: the server's running count, as traces mode reads it."""
+LATE_HOLD_S = 900.0
+
+
+def replay_live_traces(
+    wl: Workload, *, seed: int = 5
+) -> tuple[dict[str, tuple[float, float, float]], float]:
+    """Traces mode exactly as ``run --otlp-listen --observe`` books it: held slots, each
+    span placed when it arrives (``EXPORT_DELAY_S`` after the end at most), the server's
+    running count from a scrape every ``SCRAPE_S``, paced decode."""
+    rnd = random.Random(seed)
+    gpus = sorted({g for _, g, _, _ in wl.samples})
+    ledger = Ledger(
+        gpus, late_hold_s=LATE_HOLD_S, counted=True, live_phases=True, paced_decode=True
+    )
+    ledger.upstream_ready(wl.samples[0][0])
+    spans = sorted((r.end_s + rnd.uniform(0.0, EXPORT_DELAY_S), r.id) for r in wl.requests)
+    by_id = {r.id: r for r in wl.requests}
+    runs = [(_view(r, "traces")[0], r.end_s) for r in wl.requests]
+    recs = {g: Reconciler() for g in gpus}
+    out: dict[str, tuple[float, float, float]] = {}
+    measured = 0.0
+    last_e: dict[str, float] = {}
+    i = 0
+    next_tick = next_scrape = wl.samples[0][0]
+    last_scrape: tuple[float, int] | None = None
+
+    def collect() -> None:
+        for f in ledger.pop_finished():
+            out[f.id] = (f.dynamic_j, f.energy_j, f.prefill_j)
+
+    for t, g, p, e in wl.samples:
+        while i < len(spans) and spans[i][0] <= t:
+            r = by_id[spans[i][1]]
+            start, first, end = _view(r, "traces")
+            ledger.place(
+                r.id, model="sim", start_s=start, first_token_s=first, end_s=end,
+                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+            )  # fmt: skip
+            i += 1
+        for smp in recs[g].push(PowerSample(t, g, p, e)):
+            ledger.sample(smp.gpu, smp.time_s, smp.power_w)
+        if g in last_e:
+            measured += e - last_e[g]
+        last_e[g] = e
+        if t >= next_scrape:
+            now_running = sum(1 for a, b in runs if a <= t < b)
+            if last_scrape is not None:
+                t0, before = last_scrape
+                ended = sum(1 for _, b in runs if t0 < b <= t)
+                through = max(0, before - ended) if now_running > 0 else 0
+                ledger.running(t0, t, now_running + ended, through)
+            last_scrape = (t, now_running)
+            next_scrape = t + SCRAPE_S
+        if t >= next_tick:
+            ledger.advance(t)
+            next_tick = t + 0.5
+        collect()
+    for _, rid in spans[i:]:
+        r = by_id[rid]
+        start, first, end = _view(r, "traces")
+        ledger.place(
+            r.id, model="sim", start_s=start, first_token_s=first, end_s=end,
+            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+        )  # fmt: skip
+    for rec in recs.values():
+        for smp in rec.flush():
+            ledger.sample(smp.gpu, smp.time_s, smp.power_w)
+    ledger.flush()
+    collect()
+    return out, abs(ledger.total_j - measured) / measured if measured else 0.0
+
+
 def idle_by_stage(wl: Workload, mode: Mode, idle_w: float) -> dict[str, tuple[float, float]]:
     """Each request's equal share of ``idle_w`` (all GPUs) while in flight, (prefill, decode)."""
     bounds: list[tuple[float, int, str]] = []
@@ -253,23 +332,26 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
     true_idle_w = spec.idle_w * spec.gpus
     modes: dict[str, ModeResult] = {}
     conservation = 0.0
-    for mode in MODES:
-        ledger, cons = replay(wl, mode)
+    for name_ in (*MODES, "traces_live"):
+        mode: Mode = "proxy" if name_ == "proxy" else "traces"
+        ledger, cons = replay_live_traces(wl) if name_ == "traces_live" else replay(wl, mode)
         conservation = max(conservation, cons)
         truth_idle = idle_by_stage(wl, mode, true_idle_w)
         est_idle = idle_by_stage(wl, mode, sum(idle.values()))
         got: dict[str, dict[str, tuple[float, float, float]]] = {
             "ledger": {rid: (d, a, p) for rid, (d, a, p) in ledger.items()}
         }
-        for rule, res in naive(wl, mode, reconciled, idle).items():
-            got[rule] = {
-                rid: (d, d + sum(est_idle[rid]), dp + est_idle[rid][0])
-                for rid, (d, dp) in res.items()
-            }
+        rules = ("ledger",) if name_ == "traces_live" else RULES
+        if name_ != "traces_live":
+            for rule, res in naive(wl, mode, reconciled, idle).items():
+                got[rule] = {
+                    rid: (d, d + sum(est_idle[rid]), dp + est_idle[rid][0])
+                    for rid, (d, dp) in res.items()
+                }
         req: dict[str, Errors] = {}
         pre: dict[str, Errors] = {}
         dec: dict[str, Errors] = {}
-        for rule in RULES:
+        for rule in rules:
             g = got[rule]
             e_req, e_pre, e_dec = [], [], []
             for r in scored:
@@ -283,7 +365,7 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
                 if t_dec > 0:
                     e_dec.append(_pct(a - p, t_dec))
             req[rule], pre[rule], dec[rule] = Errors.of(e_req), Errors.of(e_pre), Errors.of(e_dec)
-        modes[mode] = ModeResult(req, pre, dec)
+        modes[name_] = ModeResult(req, pre, dec)
     unpaced, _ = replay(wl, "traces", paced=False)
     return TraceResult(
         name,
@@ -304,6 +386,8 @@ def fast_sampling(duration_s: float) -> dict[str, float]:
     res = run_trace("chat", duration_s, sample_hz=FAST_HZ)
     fig: dict[str, float] = {}
     for mode, m in res.modes.items():
+        if mode == "traces_live":
+            continue
         k = f"serving_chat_{mode}_{FAST_HZ:g}hz_ledger"
         fig[f"{k}_median_error_percent"] = m.request["ledger"].median
         fig[f"{k}_p90_error_percent"] = m.request["ledger"].p90
@@ -324,7 +408,7 @@ def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
         fig[f"{base}_traces_unpaced_ledger_median_error_percent"] = res.traces_unpaced.median
         fig[f"{base}_traces_unpaced_ledger_p90_error_percent"] = res.traces_unpaced.p90
         for mode, m in res.modes.items():
-            for rule in RULES:
+            for rule in m.request:
                 k = f"{base}_{mode}_{rule}"
                 fig[f"{k}_median_error_percent"] = m.request[rule].median
                 fig[f"{k}_p90_error_percent"] = m.request[rule].p90
