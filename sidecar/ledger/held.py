@@ -47,6 +47,10 @@ HOLD_S: Final = 900.0
 GRACE_S: Final = 6.0
 """A slot waits this long for reports before its phases are booked or it settles:
 vLLM's batch span exporter sends up to 5 s after a request ends."""
+SLACK_S: Final = 0.25
+"""A request counts as heard for a count whose window it misses by this little: the
+count's clock (a scrape's midpoint) and the span's (its Unix time mapped through one
+anchor) differ by that much, and a request at a window's edge must not hold it open."""
 SEEN_KEEP: Final = 2.0
 """Request ids are remembered for this many holds, so a retried export counts once."""
 
@@ -252,11 +256,11 @@ class HeldSlots:
         scrape window, the proxy's view between two ticks); ``through`` of them ran
         all of it (running at both ends: the window is serving for sure)."""
         rep = _Report(t0, t1, max(0, count), max(0, through))
-        heard = {id(r) for r in self._waiting if self._overlaps(r, t0, t1)}
-        for k in self._window(t0, t1):
+        heard = {id(r) for r in self._waiting if _heard_in(r, t0, t1)}
+        for k in self._window(t0 - SLACK_S, t1 + SLACK_S):
             slot = self._slots.get(k)
             if slot is not None:
-                heard.update(id(r) for r in slot.placed if self._overlaps(r, t0, t1))
+                heard.update(id(r) for r in slot.placed if _heard_in(r, t0, t1))
         rep.heard = len(heard)
         self._reports.append(rep)
         self._reported_s = max(self._reported_s, t1)
@@ -305,9 +309,9 @@ class HeldSlots:
             held.waiting_slots = True
             self._waiting.append(held)
         for rep in reversed(self._reports):  # the counts it satisfies one more of
-            if rep.t1 <= held.heard_from_s:
+            if rep.t1 + SLACK_S < held.heard_from_s:
                 break
-            if self._overlaps(held, rep.t0, rep.t1):
+            if _heard_in(held, rep.t0, rep.t1):
                 rep.heard += 1
                 if rep.heard == rep.running:
                     for k in self._window(rep.t0, rep.t1):
@@ -533,6 +537,11 @@ class HeldSlots:
             self._slots.pop(first, None)
             first += 1
         self._first_k = first
+
+
+def _heard_in(held: HeldRequest, t0: float, t1: float) -> bool:
+    """Whether a count over [t0, t1] may have counted this request (edges widened)."""
+    return held.heard_from_s <= t1 + SLACK_S and held.heard_to_s >= t0 - SLACK_S
 
 
 def _absent(k: int, i: int, t0: float, t1: float) -> Request:
