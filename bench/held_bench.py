@@ -48,7 +48,7 @@ def delay(durations: list[float], seed: int = 7) -> dict[str, float]:
         intensity=FixedIntensity(400.0, "none", "fixed"),
         traces_hold_s=900.0,
         running_from="observer",
-        on_finished=lambda f: final_at.setdefault(f.id, now[0]),
+        on_finished=lambda f: final_at.update({f.id: final_at.get(f.id, now[0])}),
     )
     reqs: list[tuple[str, float, float, float]] = []
     t = 1.0
