@@ -59,6 +59,7 @@ class Books:
         if (p0 - idle_w) * (p1 - idle_w) < 0:
             cuts.add(t0 + (idle_w - p0) / slope)
         points = sorted(cuts)
+        pieces: list[tuple[float, float, float, float, list[Request]]] = []
         for a, b in itertools.pairwise(points):
             if b <= a:
                 continue
@@ -73,37 +74,79 @@ class Books:
             above = pa + pb > 2.0 * idle_w
             idle_part = idle_w * (b - a) if above else energy
             dyn_part = energy - idle_part if above else 0.0
-            self._share(inside, a, b, idle_part, dyn_part, now_s)
+            pieces.append((a, b, idle_part, dyn_part, inside))
+        shares = [self._weights(inside, a, b, dyn, now_s) for a, b, _, dyn, inside in pieces]
+        dyns = self._reshape([p[3] for p in pieces], [w for _, w in shares])
+        for (_, b, idle_part, _, inside), (weights, _), dyn in zip(
+            pieces, shares, dyns, strict=True
+        ):
+            self._book(inside, b, idle_part, dyn, weights)
         return total
+
+    @staticmethod
+    def _reshape(dyns: list[float], predicted: list[float | None]) -> list[float]:
+        """Within one interval between two readings the power line is a straight guess;
+        where the step model is in force, its predicted energy of each piece's work
+        says better where the interval's dynamic energy went (a prompt chunk draws
+        more than the decode beside it). The interval's total is kept exactly."""
+        idx = [k for k, w in enumerate(predicted) if w is not None and dyns[k] > 0.0]
+        if len(idx) < 2:
+            return dyns
+        pred = [predicted[k] or 0.0 for k in idx]
+        total_pred = sum(pred)
+        if total_pred <= 0.0:
+            return dyns
+        total = sum(dyns[k] for k in idx)
+        out = list(dyns)
+        for k, w in zip(idx, pred, strict=True):
+            out[k] = total * w / total_pred
+        return out
 
     def _share(
         self, inside: list[Request], a: float, b: float, idle: float, dyn: float, now: float
     ) -> None:
+        """Share one piece: ``idle`` equally, ``dyn`` by the rule's weights."""
+        weights, _ = self._weights(inside, a, b, dyn, now)
+        self._book(inside, b, idle, dyn, weights)
+
+    def _weights(
+        self, inside: list[Request], a: float, b: float, dyn: float, now: float
+    ) -> tuple[list[float] | None, float | None]:
+        """Each request's weight in a piece with ``dyn`` joules above the baseline (the
+        fits learn from it), and the step model's predicted energy of the piece's work
+        (``None`` where the model is not in force)."""
+        if dyn <= 0.0:
+            return None, None
+        n = len(inside)
+        informed = [r.informed for r in inside]
+        parts = [
+            self._work(r, a, b, now) if k else (0.0, 0.0, 0.0)
+            for r, k in zip(inside, informed, strict=True)
+        ]
+        pace = self._decode_pace(sum(p for p, _, _ in parts), b - a) if self.paced else 1.0
+        works = [(p, d + s * pace) for p, d, s in parts]
+        self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
+        contexts = [_context(r) for r in inside]
+        x = StepModel.features(works, contexts)
+        self.step_model.observe(x, dyn, b - a)
+        modelled = self.step_model.weights(x, works, contexts)
+        raw = modelled or [p * self.prefill_fit.ratio + d for p, d in works]
+        n_inf = sum(informed)
+        mean = (sum(raw) / n_inf) if n_inf else 1.0
+        weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]
+        predicted = sum(weights) if modelled is not None and n_inf else None
+        if sum(weights) <= 0.0:
+            return [1.0] * n, None
+        return weights, predicted
+
+    def _book(
+        self, inside: list[Request], b: float, idle: float, dyn: float, weights: list[float] | None
+    ) -> None:
         self.phase_j["idle_serving"] += idle
         self.phase_j["dynamic"] += dyn
-        n = len(inside)
-        each_idle = idle / n
-        weights: list[float] | None = None
-        if dyn > 0.0:
-            informed = [r.informed for r in inside]
-            parts = [
-                self._work(r, a, b, now) if k else (0.0, 0.0, 0.0)
-                for r, k in zip(inside, informed, strict=True)
-            ]
-            pace = self._decode_pace(sum(p for p, _, _ in parts), b - a) if self.paced else 1.0
-            works = [(p, d + s * pace) for p, d, s in parts]
-            self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
-            contexts = [_context(r) for r in inside]
-            x = StepModel.features(works, contexts)
-            self.step_model.observe(x, dyn, b - a)
-            raw = self.step_model.weights(x, works, contexts) or [
-                p * self.prefill_fit.ratio + d for p, d in works
-            ]
-            n_inf = sum(informed)
-            mean = (sum(raw) / n_inf) if n_inf else 1.0
-            weights = [w if k else mean for w, k in zip(raw, informed, strict=True)]
-            if sum(weights) <= 0.0:
-                weights = [1.0] * n
+        each_idle = idle / len(inside)
+        if dyn > 0.0 and weights is None:
+            weights = [1.0] * len(inside)
         total_w = sum(weights) if weights else 1.0
         for i, r in enumerate(inside):
             d = dyn * weights[i] / total_w if weights else 0.0
