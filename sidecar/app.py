@@ -232,6 +232,7 @@ class Sidecar:
                 inject_usage=s.inject_usage,
                 tenants=self.tenants,
                 clock=self.clock,
+                token_period_s=1.0 / s.sample_hz,  # streamed tokens reach the meter once a sample
             )
             await self.proxy.start()
             self._stack.push_async_callback(self.proxy.close)

@@ -60,8 +60,9 @@ READ_BYTES: Final = 64 << 10
 large uploads in flight, each connection's read and write buffers are what memory is made of."""
 """How much of a 4xx answer to an injected body is read to look for ``stream_options``."""
 TOKEN_PERIOD_S: Final = 0.1
-"""How often a stream's token count goes to the meter (the default sampling period): the
-ledger shares a sample's energy by the tokens of its period, not of each chunk."""
+"""How often a stream's token count goes to the meter, by default (the sidecar passes its
+sampling period): the ledger shares a sample's energy by the tokens of its period, so one
+hand-over a period, at the time of its last chunk, loses only where in the period each came."""
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
