@@ -5,7 +5,7 @@ from ``--durations``) beside the meter in ``observer+traces`` mode: the observer
 gives the running gauge and the requests finished since the last scrape, and each request's
 span arrives 5 s after its end (vLLM's batch exporter). A request's figure is final once every
 interval it ran in has been heard from in full, plus the 6 s grace, so the delay follows the
-longest request it ran beside. ``memory``: bytes per held slot (0.25 s of the 15-minute hold,
+longest request it ran beside. ``memory``: bytes per held slot (0.1 s of the 15-minute hold,
 whatever the GPUs and the sample rate), empty and with requests placed in it (tracemalloc).
 
     .venv/bin/python bench/held_bench.py [--durations 0.07,0.5,2,8,30]
@@ -85,9 +85,9 @@ def delay(durations: list[float], seed: int = 7) -> dict[str, float]:
     }
 
 
-def memory(per_slot: int, slots: int = 3600) -> float:
-    held = HeldSlots(Books(), slot_s=0.25, hold_s=1e9, counted=True)
-    end = slots * 0.25
+def memory(per_slot: int, slots: int = 9000) -> float:
+    held = HeldSlots(Books(), hold_s=1e9, counted=True)
+    end = slots * held.slot_s
     reqs = [
         HeldRequest(
             span_request(
@@ -108,7 +108,7 @@ def memory(per_slot: int, slots: int = 3600) -> float:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i in range(slots):
-        held.add_interval(i * 0.25, 300.0, (i + 1) * 0.25, 300.0, 100.0)
+        held.add_interval(i * held.slot_s, 300.0, (i + 1) * held.slot_s, 300.0, 100.0)
     for r in reqs:
         held.place(r)
     used = tracemalloc.get_traced_memory()[0] - before

@@ -6,7 +6,7 @@ x 8 GPUs x 15 minutes), so each GPU interval is integrated, exactly, onto a grid
 of time slots of ``slot_s`` summed over the GPUs: per slot its energy below the
 baseline, its energy above it, the running count a source reported over it, and
 the requests already placed in it. A slot's size does not depend on the number
-of GPUs or the sample rate (about 260 bytes, plus 8 per request placed in it).
+of GPUs or the sample rate (about 280 bytes, plus 8 per request placed in it).
 
 A slot settles (its energy is shared among the requests placed in it by the
 ledger's own rule, :class:`~sidecar.ledger.pieces.Books`) once every running
@@ -40,17 +40,14 @@ from typing import Final
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
 
-SLOT_S: Final = 0.25
-"""Default slot width: finer than a scrape, a few sample periods."""
+SLOT_S: Final = 0.1
+"""Default slot width: one sample period at the default 10 Hz (power is taken constant
+within a slot; 0.25 s cost a few points of per-request accuracy on the serving bench)."""
 HOLD_S: Final = 900.0
 """Default hold (CONTRACT.md, "Late spans": 15 minutes)."""
 GRACE_S: Final = 6.0
 """A slot waits this long for reports before its phases are booked or it settles:
 vLLM's batch span exporter sends up to 5 s after a request ends."""
-SLACK_S: Final = 0.25
-"""A request counts as heard for a count whose window it misses by this little: the
-count's clock (a scrape's midpoint) and the span's (its Unix time mapped through one
-anchor) differ by that much, and a request at a window's edge must not hold it open."""
 SEEN_KEEP: Final = 2.0
 """Request ids are remembered for this many holds, so a retried export counts once."""
 
@@ -257,7 +254,7 @@ class HeldSlots:
         all of it (running at both ends: the window is serving for sure)."""
         rep = _Report(t0, t1, max(0, count), max(0, through))
         heard = {id(r) for r in self._waiting if _heard_in(r, t0, t1)}
-        for k in self._window(t0 - SLACK_S, t1 + SLACK_S):
+        for k in self._window(t0, t1):
             slot = self._slots.get(k)
             if slot is not None:
                 heard.update(id(r) for r in slot.placed if _heard_in(r, t0, t1))
@@ -309,7 +306,7 @@ class HeldSlots:
             held.waiting_slots = True
             self._waiting.append(held)
         for rep in reversed(self._reports):  # the counts it satisfies one more of
-            if rep.t1 + SLACK_S < held.heard_from_s:
+            if rep.t1 < held.heard_from_s:
                 break
             if _heard_in(held, rep.t0, rep.t1):
                 rep.heard += 1
@@ -540,8 +537,10 @@ class HeldSlots:
 
 
 def _heard_in(held: HeldRequest, t0: float, t1: float) -> bool:
-    """Whether a count over [t0, t1] may have counted this request (edges widened)."""
-    return held.heard_from_s <= t1 + SLACK_S and held.heard_to_s >= t0 - SLACK_S
+    """Whether a count over [t0, t1] may have counted this request: edges included (a
+    request scheduled at the scrape's instant was running then), nothing wider, or a
+    neighbour would stand in for a request still running (its share lost)."""
+    return held.heard_from_s <= t1 and held.heard_to_s >= t0
 
 
 def _absent(k: int, i: int, t0: float, t1: float) -> Request:
