@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 
 import aiohttp
-from procs import ROOT, free_port
+from demo_proc import start_demo
+from procs import free_port
 
 
 async def test_demo_runs_serves_metrics_and_summarises() -> None:
     """A short demo prints live lines and a final summary, and /metrics answers meanwhile."""
     port, mport = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_ENERGY_")}
-    env["LLM_ENERGY_UPSTREAM"] = "http://must-be-ignored.invalid"  # the demo reads no environment
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "demo",
-            "--duration",
-            "4",
-            "--rps",
-            "6",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            f"127.0.0.1:{mport}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    # The demo reads no environment: a stray upstream must not reach it.
+    env = {"LLM_ENERGY_UPSTREAM": "http://must-be-ignored.invalid"}
+    proc = start_demo(port, mport, "--duration", "4", "--rps", "6", env=env)
     text = ""
     try:
         async with aiohttp.ClientSession() as session:
@@ -73,24 +51,7 @@ async def test_demo_runs_serves_metrics_and_summarises() -> None:
 async def test_demo_stops_cleanly_on_ctrl_c() -> None:
     """SIGINT ends the demo early with its summary and exit status 0."""
     port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "demo",
-            "--duration",
-            "60",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            f"127.0.0.1:{mport}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = start_demo(port, mport, "--duration", "60")
     try:
         await asyncio.sleep(3.0)
         proc.send_signal(signal.SIGINT)

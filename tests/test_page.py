@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from demo_proc import start_demo
 from procs import ROOT, free_port
 from pytest_aiohttp import AiohttpClient
 from tools import require_tool
@@ -87,26 +88,7 @@ class TestServed:
 def demo() -> Iterator[str]:
     """The demo running in a child process; yields the page address it printed first."""
     port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "demo",
-            "--duration",
-            "60",
-            "--rps",
-            "6",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            f"127.0.0.1:{mport}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = start_demo(port, mport, "--duration", "60", "--rps", "6")
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 60.0)
