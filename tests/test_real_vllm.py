@@ -60,7 +60,8 @@ def client(base: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
 
 
-async def chat_stream(base: str, prompt: str, seed: int) -> None:
+async def chat_chunks(base: str, prompt: str, seed: int, **shape: Any) -> list[Any]:
+    """One streamed chat request's chunks; ``shape`` is what a chat shape adds to the call."""
     async with client(base) as c:
         stream = await c.chat.completions.create(
             model="tiny-llama",
@@ -68,53 +69,50 @@ async def chat_stream(base: str, prompt: str, seed: int) -> None:
             max_tokens=MAX_TOKENS,
             seed=seed,
             stream=True,
+            **shape,
         )
-        chunks = [chunk async for chunk in stream]
+        return [chunk async for chunk in stream]
+
+
+async def completion_chunks(base: str, prompt: str, seed: int, **shape: Any) -> list[Any]:
+    """One streamed completion request's chunks; ``shape`` as for :func:`chat_chunks`."""
+    async with client(base) as c:
+        stream = await c.completions.create(
+            model="tiny-llama",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+            stream=True,
+            **shape,
+        )
+        return [chunk async for chunk in stream]
+
+
+async def chat_stream(base: str, prompt: str, seed: int) -> None:
+    chunks = await chat_chunks(base, prompt, seed)
     assert chunks
     assert all(chunk.usage is None and chunk.choices for chunk in chunks)  # asked for none
 
 
 async def chat_stream_usage(base: str, prompt: str, seed: int) -> None:
-    async with client(base) as c:
-        stream = await c.chat.completions.create(
-            model="tiny-llama",
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
-            seed=seed,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await chat_chunks(base, prompt, seed, stream_options={"include_usage": True})
     assert chunks[-1].usage is not None
     assert chunks[-1].choices == []
 
 
 async def chat_stream_continuous_usage(base: str, prompt: str, seed: int) -> None:
-    async with client(base) as c:
-        stream = await c.chat.completions.create(
-            model="tiny-llama",
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
-            seed=seed,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await chat_chunks(
+        base,
+        prompt,
+        seed,
+        stream_options={"include_usage": True},
+        extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    )
     assert all(chunk.usage is not None for chunk in chunks)  # vLLM's usage in every chunk
 
 
 async def chat_stream_two_choices(base: str, prompt: str, seed: int) -> None:
-    async with client(base) as c:
-        stream = await c.chat.completions.create(
-            model="tiny-llama",
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
-            seed=seed,
-            n=2,
-            stream=True,
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await chat_chunks(base, prompt, seed, n=2)
     assert {choice.index for chunk in chunks for choice in chunk.choices} == {0, 1}
 
 
@@ -130,26 +128,13 @@ async def chat(base: str, prompt: str, seed: int) -> None:
 
 
 async def completion_stream(base: str, prompt: str, seed: int) -> None:
-    async with client(base) as c:
-        stream = await c.completions.create(
-            model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, seed=seed, stream=True
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await completion_chunks(base, prompt, seed)
     assert chunks
     assert all(chunk.usage is None and chunk.choices for chunk in chunks)
 
 
 async def completion_stream_usage(base: str, prompt: str, seed: int) -> None:
-    async with client(base) as c:
-        stream = await c.completions.create(
-            model="tiny-llama",
-            prompt=prompt,
-            max_tokens=MAX_TOKENS,
-            seed=seed,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await completion_chunks(base, prompt, seed, stream_options={"include_usage": True})
     assert chunks[-1].usage is not None
 
 
