@@ -63,11 +63,11 @@ def attribute(
     i = 0
     for s in samples:
         while i < len(pending) and pending[i].start_s <= s.time_s:
-            _add(ledger, pending[i])
+            add_row(ledger, pending[i])
             i += 1
         ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
     for r in pending[i:]:
-        _add(ledger, r)
+        add_row(ledger, r)
     ledger.flush()
     done = {f.id: f for f in ledger.pop_finished()}
     total = ledger.total_j
@@ -119,7 +119,8 @@ def sample_period_s(power: Sequence[PowerRow]) -> float | None:
     return statistics.median(intervals)
 
 
-def _add(ledger: Ledger, r: RequestRow) -> None:
+def add_row(ledger: Ledger, r: RequestRow) -> None:
+    """Books one recorded request; the report's time series books rows the same way."""
     ledger.add_request(
         r.id,
         model=r.model,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sidecar.attribute import attribute
+from sidecar.attribute import add_row, attribute
 from sidecar.carbon.emissions import (
     DEFAULT_HOST_EMBODIED_KG,
     DEFAULT_LIFETIME_YEARS,
@@ -199,17 +199,7 @@ def _cumulative_phases(
     i = 0
     for s in samples:
         while i < len(pending) and pending[i].start_s <= s.time_s:
-            r = pending[i]
-            ledger.add_request(
-                r.id,
-                model=r.model,
-                start_s=r.start_s,
-                end_s=r.end_s,
-                first_token_s=r.first_token_s,
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                status=r.status,
-            )
+            add_row(ledger, pending[i])
             i += 1
         ledger.sample(s.gpu, s.time_s, s.power_w)
         times.append(s.time_s)
