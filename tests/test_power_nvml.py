@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import pynvml
@@ -54,9 +54,15 @@ def make_source(
     clocks: Clocks,
     gpus: Sequence[str] | None = None,
     env: dict[str, str] | None = None,
+    model_pids: Callable[[], Collection[int]] | None = None,
 ) -> NvmlSource:
     return NvmlSource(
-        gpus, clock=clocks.monotonic, wall_clock=clocks.wall, nvml=nvml, env=env or {}
+        gpus,
+        clock=clocks.monotonic,
+        wall_clock=clocks.wall,
+        nvml=nvml,
+        env=env or {},
+        model_pids=model_pids,
     )
 
 
@@ -334,6 +340,10 @@ class TestReadErrors:
         assert len(samples(source.read())) == 1
 
 
+ALL_VISIBLE = {"NVIDIA_VISIBLE_DEVICES": "all"}
+"""What a pod that asks the runtime for every GPU of the node sees."""
+
+
 class TestSelection:
     def gpus(self) -> list[FakeGpu]:
         return [FakeGpu(UUID0), FakeGpu(UUID1, name="NVIDIA A100-SXM4-80GB"), FakeGpu(UUID2)]
@@ -395,39 +405,20 @@ class TestSelection:
         gpus = self.gpus()
         gpus[2].pids = [4242]
         gpus[0].pids = [999]  # another tenant's process, not in our pod
-        source = NvmlSource(
-            None,
-            clock=clocks.monotonic,
-            wall_clock=clocks.wall,
-            nvml=FakeNvml(gpus),
-            env={"NVIDIA_VISIBLE_DEVICES": "all"},
-            model_pids=lambda: {4242, 7},
-        )
+        source = make_source(FakeNvml(gpus), clocks, env=ALL_VISIBLE, model_pids=lambda: {4242, 7})
         assert [g.uuid for g in source.open()] == [UUID2]
 
     def test_discovery_that_finds_nothing_waits(self, clocks: Clocks) -> None:
         """Pod processes seen, none on a GPU yet: pending (retried), never the whole node."""
-        source = NvmlSource(
-            None,
-            clock=clocks.monotonic,
-            wall_clock=clocks.wall,
-            nvml=FakeNvml(self.gpus()),
-            env={"NVIDIA_VISIBLE_DEVICES": "all"},
-            model_pids=lambda: {4242},
+        source = make_source(
+            FakeNvml(self.gpus()), clocks, env=ALL_VISIBLE, model_pids=lambda: {4242}
         )
         with pytest.raises(PowerSourcePending, match="--gpus"):
             source.open()
 
     def test_discovery_without_a_shared_namespace_refuses(self, clocks: Clocks) -> None:
         """No other process of the pod visible: nothing to wait for, the whole-node guard holds."""
-        source = NvmlSource(
-            None,
-            clock=clocks.monotonic,
-            wall_clock=clocks.wall,
-            nvml=FakeNvml(self.gpus()),
-            env={"NVIDIA_VISIBLE_DEVICES": "all"},
-            model_pids=set,
-        )
+        source = make_source(FakeNvml(self.gpus()), clocks, env=ALL_VISIBLE, model_pids=set)
         with pytest.raises(PowerSourceError, match="--gpus") as exc:
             source.open()
         assert not isinstance(exc.value, PowerSourcePending)
@@ -436,14 +427,7 @@ class TestSelection:
         """The open that waited succeeds once the model's process runs on its GPU."""
         gpus = self.gpus()
         nvml = FakeNvml(gpus)
-        source = NvmlSource(
-            None,
-            clock=clocks.monotonic,
-            wall_clock=clocks.wall,
-            nvml=nvml,
-            env={"NVIDIA_VISIBLE_DEVICES": "all"},
-            model_pids=lambda: {4242},
-        )
+        source = make_source(nvml, clocks, env=ALL_VISIBLE, model_pids=lambda: {4242})
         with pytest.raises(PowerSourcePending):
             source.open()
         gpus[1].pids = [4242]
