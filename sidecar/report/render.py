@@ -77,6 +77,20 @@ def _style(ax: Axes) -> None:
         ax.spines[side].set_visible(False)
 
 
+def _finish_over_time(
+    fig: Any, ax: Axes, inp: ReportInputs, x: tuple[float, str], ylabel: str, path: Path
+) -> None:
+    """The figures over time end alike, so they line up side by side in report.md: the
+    period's whole span on x (``x`` is :func:`_time_axis`'s), the legend below, saved."""
+    unit_s, xlabel = x
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, max(inp.seconds / unit_s, 1e-9))
+    _style(ax)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    fig.savefig(path)
+
+
 def draw_power(inp: ReportInputs, path: Path, mean_w: float | None) -> None:
     fig = _figure()
     ax = fig.add_subplot()
@@ -100,13 +114,8 @@ def draw_power(inp: ReportInputs, path: Path, mean_w: float | None) -> None:
         )
     names = sorted({g.name or "GPU" for g in inp.gpus})
     ax.set_title(f"GPU power: {len(inp.gpus)} GPU(s), {', '.join(names)}", fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("power (W)")
     ax.set_ylim(bottom=0)
-    ax.set_xlim(0, max(inp.seconds / unit_s, 1e-9))
-    _style(ax)
-    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
-    fig.savefig(path)
+    _finish_over_time(fig, ax, inp, (unit_s, xlabel), "power (W)", path)
 
 
 def draw_phases(inp: ReportInputs, path: Path) -> None:
@@ -131,12 +140,7 @@ def draw_phases(inp: ReportInputs, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     bin_s = edges[1] - edges[0] if len(edges) > 1 else 0.0
     ax.set_title(f"Energy by phase per {bin_s:g}-second bin", fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("energy per bin (J)")
-    ax.set_xlim(0, max(inp.seconds / unit_s, 1e-9))
-    _style(ax)
-    fig.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
-    fig.savefig(path)
+    _finish_over_time(fig, ax, inp, (unit_s, xlabel), "energy per bin (J)", path)
 
 
 def draw_requests(inp: ReportInputs, path: Path) -> None:
