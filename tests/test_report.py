@@ -470,6 +470,14 @@ async def recorded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Re
     yield RecordedRun(directory, summary, at, load)
 
 
+@pytest.fixture(scope="module")
+def whole_report(recorded: RecordedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``report`` on the whole recording, written once for the tests that read it."""
+    out = tmp_path_factory.mktemp("whole-report")
+    assert run_cli("report", "--trace", str(recorded.directory), "--out", str(out)) == 0
+    return out
+
+
 @pytest.mark.asyncio(loop_scope="module")
 class TestRecordedRun:
     async def test_report_agrees_with_summary_and_attribute(
@@ -518,15 +526,10 @@ class TestRecordedRun:
         )
 
     async def test_whole_recording_equals_attribute(
-        self, recorded: RecordedRun, tmp_path: Path
+        self, recorded: RecordedRun, whole_report: Path
     ) -> None:
         """On the whole recording: totals, request count and tokens equal `attribute`'s output."""
-        out = tmp_path / "out"
-        code = await asyncio.to_thread(
-            run_cli, "report", "--trace", str(recorded.directory), "--out", str(out)
-        )
-        assert code == 0
-        doc = json.loads((out / "report.json").read_text())
+        doc = json.loads((whole_report / "report.json").read_text())
         power = read_power(recorded.directory / "power.csv")
         requests = read_requests(recorded.directory / "requests.csv")
         att = attribute(power, requests)
@@ -536,7 +539,7 @@ class TestRecordedRun:
         assert doc["prompt_tokens"] == sum(r.prompt_tokens or 0 for r in requests)
         assert doc["completion_tokens"] == sum(r.completion_tokens or 0 for r in requests)
 
-    async def test_boundary_from_run_json(self, recorded: RecordedRun, tmp_path: Path) -> None:
+    async def test_boundary_from_run_json(self, recorded: RecordedRun, whole_report: Path) -> None:
         """run.json names the GPU (index, UUID, name), PUE, embodied inputs and intensity source."""
         runs = read_run_info(recorded.directory / "run.json")
         assert len(runs) == 1
@@ -549,13 +552,7 @@ class TestRecordedRun:
         assert run["embodied"]["grams_per_second"] > 0
         assert run["intensity"][0]["grams_per_kwh"] == INTENSITY_G_PER_KWH
         assert run["intensity"][0]["source"] == "fixed"
-        out = tmp_path / "out"
-        assert (
-            await asyncio.to_thread(
-                run_cli, "report", "--trace", str(recorded.directory), "--out", str(out)
-            )
-            == 0
-        )
+        out = whole_report
         doc = json.loads((out / "report.json").read_text())
         assert doc["boundary"]["gpus"] == [
             {"index": "0", "uuid": run["gpus"][0]["uuid"], "name": run["gpus"][0]["name"]}
@@ -565,15 +562,9 @@ class TestRecordedRun:
         for phrase in ("## Boundary", "Outside:", "## Method", "gCO2e/kWh", "PUE", "Embodied"):
             assert phrase in md, phrase
 
-    async def test_figures_are_real_pngs(self, recorded: RecordedRun, tmp_path: Path) -> None:
+    async def test_figures_are_real_pngs(self, whole_report: Path) -> None:
         """Every figure named in report.json is a non-empty PNG that report.md shows."""
-        out = tmp_path / "out"
-        assert (
-            await asyncio.to_thread(
-                run_cli, "report", "--trace", str(recorded.directory), "--out", str(out)
-            )
-            == 0
-        )
+        out = whole_report
         doc = json.loads((out / "report.json").read_text())
         assert {"power.png", "energy_by_phase.png", "request_energy.png"} <= set(doc["figures"])
         md = (out / "report.md").read_text()
