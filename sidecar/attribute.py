@@ -9,7 +9,8 @@ are fed to the ledger in time order.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.carbon.emissions import operational_grams
@@ -36,14 +37,27 @@ def split_idle_watts(values: Sequence[float], gpus: Sequence[str]) -> dict[str, 
     return dict(zip(gpus, values, strict=True))
 
 
-def attribute(
+@dataclass(frozen=True, slots=True)
+class Booked:
+    """A trace booked through the ledger, flushed."""
+
+    ledger: Ledger
+    gpus: list[str]
+    idle_watts: dict[str, float]
+    period_s: float | None
+    """The trace's sample period (:func:`sample_period_s`); None: too few samples to tell."""
+
+
+def book_trace(
     power: Sequence[PowerRow],
     requests: Sequence[RequestRow],
     *,
     idle_watts: Sequence[float] | None = None,
-    carbon_intensity_g_per_kwh: float | None = None,
-) -> dict[str, Any]:
-    """The contract's ``attribute`` JSON for one trace."""
+    after_sample: Callable[[float, Ledger], None] | None = None,
+) -> Booked:
+    """Feeds a trace to the ledger in time order; ``after_sample(time_s, ledger)`` reads
+    it as it goes (the report's time series), so a series and ``attribute``'s totals
+    come from one ledger fed one way."""
     ordered = sorted(power, key=lambda r: r.time_s)
     period_s = sample_period_s(ordered)
     gap_after_s = None if period_s is None else GAP_PERIODS * period_s
@@ -63,12 +77,27 @@ def attribute(
     i = 0
     for s in samples:
         while i < len(pending) and pending[i].start_s <= s.time_s:
-            add_row(ledger, pending[i])
+            _add(ledger, pending[i])
             i += 1
         ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
+        if after_sample is not None:
+            after_sample(s.time_s, ledger)
     for r in pending[i:]:
-        add_row(ledger, r)
+        _add(ledger, r)
     ledger.flush()
+    return Booked(ledger, gpus, idle, period_s)
+
+
+def attribute(
+    power: Sequence[PowerRow],
+    requests: Sequence[RequestRow],
+    *,
+    idle_watts: Sequence[float] | None = None,
+    carbon_intensity_g_per_kwh: float | None = None,
+) -> dict[str, Any]:
+    """The contract's ``attribute`` JSON for one trace."""
+    booked = book_trace(power, requests, idle_watts=idle_watts)
+    ledger, gpus, idle, period_s = booked.ledger, booked.gpus, booked.idle_watts, booked.period_s
     done = {f.id: f for f in ledger.pop_finished()}
     total = ledger.total_j
     out: dict[str, Any] = {
@@ -119,8 +148,7 @@ def sample_period_s(power: Sequence[PowerRow]) -> float | None:
     return statistics.median(intervals)
 
 
-def add_row(ledger: Ledger, r: RequestRow) -> None:
-    """Books one recorded request; the report's time series books rows the same way."""
+def _add(ledger: Ledger, r: RequestRow) -> None:
     ledger.add_request(
         r.id,
         model=r.model,

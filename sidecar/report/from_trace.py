@@ -14,16 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sidecar.attribute import add_row, attribute
+from sidecar.attribute import attribute, book_trace
 from sidecar.carbon.emissions import (
     DEFAULT_HOST_EMBODIED_KG,
     DEFAULT_LIFETIME_YEARS,
     EmbodiedModel,
     gpu_embodied_default,
 )
-from sidecar.ledger import PHASES, Ledger, Phase, estimate_idle_watts
-from sidecar.power.base import PowerSample
-from sidecar.reconcile import reconcile_all
+from sidecar.ledger import PHASES, Ledger, Phase
 from sidecar.report.inputs import (
     Embodied,
     Gpu,
@@ -186,26 +184,15 @@ def _cumulative_phases(
     power: Sequence[PowerRow], requests: Sequence[RequestRow]
 ) -> tuple[list[float], dict[Phase, list[float]]]:
     """Energy by phase booked up to each sample time: ``attribute``'s ledger, read as it goes."""
-    ordered = sorted(power, key=lambda r: r.time_s)
-    samples = reconcile_all(PowerSample(r.time_s, r.gpu, r.power_w, r.energy_j) for r in ordered)
-    samples.sort(key=lambda s: s.time_s)
-    gpus = list(dict.fromkeys(s.gpu for s in samples))
-    spans = [(r.start_s, r.end_s) for r in requests]
-    idle = estimate_idle_watts(((s.gpu, s.time_s, s.power_w) for s in samples), spans)
-    ledger = Ledger(gpus, idle_watts=idle, baseline_window_s=None)
-    pending = sorted(requests, key=lambda r: r.start_s)
     times: list[float] = []
     cumulative: dict[Phase, list[float]] = {p: [] for p in PHASES}
-    i = 0
-    for s in samples:
-        while i < len(pending) and pending[i].start_s <= s.time_s:
-            add_row(ledger, pending[i])
-            i += 1
-        ledger.sample(s.gpu, s.time_s, s.power_w)
-        times.append(s.time_s)
+
+    def read(time_s: float, ledger: Ledger) -> None:
+        times.append(time_s)
         for p in PHASES:
             cumulative[p].append(ledger.phase_j[p])
-    ledger.flush()
+
+    ledger = book_trace(power, requests, after_sample=read).ledger
     times.append(times[-1])
     for p in PHASES:  # what the flush assigned belongs to the very end
         cumulative[p].append(ledger.phase_j[p])
