@@ -18,7 +18,7 @@ import contextlib
 import sys
 from typing import Final, cast
 
-import httptools  # type: ignore[import-not-found, unused-ignore]
+import httptools
 
 HOP_BY_HOP: Final = frozenset(
     {
