@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.ledger import FinishedRequest, Ledger
-from sidecar.ledger.held import HeldSlots
+from sidecar.ledger.held import HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
 
 REL = 1e-6
@@ -357,3 +357,26 @@ def test_busy_readings_do_not_become_the_baseline_without_counts() -> None:
     _samples(ledger, 20.1, 60.0, 300.0)  # busy; its spans are still to come
     assert before == pytest.approx(60.0)
     assert ledger.idle_baseline_w() == pytest.approx(60.0)
+
+
+class _CountingSlots(dict[int, Any]):
+    """A slot table that counts look-ups, to see how much work a call does."""
+
+    gets = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.gets += 1
+        return super().get(key, default)
+
+
+def test_a_span_with_a_wild_start_before_any_sample_costs_no_walk_over_its_window() -> None:
+    """A span timed decades back (a broken exporter clock) placed before the first sample
+    does not walk its whole window slot by slot (that would stall the event loop)."""
+    slots = _CountingSlots()
+    held = HeldSlots(Books(), slot_s=0.1, hold_s=60.0, _slots=slots)
+    request = HeldRequest.whole(
+        "r1", "m", start_s=-1e5, first_token_s=0.0, end_s=1.0, prompt_tokens=1,
+        completion_tokens=1,
+    )  # fmt: skip
+    assert held.place(request)
+    assert slots.gets < 1000

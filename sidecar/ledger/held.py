@@ -289,7 +289,8 @@ class HeldSlots:
         if first is not None and self._k(req.start_s) < first:
             held.missed_s = max(0.0, min(req.end_s, first * self.slot_s) - req.start_s)
         touched: list[_Slot] = []
-        for k in range(k0 if first is None else max(k0, first), k1 + 1):
+        # only the held slots: a window far outside them (a wild clock) costs nothing
+        for k in range(0 if first is None else max(k0, first), 0 if last is None else k1 + 1):
             if last is not None and k > last:
                 break
             slot = self._slots.get(k)
