@@ -75,6 +75,7 @@ class TestBadBodies:
             (b'{"resourceSpans": "nope"}', "application/json", None),
             (b"plain", "application/x-protobuf", "gzip"),
             (gzip.compress(b"x" * 100)[:-8], "application/x-protobuf", "gzip"),
+            (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "application/json", None),
         ],
         ids=[
             "protobuf",
@@ -84,6 +85,7 @@ class TestBadBodies:
             "json-shape",
             "not-gzip",
             "truncated-gzip",
+            "json-too-deep",
         ],
     )
     def test_malformed(self, body: bytes, ctype: str, coding: str | None) -> None:

@@ -82,13 +82,13 @@ def decode_export(
         return message
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MalformedExport(f"JSON body does not parse: {e}") from None
     if not isinstance(doc, dict):
         raise MalformedExport("JSON body is not an object")
     try:
         json_format.ParseDict(_hex_ids_to_base64(doc), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, TypeError, ValueError) as e:
+    except (json_format.ParseError, TypeError, ValueError, RecursionError) as e:
         raise MalformedExport(f"JSON body is not an OTLP trace export: {e}") from None
     return message
 
