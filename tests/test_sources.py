@@ -85,6 +85,23 @@ def test_proxy_and_span_join_into_one_request() -> None:
     assert meter.join.joined == 1
 
 
+def test_joined_requests_leave_no_tenant_entry_behind() -> None:
+    """proxy+traces: a tenant noted under the proxy's own id is dropped once the request
+    is final under the server's id (one entry per request kept forever otherwise)."""
+    clock = [0.0]
+    done: list[FinishedRequest] = []
+    meter = _meter(clock, "proxy", done)
+    _run(meter, clock, 1.0)
+    rid = meter.request_started("chat", "m", 12.0, tenant="team-a")
+    _run(meter, clock, 3.0)
+    meter.request_finished(rid, "ok", 15, 18, server_id="chatcmpl-1")
+    meter.span_finished(_span("chatcmpl-1", 1.2, 2.0, 2.9))
+    _run(meter, clock, 11.0)
+    assert [f.id for f in done] == ["chatcmpl-1"]
+    assert meter.tenant_j["team-a"] == pytest.approx(done[0].energy_j)
+    assert meter._tenant_of == {}
+
+
 def test_proxied_request_without_span_keeps_the_proxy_view() -> None:
     """No span by the end of the hold: the proxy's own window and tokens, placed while
     its intervals are still held; a span arriving after that counts nothing twice."""

@@ -90,7 +90,7 @@ class ProxySource:
         self.last_seen_s = now
         t = now if time_s is None else time_s
         self._open[rid] = _Open(name, endpoint, t, tenant)
-        if tenant is not None:
+        if tenant is not None and self._join is None:  # joined: the join books it by its final id
             acc.set_tenant(rid, tenant)
         self._peak = max(self._peak, len(self._open))
         if self._count_from_s is None:
