@@ -171,6 +171,7 @@ class TestVllmSpan:
             ({"gen_ai.latency.time_in_model_prefill": float("nan")}, "time_in_model_prefill"),
             ({"gen_ai.usage.prompt_tokens": -3}, "prompt_tokens"),
             ({"gen_ai.request.id": ""}, "gen_ai.request.id"),
+            ({"gen_ai.latency.time_in_model_decode": 1e9}, "time_in_model_decode"),
         ],
     )
     def test_invalid_spans_counted_with_reason(self, change: dict[str, object], field: str) -> None:

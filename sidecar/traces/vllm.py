@@ -47,6 +47,10 @@ COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
 CACHED_TOKENS: Final = "gen_ai.usage.cached_tokens"
 MODEL_KEYS: Final = ("gen_ai.response.model", "gen_ai.request.model", "llm_energy.model")
 MAX_ID_CHARS: Final = 256
+SPAN_SKEW_S: Final = 1.0
+"""How far a request's stamps may run past its own span's end (float and clock rounding)."""
+MAX_REQUEST_S: Final = 86_400.0
+"""The longest request believed where a span carries no end time: a day."""
 WANTED: Final = frozenset(
     (
         TTFT,
@@ -118,6 +122,17 @@ def to_request_span(
     ttft = _seconds(attrs, TTFT)
     prefill = min(_seconds(attrs, PREFILL), ttft)
     decode = _seconds(attrs, DECODE)
+    # The span is emitted when its request ends, so the request cannot outlast it; an end
+    # beyond every held interval would hold the ledger's waiting list open for ever.
+    lasted_s = (
+        (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
+        if span.end_time_unix_nano > 0
+        else MAX_REQUEST_S
+    )
+    if ttft + decode > min(lasted_s + SPAN_SKEW_S, MAX_REQUEST_S):
+        raise InvalidSpan(
+            f"{TTFT} + {DECODE} = {ttft + decode:.3f} s outlasts the span ({lasted_s:.3f} s)"
+        )
     arrival_s = to_monotonic_s(span.start_time_unix_nano / 1e9)
     first_token_s = arrival_s + ttft
     model = next(
