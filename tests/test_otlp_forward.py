@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -148,6 +149,32 @@ async def test_collector_down_counts_failures() -> None:
         assert fwd.submit(b"body", "application/x-protobuf")
         await fwd.drain()
         assert fwd.results["failed"] == 1
+    finally:
+        await fwd.close()
+
+
+async def test_an_unexpected_fault_does_not_end_the_sender(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault outside the network errors costs one failed body; the same sender goes on."""
+    fwd = Forwarder(collector.url, workers=1)
+    await fwd.start()
+    try:
+        assert fwd._session is not None
+        real_post = fwd._session.post
+        calls = iter([ValueError("odd"), None])
+
+        def post(*args: Any, **kwargs: Any) -> Any:
+            fault = next(calls)
+            if fault is not None:
+                raise fault
+            return real_post(*args, **kwargs)
+
+        monkeypatch.setattr(fwd._session, "post", post)
+        assert fwd.submit(b"first", "application/x-protobuf")
+        assert fwd.submit(b"second", "application/x-protobuf")
+        await asyncio.wait_for(fwd.drain(), 10)  # a dead sender would never drain
+        assert (fwd.results["failed"], fwd.results["sent"]) == (1, 1)
     finally:
         await fwd.close()
 

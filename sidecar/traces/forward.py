@@ -124,6 +124,9 @@ class Forwarder:
                 detail = str(r.status)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             ok, detail = False, type(e).__name__
+        except Exception as e:  # anything else must not end this sender for good
+            log.exception("otlp.forward_fault", url=self.url, queue=self._name)
+            ok, detail = False, type(e).__name__
         self.results["sent" if ok else "failed"] += 1
         if not ok and self._failures_logged < 5:  # a collector that is down: say so, not forever
             self._failures_logged += 1
