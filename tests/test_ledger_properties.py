@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from typing import Any
 
@@ -208,3 +209,34 @@ def test_live_events_conserve_energy(trace: Trace, rnd: random.Random) -> None:
         measured, abs=tol
     )
     assert all(f.dynamic_j >= 0 and f.idle_j >= 0 for f in got)
+
+
+def test_shared_grid_matches_per_gpu_ledgers() -> None:
+    """Per-request energy over 3 GPUs sampled at unaligned times equals the sum of 3
+    single-GPU ledgers' (the weights computed once per piece serve every GPU)."""
+    rnd = random.Random(3)
+    reqs = []
+    for i in range(12):
+        start = rnd.uniform(0.0, 8.0)
+        reqs.append((f"r{i}", start, start + rnd.uniform(0.2, 3.0), rnd.randint(10, 500)))
+    gpus = ["0", "1", "2"]
+    samples = {g: sorted(rnd.uniform(0.0, 12.0) for _ in range(40)) for g in gpus}
+
+    def feed(ledger: Ledger, which: list[str]) -> dict[str, float]:
+        for rid, start, end, tokens in reqs:
+            ledger.add_request(
+                rid, model="m", start_s=start, end_s=end, prompt_tokens=tokens,
+                completion_tokens=tokens // 2,
+            )  # fmt: skip
+        events = sorted((t, g) for g in which for t in samples[g])
+        for t, g in events:
+            ledger.sample(g, t, 60.0 + 200.0 * abs(math.sin(t * (1 + int(g)))))
+        ledger.flush()
+        return {f.id: f.energy_j for f in ledger.pop_finished()}
+
+    idle = {g: 50.0 + 5.0 * int(g) for g in gpus}
+    together = feed(Ledger(gpus, idle_watts=idle), gpus)
+    alone = [feed(Ledger([g], idle_watts={g: idle[g]}), [g]) for g in gpus]
+    assert together.keys() == alone[0].keys()
+    for rid, energy in together.items():
+        assert energy == pytest.approx(sum(a[rid] for a in alone), rel=1e-9)

@@ -123,9 +123,7 @@ class Ledger:
         self._first_request_s = INF
         self._ready_s: float | None = None
         self._live: dict[str, Request] = {}
-        self._starts: list[
-            tuple[float, str]
-        ] = []  # live requests by start, for sample classification
+        self._starts: list[tuple[float, str]] = []  # live requests by start, for standby
         # ended requests awaiting finalisation, by end time: finalising pops, never scans
         self._ended: list[tuple[float, int, Request]] = []
         self._ended_seq = 0
@@ -489,24 +487,33 @@ class Ledger:
         self._finished.extend(h.finished() for h in self.held.pop_finished())
 
     def _assign(self, *, force: bool) -> None:
-        for state in self._gpus.values():
+        """Every GPU's intervals that may go now, on one grid (:meth:`Books.assign_grid`)."""
+        ready: list[list[tuple[float, float, float, float, float]]] = [[] for _ in self._gpus]
+        seen: dict[tuple[float, float], list[Request]] = {}  # GPUs sampled together share it
+        for g, state in enumerate(self._gpus.values()):
             while state.pending:
                 t0, p0, t1, p1, idle_w = state.pending[0]
-                reqs = self._overlapping(t0, t1)
                 if not force and self._now_s - t1 < self._hold_s:
                     break  # observer mode: activity is learned up to a scrape late
+                if (t0, t1) not in seen:
+                    seen[(t0, t1)] = self._overlapping(t0, t1)
+                reqs = seen[(t0, t1)]
                 waiting = not force and self._now_s - t1 < self._max_wait_s
                 if waiting and any(r.known_s < t1 for r in reqs):
                     break
-                state.pending.popleft()
+                iv = state.pending.popleft()
                 if self.held is not None and not reqs:
                     state.energy_j += self.held.add_interval(t0, p0, t1, p1, idle_w)
                 else:
-                    state.energy_j += self._books.assign_interval(
-                        t0, p0, t1, p1, idle_w, reqs, self._now_s
-                    )
+                    ready[g].append(iv)
                 state.assigned_s = t1
-                self._prune(reqs)
+        if any(ready):
+            lo, hi = min(v[0][0] for v in ready if v), max(v[-1][2] for v in ready if v)
+            reqs = self._overlapping(lo, hi)
+            energies = self._books.assign_grid(ready, reqs, self._now_s)
+            for state, e in zip(self._gpus.values(), energies, strict=True):
+                state.energy_j += sum(e)
+            self._prune(reqs)
 
     def _overlapping(self, t0: float, t1: float) -> list[Request]:
         out = [r for r in self._live.values() if r.start_s < t1 and r.end_s > t0]

@@ -16,6 +16,9 @@ from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
 MIN_DECODE_PACE = 0.2
 """A step that carries a full prompt chunk is several decode steps long (a 2,048-token
 budget at ~45 us a token against ~20 ms decode steps): the slowest output pace."""
+Interval = tuple[float, float, float, float, float]
+"""(t0, p0, t1, p1, idle_w): a GPU's power line between two readings and its baseline."""
+_Part = tuple[int, int, float, float]  # (gpu, interval, idle J, dynamic J) of one piece
 PLACE_FACTOR = 2.0
 """A streamed prompt is placed in the last ``PLACE_FACTOR * tokens / rate`` seconds before
 its first token: generous, so a prompt that did not queue keeps its whole wait."""
@@ -49,39 +52,75 @@ class Books:
     ) -> float:
         """Split one interval of the power line among ``reqs`` (those overlapping it);
         returns its energy."""
-        total = 0.0
-        slope = (p1 - p0) / (t1 - t0)
-        cuts = {t0, t1}
+        return self.assign_grid([[(t0, p0, t1, p1, idle_w)]], reqs, now_s)[0][0]
+
+    def assign_grid(
+        self, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float
+    ) -> list[list[float]]:
+        """Split every GPU's intervals (each GPU's in time order) among ``reqs`` (those
+        overlapping any) on one time grid: a piece's weights depend on the requests and
+        on [a, b], not on the GPU, so they are worked out once and serve every GPU, and
+        each piece is booked once with all GPUs' parts (8 GPUs cost about what one does).
+        Returns each interval's energy, in the shape of ``per_gpu``."""
+        cuts: set[float] = set()
+        slopes = [[(p1 - p0) / (t1 - t0) for t0, p0, t1, p1, _ in ivs] for ivs in per_gpu]
+        for ivs, sl in zip(per_gpu, slopes, strict=True):
+            for (t0, p0, t1, p1, idle_w), slope in zip(ivs, sl, strict=True):
+                cuts.add(t0)
+                cuts.add(t1)
+                if (p0 - idle_w) * (p1 - idle_w) < 0:
+                    cuts.add(t0 + (idle_w - p0) / slope)
+        lo, hi = min(cuts), max(cuts)
         for r in reqs:
             for c in (r.start_s, r.first_token_s, r.end_s):
-                if c is not None and t0 < c < t1:
+                if c is not None and lo < c < hi:
                     cuts.add(c)
-        if (p0 - idle_w) * (p1 - idle_w) < 0:
-            cuts.add(t0 + (idle_w - p0) / slope)
         points = sorted(cuts)
-        pieces: list[tuple[float, float, float, float, list[Request]]] = []
+        energies = [[0.0] * len(ivs) for ivs in per_gpu]
+        at = [0] * len(per_gpu)
+        # per piece: (b, inside, weights, each covering GPU's (gpu, interval, idle, dyn))
+        pieces: list[tuple[float, list[Request], list[float] | None, list[_Part]]] = []
+        predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
         for a, b in itertools.pairwise(points):
             if b <= a:
                 continue
-            pa = p0 + slope * (a - t0)
-            pb = p0 + slope * (b - t0)
-            energy = (pa + pb) / 2.0 * (b - a)
-            total += energy
             inside = [r for r in reqs if r.start_s <= a and r.end_s >= b]
-            if not inside:
-                self.phase_j["idle_standby"] += energy
+            parts: list[_Part] = []
+            for g, ivs in enumerate(per_gpu):
+                k = at[g]
+                while k < len(ivs) and ivs[k][2] <= a:
+                    k += 1
+                at[g] = k
+                if k == len(ivs) or ivs[k][0] > a:
+                    continue  # this GPU has no interval here (it lags, or starts later)
+                t0, p0, _, _, idle_w = ivs[k]
+                slope = slopes[g][k]
+                pa = p0 + slope * (a - t0)
+                pb = p0 + slope * (b - t0)
+                energy = (pa + pb) / 2.0 * (b - a)
+                energies[g][k] += energy
+                if not inside:
+                    self.phase_j["idle_standby"] += energy
+                    continue
+                above = pa + pb > 2.0 * idle_w
+                idle_part = idle_w * (b - a) if above else energy
+                parts.append((g, k, idle_part, energy - idle_part if above else 0.0))
+            if not parts:
                 continue
-            above = pa + pb > 2.0 * idle_w
-            idle_part = idle_w * (b - a) if above else energy
-            dyn_part = energy - idle_part if above else 0.0
-            pieces.append((a, b, idle_part, dyn_part, inside))
-        shares = [self._weights(inside, a, b, dyn, now_s) for a, b, _, dyn, inside in pieces]
-        dyns = self._reshape([p[3] for p in pieces], [w for _, w in shares])
-        for (_, b, idle_part, _, inside), (weights, _), dyn in zip(
-            pieces, shares, dyns, strict=True
-        ):
-            self._book(inside, b, idle_part, dyn, weights)
-        return total
+            weights, pred = self._weights_many(inside, a, b, [p[3] for p in parts], now_s)
+            for g, k, _, dyn in parts:
+                predicted.setdefault((g, k), []).append((dyn, pred))
+            pieces.append((b, inside, weights, parts))
+        # each interval's dynamic energy is reshaped within itself (its total kept)
+        reshaped = {
+            key: iter(self._reshape([d for d, _ in dp], [w for _, w in dp]))
+            for key, dp in predicted.items()
+        }
+        for b, inside, weights, parts in pieces:
+            idle = sum(p[2] for p in parts)
+            dyn = sum(next(reshaped[(g, k)]) for g, k, _, _ in parts)
+            self._book(inside, b, idle, dyn, weights)
+        return energies
 
     @staticmethod
     def _reshape(dyns: list[float], predicted: list[float | None]) -> list[float]:
@@ -112,10 +151,16 @@ class Books:
     def _weights(
         self, inside: list[Request], a: float, b: float, dyn: float, now: float
     ) -> tuple[list[float] | None, float | None]:
-        """Each request's weight in a piece with ``dyn`` joules above the baseline (the
-        fits learn from it), and the step model's predicted energy of the piece's work
-        (``None`` where the model is not in force)."""
-        if dyn <= 0.0:
+        """Each request's weight in a piece with ``dyn`` joules above the baseline."""
+        return self._weights_many(inside, a, b, [dyn], now)
+
+    def _weights_many(
+        self, inside: list[Request], a: float, b: float, dyns: list[float], now: float
+    ) -> tuple[list[float] | None, float | None]:
+        """Each request's weight in a piece with ``dyns`` joules above the baseline on
+        each GPU (the fits learn from every one), and the step model's predicted energy
+        of the piece's work (``None`` where the model is not in force)."""
+        if not any(dyn > 0.0 for dyn in dyns):
             return None, None
         n = len(inside)
         informed = [r.informed for r in inside]
@@ -125,10 +170,13 @@ class Books:
         ]
         pace = self._decode_pace(sum(p for p, _, _ in parts), b - a) if self.paced else 1.0
         works = [(p, d + s * pace) for p, d, s in parts]
-        self.prefill_fit.observe(sum(p for p, _ in works), sum(d for _, d in works), dyn, b - a)
+        prefill, decode = sum(p for p, _ in works), sum(d for _, d in works)
         contexts = [_context(r) for r in inside]
         x = StepModel.features(works, contexts)
-        self.step_model.observe(x, dyn, b - a)
+        for dyn in dyns:
+            if dyn > 0.0:
+                self.prefill_fit.observe(prefill, decode, dyn, b - a)
+                self.step_model.observe(x, dyn, b - a)
         modelled = self.step_model.weights(x, works, contexts)
         raw = modelled or [p * self.prefill_fit.ratio + d for p, d in works]
         n_inf = sum(informed)
