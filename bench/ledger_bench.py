@@ -49,7 +49,15 @@ class LedgerResult:
         return self.simulated_s / self.cpu_s
 
 
-def run(simulated_s: float, *, seed: int = 7) -> LedgerResult:
+def run(
+    simulated_s: float,
+    *,
+    seed: int = 7,
+    hz: float = HZ,
+    in_flight: int = IN_FLIGHT,
+    tokens_per_s: float = TOKENS_PER_S,
+) -> LedgerResult:
+    """Defaults: the 10 Hz, 100-stream load; issue 12's key runs 100 Hz, 256 at 30 tokens/s."""
     rnd = random.Random(seed)
     gpus = [str(g) for g in range(GPUS)]
     ledger = Ledger(gpus)
@@ -70,13 +78,13 @@ def run(simulated_s: float, *, seed: int = 7) -> LedgerResult:
         push(start, "start", rid)
         ft = start + TTFT_S
         push(ft, "first", rid)
-        step = 1.0 / TOKENS_PER_S
+        step = 1.0 / tokens_per_s
         for k in range(COMPLETION):
             push(ft + k * step, "token", rid, 1)
         push(ft + COMPLETION * step, "end", rid)
 
-    duration = TTFT_S + COMPLETION / TOKENS_PER_S
-    for _ in range(IN_FLIGHT):  # staggered so ends and starts spread evenly
+    duration = TTFT_S + COMPLETION / tokens_per_s
+    for _ in range(in_flight):  # staggered so ends and starts spread evenly
         schedule(rnd.uniform(0.0, duration))
     t_sample = 0.0
     samples = events = finished = 0
@@ -105,9 +113,9 @@ def run(simulated_s: float, *, seed: int = 7) -> LedgerResult:
         for g in gpus:
             ledger.sample(g, t_sample, power)
             samples += 1
-        if samples % (GPUS * 5) == 0:
+        if samples % int(GPUS * hz / 2.0) == 0:
             ledger.advance(t_sample)  # the sidecar's ticker, every 0.5 s
         finished += len(ledger.pop_finished())
-        t_sample += 1.0 / HZ
+        t_sample += 1.0 / hz
     cpu = time.process_time() - cpu0
     return LedgerResult(samples, events, simulated_s, cpu, finished)
