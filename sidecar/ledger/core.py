@@ -489,17 +489,17 @@ class Ledger:
     def _assign(self, *, force: bool) -> None:
         """Every GPU's intervals that may go now, on one grid (:meth:`Books.assign_grid`)."""
         ready: list[list[tuple[float, float, float, float, float]]] = [[] for _ in self._gpus]
-        seen: dict[tuple[float, float], list[Request]] = {}  # GPUs sampled together share it
+        seen: dict[tuple[float, float], tuple[list[Request], float]] = {}  # GPUs share it
         for g, state in enumerate(self._gpus.values()):
             while state.pending:
                 t0, p0, t1, p1, idle_w = state.pending[0]
                 if not force and self._now_s - t1 < self._hold_s:
                     break  # observer mode: activity is learned up to a scrape late
                 if (t0, t1) not in seen:
-                    seen[(t0, t1)] = self._overlapping(t0, t1)
-                reqs = seen[(t0, t1)]
-                waiting = not force and self._now_s - t1 < self._max_wait_s
-                if waiting and any(r.known_s < t1 for r in reqs):
+                    over = self._overlapping(t0, t1)
+                    seen[(t0, t1)] = over, min((r.known_s for r in over), default=INF)
+                reqs, known_s = seen[(t0, t1)]
+                if not force and self._now_s - t1 < self._max_wait_s and known_s < t1:
                     break
                 iv = state.pending.popleft()
                 if self.held is not None and not reqs:
