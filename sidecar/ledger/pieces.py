@@ -196,6 +196,7 @@ class Books:
         if dyn > 0.0 and weights is None:
             weights = [1.0] * len(inside)
         total_w = sum(weights) if weights else 1.0
+        by_model: dict[str, list[float]] = {}  # [idle, dynamic]: one update per model
         for i, r in enumerate(inside):
             d = dyn * weights[i] / total_w if weights else 0.0
             if r.emitted or not r.attributable:
@@ -206,7 +207,13 @@ class Books:
             if r.first_token_s is None or b <= r.first_token_s:
                 r.prefill_j += each_idle + d
             if r.booked:
-                self._add_model(r.model, each_idle, d)
+                acc = by_model.get(r.model)
+                if acc is None:
+                    acc = by_model[r.model] = [0.0, 0.0]
+                acc[0] += each_idle
+                acc[1] += d
+        for model, (idle_j, dyn_j) in by_model.items():
+            self._add_model(model, idle_j, dyn_j)
 
     def _decode_pace(self, prompt_tokens: float, seconds: float) -> float:
         """How fast output known only as a total (a trace) comes in a piece that also
