@@ -230,6 +230,7 @@ class Sidecar:
                 connect_timeout_s=s.upstream_connect_timeout,
                 read_timeout_s=s.upstream_read_timeout,
                 inject_usage=s.inject_usage,
+                receipts=s.energy_receipts,
                 tenants=self.tenants,
                 clock=self.clock,
                 token_period_s=1.0 / s.sample_hz,  # streamed tokens reach the meter once a sample

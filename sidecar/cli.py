@@ -141,6 +141,7 @@ RUN_HELP: dict[str, str] = {
     "gpu_embodied_kg": "manufacturing emissions per GPU in kg (default by GPU model)",
     "host_embodied_kg": "manufacturing emissions of the host in kg (default 2500 per 8-GPU server)",
     "lifetime_years": "hardware lifetime for amortising embodied emissions",
+    "energy_receipts": "tell each streaming client what its request cost (an SSE comment before [DONE])",
     "inject_usage": (
         "add stream_options.include_usage to streaming OpenAI requests and strip the extra "
         "chunk, for exact token counts (default on; --no-inject-usage turns it off)"

@@ -128,6 +128,7 @@ class Settings(BaseSettings):
     host_embodied_kg: float | None = Field(None, ge=0)
     lifetime_years: float | None = Field(None, gt=0)
     inject_usage: bool = True
+    energy_receipts: bool = False
     otlp_listen: HostPort | None = None
     """Traces mode: where the OTLP/HTTP receiver (``POST /v1/traces``) listens."""
     otlp_forward: AnyHttpUrl | None = None

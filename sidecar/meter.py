@@ -16,6 +16,7 @@ request naming it did not fail, so failures cannot use up the label budget.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class Meter:
         self.tenant_j: dict[str, float] = {}
         self.tenant_g: dict[str, float] = {}
         self._tenant_of: dict[str, str | None] = {}  # ended, awaiting the ledger's final figure
+        self._receipts: dict[str, asyncio.Future[FinishedRequest]] = {}
         self._prompt_tokens = 0
         self._prefill_j = 0.0
         self._decode_j = 0.0
@@ -206,6 +208,28 @@ class Meter:
 
     def other_request(self, status: Status) -> None:
         self.proxy.other_request(status)
+
+    def watch_receipt(self, rid: str) -> asyncio.Future[FinishedRequest]:
+        """Resolved with ``rid``'s figure once final (register before its finish:
+        the figure can be final at once); :meth:`drop_receipt` forgets it."""
+        waiter: asyncio.Future[FinishedRequest] = asyncio.get_running_loop().create_future()
+        self._receipts[rid] = waiter
+        return waiter
+
+    def drop_receipt(self, rid: str) -> None:
+        self._receipts.pop(rid, None)
+
+    def provisional_receipt(self, rid: str) -> FinishedRequest | None:
+        """``rid``'s figure so far, for a receipt that could wait no longer."""
+        req = self.ledger._live.get(rid)
+        if req is None:
+            return None
+        end = req.end_s if req.end_s != float("inf") else self.clock()
+        return FinishedRequest(
+            req.id, req.model, req.endpoint, req.status, req.start_s, end,
+            req.first_token_s, req.prompt_tokens, req.completion_tokens,
+            req.dynamic_j, req.idle_j, req.prefill_j,
+        )  # fmt: skip
 
     @property
     def listener(self) -> LoadListener | None:
@@ -347,6 +371,9 @@ class Meter:
             self.request_j.setdefault(f.model, Histogram()).observe(f.energy_j)
             self._book_stages(f)
             self._book_tenant(f, intensity)
+            waiter = self._receipts.pop(f.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(f)
             log.debug(
                 "request.finished",
                 request_id=f.id,

@@ -48,6 +48,7 @@ from sidecar.tracking.protocols import (
     inject_include_usage,
     parse_request,
 )
+from sidecar.tracking.receipts import SseHold, is_sse, small_reads, sse_receipt
 from sidecar.tracking.tenant import TenantLabels
 
 log = structlog.get_logger("sidecar.proxy")
@@ -175,8 +176,9 @@ class Proxy:
         tenants: TenantLabels | None = None,
         clock: Callable[[], float] = time.monotonic,
         token_period_s: float = TOKEN_PERIOD_S,
+        receipts: bool = False,
     ) -> None:
-        self._meter = meter
+        self._meter, self._receipts = meter, receipts
         self._token_period_s = token_period_s
         self._upstream = upstream.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(
@@ -203,7 +205,7 @@ class Proxy:
         return self._inject_usage
 
     async def start(self) -> None:
-        _small_reads()
+        small_reads(READ_BYTES)
         connector = aiohttp.TCPConnector(
             limit=0, keepalive_timeout=60.0, enable_cleanup_closed=True
         )
@@ -364,7 +366,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
         pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
-        prefix = b""
+        prefix, metered = b"", rid is not None
         try:
             try:
                 upstream = await self._send(request, held.payload(), length, headers)
@@ -413,6 +415,9 @@ class Proxy:
             streamed = bool(info is not None and info.stream) or bool(
                 tracker is not None and tracker.streaming
             )
+            hold = None  # receipts: the [DONE] event held back for the receipt
+            if self._receipts and rid is not None and is_sse(upstream.headers):
+                hold = SseHold()
             try:
                 await response.prepare(request)
                 first = True
@@ -443,6 +448,8 @@ class Proxy:
                         elif strip_usage:
                             tracker, out = None, chunk  # tracker broke: pass raw bytes from now on
                     first = False
+                    if hold is not None:
+                        out = hold.feed(out)
                     if out:
                         await response.write(out)
                     chunk = await content.readany()
@@ -452,8 +459,7 @@ class Proxy:
                 if tracker is not None:  # strip mode holds back an unterminated last event
                     tail = self._safe("flush", tracker.flush)
                     if tail:
-                        await response.write(tail)
-                await response.write_eof()
+                        await response.write(tail if hold is None else hold.feed(tail))
                 if tracker is not None:
                     usage = self._safe("usage", tracker.finish)
                     if usage is not None:
@@ -468,6 +474,13 @@ class Proxy:
                     self._learn_null_usage(info, tracker, strip_usage, upstream.status)
                     if strip_usage and tracker.usage_fingerprint is not None:
                         self._fingerprint = tracker.usage_fingerprint
+                if hold is not None and rid is not None:  # the end stays the upstream's last byte
+                    waiter = self._meter.watch_receipt(rid)
+                    self._finish(rid, status, usage_tokens, server_id, tenant)
+                    done, rid = rid, None
+                    note = await sse_receipt(self._meter, done, waiter)
+                    await response.write((note if hold.at_line_start else b"") + hold.held())
+                await response.write_eof()
             finally:
                 if tracker is not None:
                     self._safe("release", tracker.release)
@@ -493,18 +506,22 @@ class Proxy:
                 else:
                     upstream.release()
             if rid is not None:
-                extra: dict[str, Any] = {}
-                if server_id is not None:
-                    extra["server_id"] = server_id
-                if tenant is not None and self._tenants is not None:
-                    extra["tenant"] = self._safe(
-                        "tenant_label", self._tenants.label, tenant, ok=status == "ok"
-                    )
-                self._safe(
-                    "finish", self._meter.request_finished, rid, status, *usage_tokens, **extra
-                )
-            else:
+                self._finish(rid, status, usage_tokens, server_id, tenant)
+            elif not metered:
                 self._safe("other", self._meter.other_request, status)
+
+    def _finish(
+        self, rid: str, status: Status, usage: tuple[int | None, int | None],
+        server_id: str | None, tenant: str | None,
+    ) -> None:  # fmt: skip
+        extra: dict[str, Any] = {}
+        if server_id is not None:
+            extra["server_id"] = server_id
+        if tenant is not None and self._tenants is not None:
+            extra["tenant"] = self._safe(
+                "tenant_label", self._tenants.label, tenant, ok=status == "ok"
+            )
+        self._safe("finish", self._meter.request_finished, rid, status, *usage, **extra)
 
     def _budget_full(self) -> None:
         """Log the first time a body streams unparsed for want of budget (then only count)."""
@@ -558,22 +575,6 @@ async def _read(request: web.Request) -> bytes:
     """The whole request body, held only by the caller."""
     parts = [chunk async for chunk in request.content.iter_any()]
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _small_reads() -> None:
-    """Cap socket reads at :data:`READ_BYTES` for the sidecar's event loop.
-
-    A connection's first read happens before any handler runs, so the cap is
-    set on CPython's selector transport class (its ``max_size``, 256 KiB by
-    default), once, when the proxy starts: smaller reads cost a few more
-    system calls and bound what 300 concurrent uploads hold. A loop without
-    that class attribute (uvloop) is left as it is.
-    """
-    import asyncio.selector_events as selector_events
-
-    transport = getattr(selector_events, "_SelectorSocketTransport", None)
-    if transport is not None and getattr(transport, "max_size", 0) > READ_BYTES:
-        transport.max_size = READ_BYTES
 
 
 def _identity(encoding: str | None) -> bool:
