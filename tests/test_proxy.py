@@ -53,7 +53,10 @@ class Rig:
 
 
 async def make_rig(
-    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory, **extra: Any
+    aiohttp_server: ServerFactory,
+    aiohttp_client: ClientFactory,
+    env: dict[str, str] | None = None,
+    **extra: Any,
 ) -> AsyncIterator[Rig]:
     upstream = create_upstream()
     server = await aiohttp_server(upstream)
@@ -64,7 +67,7 @@ async def make_rig(
         upstream_read_timeout=10,
         **extra,
     )
-    sidecar = Sidecar(settings, env={})
+    sidecar = Sidecar(settings, env=env or {})
     await sidecar.start()
     try:
         proxy = await aiohttp_client(sidecar.proxy_app())

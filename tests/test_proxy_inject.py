@@ -6,14 +6,12 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from test_proxy import Rig, both
-from upstreams import STATE, create_upstream
+from test_proxy import Rig, both, make_rig
+from upstreams import STATE
 
 from sidecar.app import Sidecar
 from sidecar.config import Settings
@@ -30,40 +28,9 @@ STREAM = {
 }
 
 
-async def rig_with(
-    aiohttp_server: ServerFactory,
-    aiohttp_client: ClientFactory,
-    env: dict[str, str] | None = None,
-    **extra: Any,
-) -> AsyncIterator[Rig]:
-    upstream = create_upstream()
-    server = await aiohttp_server(upstream)
-    settings = Settings(
-        upstream=str(server.make_url("/")),
-        power_source="simulated",
-        sample_hz=50,
-        upstream_read_timeout=10,
-        **extra,
-    )
-    sidecar = Sidecar(settings, env=env or {})
-    await sidecar.start()
-    try:
-        proxy = await aiohttp_client(sidecar.proxy_app())
-        metrics = await aiohttp_client(sidecar.metrics_app())
-        direct: Any = aiohttp.ClientSession(
-            base_url=str(server.make_url("/")), auto_decompress=False
-        )
-        try:
-            yield Rig(sidecar, proxy, direct, metrics, upstream)
-        finally:
-            await direct.close()
-    finally:
-        await sidecar.stop()
-
-
 @pytest.fixture
 async def rig(aiohttp_server: ServerFactory, aiohttp_client: ClientFactory) -> AsyncIterator[Rig]:
-    async for r in rig_with(aiohttp_server, aiohttp_client):
+    async for r in make_rig(aiohttp_server, aiohttp_client):
         yield r
 
 
@@ -118,7 +85,7 @@ async def test_no_inject_usage_sends_bodies_as_is(
     aiohttp_server: ServerFactory, aiohttp_client: ClientFactory
 ) -> None:
     """--no-inject-usage: no stream_options ever reaches the upstream."""
-    async for r in rig_with(aiohttp_server, aiohttp_client, inject_usage=False):
+    async for r in make_rig(aiohttp_server, aiohttp_client, inject_usage=False):
         r.upstream[STATE]["refuse_stream_options"] = True
         for _ in range(3):
             _, _, resp = await both(r, "POST", "/v1/chat/completions", json=STREAM)
@@ -187,7 +154,7 @@ class TestTenants:
         self, aiohttp_server: ServerFactory, aiohttp_client: ClientFactory
     ) -> None:
         """Valid header values become labels (up to --max-tenants), bad ones `invalid`, none `none`."""
-        async for r in rig_with(
+        async for r in make_rig(
             aiohttp_server, aiohttp_client, tenant_header="x-tenant-id", max_tenants=2
         ):
             chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -222,7 +189,7 @@ class TestTenants:
         key = "sk-live-abcdef-0123456789"
         env = {"LLM_ENERGY_TENANT_SALT": "pepper"}
         rec = tmp_path / "rec"
-        async for r in rig_with(
+        async for r in make_rig(
             aiohttp_server, aiohttp_client, env=env, tenant_from_api_key=True, record=rec
         ):
             chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
