@@ -226,29 +226,23 @@ def start_bare(
     tmp: Path, upstream_port: int, *, uvloop: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The bare aiohttp proxy (no metering): the floor a Python proxy starts from."""
-    port = free_port()
-    name = "bare-uvloop" if uvloop else "bare"
-    proc = subprocess.Popen(
-        [python(), "-m", "bench.bare_proxy", str(upstream_port), str(port)]
-        + (["uvloop"] if uvloop else []),
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=_log(tmp, name),
-    )
-    wait_http(f"http://127.0.0.1:{port}/health", proc, f"the {name} proxy")
-    return proc, port
+    return _start_floor(tmp, "bench.bare_proxy", "bare", upstream_port, uvloop=uvloop)
 
 
 def start_relay(
     tmp: Path, upstream_port: int, *, uvloop: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The bare httptools relay (no metering, no aiohttp): the other candidate's floor."""
+    return _start_floor(tmp, "bench.bare_relay", "relay", upstream_port, uvloop=uvloop)
+
+
+def _start_floor(
+    tmp: Path, module: str, name: str, upstream_port: int, *, uvloop: bool
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    name = "relay-uvloop" if uvloop else "relay"
+    name = f"{name}-uvloop" if uvloop else name
     proc = subprocess.Popen(
-        [python(), "-m", "bench.bare_relay", str(upstream_port), str(port)]
-        + (["uvloop"] if uvloop else []),
+        [python(), "-m", module, str(upstream_port), str(port)] + (["uvloop"] if uvloop else []),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,
