@@ -37,8 +37,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from sidecar.ledger.held_request import HeldRequest, span_request
 from sidecar.ledger.pieces import Books
-from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
+from sidecar.ledger.requests import INF, Request
+
+__all__ = ["GRACE_S", "HOLD_S", "SLOT_S", "HeldRequest", "HeldSlots", "span_request"]
 
 SLOT_S: Final = 0.1
 """Default slot width: one sample period at the default 10 Hz (power is taken constant
@@ -50,98 +53,6 @@ GRACE_S: Final = 6.0
 vLLM's batch span exporter sends up to 5 s after a request ends."""
 SEEN_KEEP: Final = 2.0
 """Request ids are remembered for this many holds, so a retried export counts once."""
-
-
-@dataclass(slots=True)
-class HeldRequest:
-    """A request reported whole (a span, or a proxied request that had no span)."""
-
-    req: Request
-    """Its window and token work, as the sharing rule reads them."""
-    heard_from_s: float
-    heard_to_s: float
-    """Where a count may have seen it: its window, widened to the proxy's view of it
-    where joined (the proxy counts it queued, and until its last byte)."""
-    open_slots: int = 0
-    waiting_slots: bool = False
-    """Part of its window lies past the newest slot: samples for it are still due."""
-    missed_s: float = 0.0
-    """Seconds of its window no held slot covered any more (it came after the hold)."""
-    reported: tuple[int | None, int | None] = (None, None)
-    """Its prompt and completion tokens as reported (cached prompt tokens included)."""
-
-    @classmethod
-    def whole(
-        cls,
-        request_id: str,
-        model: str,
-        *,
-        start_s: float,
-        first_token_s: float,
-        end_s: float,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        cached_tokens: int | None = None,
-        endpoint: str = "unknown",
-        status: Status = "ok",
-        heard_s: tuple[float, float] | None = None,
-    ) -> HeldRequest:
-        """A request reported whole; cached prompt tokens do (almost) no prefill work."""
-        end = max(end_s, start_s)
-        first = min(max(first_token_s, start_s), end)
-        prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
-        req = span_request(
-            request_id, model, start_s=start_s, first_token_s=first, end_s=end,
-            prompt_work=float(prompt), completion_tokens=float(completion_tokens or 0),
-            endpoint=endpoint,
-        )  # fmt: skip
-        req.status = status
-        lo, hi = (start_s, end) if heard_s is None else heard_s
-        return cls(req, min(lo, start_s), max(hi, end), reported=(prompt_tokens, completion_tokens))
-
-    def finished(self) -> FinishedRequest:
-        """What the ledger hands out once every slot it ran in has settled."""
-        r = self.req
-        return FinishedRequest(
-            id=r.id,
-            model=r.model,
-            endpoint=r.endpoint,
-            status=r.status,
-            start_s=r.start_s,
-            end_s=r.end_s,
-            first_token_s=r.first_token_s,
-            prompt_tokens=self.reported[0],
-            completion_tokens=self.reported[1],
-            dynamic_j=r.dynamic_j,
-            idle_j=r.idle_j,
-            prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
-            missed_s=self.missed_s,
-        )
-
-
-def span_request(
-    request_id: str,
-    model: str,
-    *,
-    start_s: float,
-    first_token_s: float,
-    end_s: float,
-    prompt_work: float,
-    completion_tokens: float,
-    endpoint: str,
-) -> Request:
-    """A request known whole, as the live path would have built it: its prompt from
-    its start to its first token, its output known as a total from there to its end."""
-    req = Request(request_id, model, endpoint, start_s, prompt_work or None, known_s=INF)
-    req.first_token_s = first_token_s
-    req.end_s = end_s
-    req.prompt_tokens = round(prompt_work)
-    req.completion_tokens = round(completion_tokens)
-    if prompt_work > 0:
-        req.segments.append((start_s, first_token_s, prompt_work, 0.0))
-    if completion_tokens > 0:
-        req.segments.append((first_token_s, end_s, 0.0, completion_tokens))
-    return req
 
 
 class _Slot:
