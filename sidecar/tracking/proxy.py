@@ -164,6 +164,8 @@ class _OneShot:
 class Proxy:
     """Forwards to one upstream and tells the meter what happened."""
 
+    response_class: Callable[..., Any] = web.StreamResponse  # the relay's differs (sidecar/relay)
+
     def __init__(
         self,
         meter: Meter,
@@ -394,7 +396,9 @@ class Proxy:
                 held.release()  # sent and answered: no resend can need the body now
             if upstream.status >= 400:
                 status = "error"
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response: web.StreamResponse = self.response_class(
+                status=upstream.status, reason=upstream.reason
+            )
             drop = frozenset({"content-length"}) if strip_usage else frozenset()
             response.headers.extend(_forwardable(upstream.headers, drop=drop))
             tracker: ResponseTracker | None = None
