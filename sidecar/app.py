@@ -221,6 +221,7 @@ class Sidecar:
             raw_sink=self._record_power if self.recorder else None,
             clock=self.clock,
         )
+        self.meter.samples_wanted = self.sampler.cut_windows  # receipts: final sooner
         self._spawn(self.sampler.run(), "sampler")
         self._spawn(self._ticker(), "ticker")
         if s.upstream is not None:

@@ -142,6 +142,8 @@ class Meter:
         self.tenant_g: dict[str, float] = {}
         self._tenant_of: dict[str, str | None] = {}  # ended, awaiting the ledger's final figure
         self._receipts: dict[str, asyncio.Future[FinishedRequest]] = {}
+        self.samples_wanted: Callable[[float], None] | None = None
+        """Asks the sampler for reconciled samples past a time soon (a receipt waits)."""
         self._prompt_tokens = 0
         self._prefill_j = 0.0
         self._decode_j = 0.0
@@ -205,6 +207,10 @@ class Meter:
         self.proxy.request_finished(
             rid, status, prompt_tokens, completion_tokens, tenant=tenant, server_id=server_id
         )
+        waiter = self._receipts.get(rid)
+        if waiter is not None and not waiter.done() and self.samples_wanted is not None:
+            req = self.ledger._live.get(rid)  # its figure is final once samples past its end are in
+            self.samples_wanted(req.end_s if req is not None else self.clock())
 
     def other_request(self, status: Status) -> None:
         self.proxy.other_request(status)

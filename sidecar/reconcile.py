@@ -10,6 +10,7 @@ increase exactly. Pure: the sampler and ``attribute`` share it.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable
 from dataclasses import replace
@@ -20,6 +21,11 @@ from sidecar.power.base import PowerSample
 MIN_WINDOW_S: Final = 1.0
 MAX_HOLD_S: Final = 10.0
 """A counter that has not moved for this long is stuck: pass power through unscaled."""
+MIN_CUT_WINDOW_S: Final = 0.2
+"""A window closed early for a receipt (:meth:`Reconciler.cut`) still spans this long:
+two refreshes of a counter that updates at 10 Hz, so its lag stays a part of the window."""
+MAX_CUTS: Final = 1024
+"""Pending cuts kept per GPU (bounded memory); past it a new one is not kept."""
 
 
 class Reconciler:
@@ -37,6 +43,12 @@ class Reconciler:
     window may reach across it (scaling the first sample after a busy gap would
     put the gap's energy into that one reading). A gap ends the window: what is
     held goes out unscaled and a fresh window starts after it.
+
+    :meth:`cut` closes a window early, at the first sample from a given time on
+    whose counter moved, once the window spans ``min_cut_window_s``: an energy
+    receipt waits for its request's energy, which is final only once reconciled
+    samples past the request's end are in, and a 1 s window would hold them
+    longer than the receipt may wait. The counter still scales every window.
     """
 
     def __init__(
@@ -45,8 +57,11 @@ class Reconciler:
         min_window_s: float = MIN_WINDOW_S,
         max_hold_s: float = MAX_HOLD_S,
         gap_after_s: float | None = None,
+        min_cut_window_s: float = MIN_CUT_WINDOW_S,
     ) -> None:
         self._min_window_s = min_window_s
+        self._min_cut_s = min(min_cut_window_s, min_window_s)
+        self._cuts: list[float] = []  # sorted times past which a window may close early
         self._max_hold_s = max_hold_s
         self._gap_after_s = gap_after_s
         self._last_in_s: float | None = None
@@ -70,7 +85,7 @@ class Reconciler:
         if anchor is None or anchor.energy_j is None:
             if sample.energy_j is not None:
                 self._start_window(sample)
-            self._last_out = sample
+            self._emitted(sample)
             return [*before, sample]
         self._held.append(sample)
         if sample.energy_j is None:
@@ -79,16 +94,38 @@ class Reconciler:
         if delta_j < 0:  # driver reload: the counter restarted; begin a new window
             self._carry_j = 0.0
             return self._release(scale=None)
-        if delta_j == 0 or sample.time_s - anchor.time_s < self._min_window_s:
+        if delta_j == 0 or (
+            sample.time_s - anchor.time_s < self._min_window_s and not self._cut_due(sample, anchor)
+        ):
             return self._release_if_stuck(sample.time_s)
         return self._release(scale=self._scale(delta_j))
+
+    def cut(self, after_s: float) -> None:
+        """Close the window at the first sample from ``after_s`` on whose counter
+        moved, though it be shorter than ``min_window_s`` (see the class)."""
+        if len(self._cuts) < MAX_CUTS:
+            bisect.insort(self._cuts, after_s)
+
+    def _cut_due(self, sample: PowerSample, anchor: PowerSample) -> bool:
+        cuts = self._cuts
+        return (
+            bool(cuts)
+            and sample.time_s >= cuts[0]
+            and (sample.time_s - anchor.time_s >= self._min_cut_s)
+        )
 
     def flush(self) -> list[PowerSample]:
         """Emit what is held, unscaled (shutdown or end of a trace)."""
         out, self._held = self._held, []
         if out:
-            self._last_out = out[-1]
+            self._emitted(out[-1])
         return out
+
+    def _emitted(self, last: PowerSample) -> None:
+        """``last`` went out: cuts up to it are served."""
+        self._last_out = last
+        if self._cuts:
+            del self._cuts[: bisect.bisect_right(self._cuts, last.time_s)]
 
     def _start_window(self, sample: PowerSample) -> None:
         self._anchor = sample
@@ -115,7 +152,7 @@ class Reconciler:
         self.last_scale = scale
         if scale is not None:
             held = [replace(s, power_w=s.power_w * scale) for s in held]
-        self._last_out = held[-1]
+        self._emitted(held[-1])
         self._start_window(held[-1])
         return held
 
@@ -125,7 +162,7 @@ class Reconciler:
             return []
         held, self._held = self._held, []
         self._released_j += _trapezoid([prev, *held])
-        self._last_out = held[-1]
+        self._emitted(held[-1])
         return held
 
 

@@ -147,6 +147,12 @@ class Sampler:
         if ready:
             self._sink(ready)
 
+    def cut_windows(self, after_s: float) -> None:
+        """An energy receipt waits for samples past ``after_s``: every GPU's window
+        closes at its first moved counter from then on (:meth:`Reconciler.cut`)."""
+        for rec in self._reconcilers.values():
+            rec.cut(after_s)
+
     def flush(self) -> None:
         """Hand over what the reconcilers still hold (shutdown)."""
         held = [s for rec in self._reconcilers.values() for s in rec.flush()]

@@ -48,7 +48,7 @@ from sidecar.tracking.protocols import (
     inject_include_usage,
     parse_request,
 )
-from sidecar.tracking.receipts import SseHold, is_sse, small_reads, sse_receipt
+from sidecar.tracking.receipts import receipt_hold, small_reads
 from sidecar.tracking.tenant import TenantLabels
 
 log = structlog.get_logger("sidecar.proxy")
@@ -419,11 +419,10 @@ class Proxy:
             streamed = bool(info is not None and info.stream) or bool(
                 tracker is not None and tracker.streaming
             )
-            hold = None  # receipts: the [DONE] event held back for the receipt
-            if self._receipts and rid is not None and is_sse(upstream.headers):
-                hold = SseHold()
+            on = self._receipts and rid is not None  # receipts: [DONE] (SSE), or a JSON body, held
+            hold = receipt_hold(on, upstream, response, streamed, self.budget)
             try:
-                await response.prepare(request)
+                await (response if hold is None else hold).prepare(request)
                 first = True
                 clock, period = self._clock, self._token_period_s
                 due = 0.0  # when the tokens counted since the last hand-over go to the meter
@@ -482,12 +481,13 @@ class Proxy:
                     waiter = self._meter.watch_receipt(rid)
                     self._finish(rid, status, usage_tokens, server_id, tenant)
                     done, rid = rid, None
-                    note = await sse_receipt(self._meter, done, waiter)
-                    await response.write((note if hold.at_line_start else b"") + hold.held())
+                    await hold.end(self._meter, done, waiter, request)
                 await response.write_eof()
             finally:
                 if tracker is not None:
                     self._safe("release", tracker.release)
+                if hold is not None:
+                    hold.release()
             return response
         except asyncio.CancelledError:
             status = "cancelled"  # the client went away: stop the upstream call now
