@@ -39,6 +39,7 @@ from sidecar.power.base import (
 from sidecar.power.factory import build_source
 from sidecar.power.share import GpuShareRequired, require_share
 from sidecar.power.simulated import SimulatedGpus
+from sidecar.relay import listen_relay, proxy_class
 from sidecar.sampler import Sampler, SamplerStats
 from sidecar.server import create_metrics_app
 from sidecar.trace import TraceRecorder
@@ -225,7 +226,7 @@ class Sidecar:
         self._spawn(self.sampler.run(), "sampler")
         self._spawn(self._ticker(), "ticker")
         if s.upstream is not None:
-            self.proxy = Proxy(
+            self.proxy = proxy_class(s.data_plane)(
                 self.meter,
                 str(s.upstream),
                 connect_timeout_s=s.upstream_connect_timeout,
@@ -298,7 +299,7 @@ class Sidecar:
         )
         self._note_waiting("not_mapped", detail)
         if s.upstream is not None:
-            self.proxy = Proxy(
+            self.proxy = proxy_class(s.data_plane)(
                 self._unmetered,
                 str(s.upstream),
                 connect_timeout_s=s.upstream_connect_timeout,
@@ -523,13 +524,15 @@ async def serve(settings: Settings) -> int:
     raised once serving propagates as the crash it is.
     """
     sidecar = await _started(settings)
-    runners: list[web.AppRunner] = []
+    runners: list[Any] = []  # aiohttp's AppRunners, or the relay's server first
     try:
         metrics_runner = web.AppRunner(sidecar.metrics_app(), access_log=None)
         await metrics_runner.setup()
         runners.append(metrics_runner)
         await _listen(metrics_runner, settings.metrics_listen, "--metrics-listen")
-        if sidecar.proxy is not None:
+        if sidecar.proxy is not None and settings.data_plane == "relay":
+            runners.insert(0, await listen_relay(sidecar, settings))
+        elif sidecar.proxy is not None:
             proxy_runner = web.AppRunner(
                 sidecar.proxy_app(),
                 access_log=None,

@@ -142,6 +142,10 @@ RUN_HELP: dict[str, str] = {
     "host_embodied_kg": "manufacturing emissions of the host in kg (default 2500 per 8-GPU server)",
     "lifetime_years": "hardware lifetime for amortising embodied emissions",
     "energy_receipts": "tell each streaming client what its request cost (an SSE comment before [DONE])",
+    "data_plane": (
+        "aiohttp | relay: how the proxy moves bytes (relay: asyncio protocols and llhttp, "
+        "same metering at a fraction of the CPU; default aiohttp)"
+    ),
     "inject_usage": (
         "add stream_options.include_usage to streaming OpenAI requests and strip the extra "
         "chunk, for exact token counts (default on; --no-inject-usage turns it off)"
@@ -199,6 +203,7 @@ RUN_METAVAR: dict[str, str] = {
     "host_embodied_kg": "KG",
     "lifetime_years": "Y",
     "log_level": "LEVEL",
+    "data_plane": "PLANE",
 }
 
 

@@ -35,6 +35,8 @@ from pydantic_settings import (
 ENV_PREFIX = "LLM_ENERGY_"
 CarbonProvider = Literal["static", "electricitymaps", "watttime", "uk"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+DataPlane = Literal["aiohttp", "relay"]
+"""How the proxy moves bytes: aiohttp's server and client, or the relay (sidecar/relay)."""
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "config_file", default=None
@@ -129,6 +131,7 @@ class Settings(BaseSettings):
     lifetime_years: float | None = Field(None, gt=0)
     inject_usage: bool = True
     energy_receipts: bool = False
+    data_plane: DataPlane = "aiohttp"
     otlp_listen: HostPort | None = None
     """Traces mode: where the OTLP/HTTP receiver (``POST /v1/traces``) listens."""
     otlp_forward: AnyHttpUrl | None = None

@@ -60,17 +60,24 @@ async def make_rig(
 ) -> AsyncIterator[Rig]:
     upstream = create_upstream()
     server = await aiohttp_server(upstream)
+    # LLM_ENERGY_TEST_DATA_PLANE=relay: the same tests on the relay data plane (sidecar/relay)
+    plane = extra.pop("data_plane", None) or os.environ.get("LLM_ENERGY_TEST_DATA_PLANE", "aiohttp")
     settings = Settings(
         upstream=str(server.make_url("/")),
         power_source="simulated",
         sample_hz=50,
         upstream_read_timeout=10,
-        **extra,
+        **{"data_plane": plane, **extra},
     )
     sidecar = Sidecar(settings, env=env or {})
     await sidecar.start()
     try:
-        proxy = await aiohttp_client(sidecar.proxy_app())
+        if plane == "relay":
+            from test_relay_client import relay_client
+
+            proxy: Any = await relay_client(sidecar)
+        else:
+            proxy = await aiohttp_client(sidecar.proxy_app())
         metrics = await aiohttp_client(sidecar.metrics_app())
         direct_client: Any = aiohttp.ClientSession(
             base_url=str(server.make_url("/")), auto_decompress=False
@@ -79,6 +86,8 @@ async def make_rig(
             yield Rig(sidecar, proxy, direct_client, metrics, upstream)
         finally:
             await direct_client.close()
+            if plane == "relay":
+                await proxy.close()
     finally:
         await sidecar.stop()
 
