@@ -15,6 +15,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -302,3 +303,41 @@ async def test_process_with_the_flag_relays_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_hundreds_of_large_requests_stay_bounded_on_the_relay(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """test_proxy_memory's 300 concurrent ~1 MiB requests through the relay: all answered, < 256 MiB."""
+    from test_proxy_memory import CONCURRENT, LIMIT_MIB, bodies, held_upstream, peak_rss_mib
+
+    upstream = await aiohttp_server(held_upstream(CONCURRENT))
+    port, mport = free_port(), free_port()
+    proc = start_simulated(
+        str(upstream.make_url("/")), port, mport, "--log-level", "warning", "--data-plane", "relay"
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{mport}/healthz", proc=proc)
+        chat, embed = bodies()
+        timeout = aiohttp.ClientTimeout(total=300)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def one(i: int) -> tuple[int, bytes]:
+                path, data = ("/v1/chat/completions", chat) if i % 2 else ("/v1/embeddings", embed)
+                headers = {"Content-Type": "application/json"}
+                async with session.post(
+                    f"http://127.0.0.1:{port}{path}", data=data, headers=headers
+                ) as r:
+                    return r.status, await r.read()
+
+            results = await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
+        peak = peak_rss_mib(proc.pid)
+        print(f"relay sidecar VmHWM: {peak:.1f} MiB peak")
+        assert all(status == 200 for status, _ in results)
+        assert all(b"[DONE]" in body for i, (_, body) in enumerate(results) if i % 2)
+        assert peak < LIMIT_MIB
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

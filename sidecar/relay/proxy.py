@@ -22,7 +22,8 @@ from multidict import CIMultiDict
 from sidecar.config import split_host_port
 from sidecar.relay.server import RelayRequest, RelayResponse, RelayServer
 from sidecar.relay.upstream import Body, UpstreamPool
-from sidecar.tracking.proxy import Proxy
+from sidecar.tracking.proxy import READ_BYTES, Proxy
+from sidecar.tracking.receipts import small_reads
 
 
 class RelayProxy(Proxy):
@@ -35,6 +36,7 @@ class RelayProxy(Proxy):
         self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
+        small_reads(READ_BYTES)  # as Proxy.start: bounded socket reads per connection
         timeout = self._timeout
         self._pool = UpstreamPool(
             self._upstream,
@@ -60,13 +62,18 @@ class RelayProxy(Proxy):
         relay = cast(RelayRequest, request)
         if length is not None:
             headers["Content-Length"] = str(length)
-        data: Body = None
-        if body is not None:  # the held body, handed over once (it gives its budget back)
-            data = b"".join([part async for part in body])
-        elif relay.body_exists:
-            data = relay.content
-        answer = await self._pool.request(relay.method, relay.raw_path_qs, headers, data)
+        # no local name for the body: this frame must not keep it while the answer is awaited
+        answer = await self._pool.request(
+            relay.method, relay.raw_path_qs, headers, await _payload(body, relay)
+        )
         return cast(aiohttp.ClientResponse, answer)
+
+
+async def _payload(body: Any, request: RelayRequest) -> Body:
+    """The held body (handed over once: it gives its budget back), else the client's stream."""
+    if body is not None:
+        return b"".join([part async for part in body])
+    return request.content if request.body_exists else None
 
 
 async def listen(proxy_of: Any, listen_at: str, *, grace_s: float = 0.0) -> RelayServer:

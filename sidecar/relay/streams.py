@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-HIGH_BYTES: Final = 256 << 10
-"""Unread bytes above which the connection stops reading (aiohttp's reader pauses at 128 KiB x 2)."""
+HIGH_BYTES: Final = 128 << 10
+"""Unread bytes above which the connection stops reading (aiohttp's reader: 128 KiB too)."""
 LOW_BYTES: Final = 64 << 10
 """Unread bytes at or below which a paused connection reads again."""
 

@@ -27,6 +27,8 @@ from sidecar.relay.streams import BodyStream
 
 KEEPALIVE_S: Final = 60.0
 """How long an idle upstream connection is kept (aiohttp's connector default is 15 s; ours was 60)."""
+RESEND_BYTES: Final = 64 << 10
+"""Held bodies up to this size are kept for one resend (a reused connection the server had closed)."""
 MAX_IDLE: Final = 1024
 """Idle connections kept at most; more are closed (a burst's connections mostly return at once)."""
 
@@ -266,36 +268,51 @@ class UpstreamPool:
     ) -> UpstreamResponse:
         """Send one request; the answer once its headers are in.
 
-        Raises :class:`TimeoutError` (connect or read timeout), :class:`OSError`
+        A held body is referred to only until it is written (hundreds of large
+        uploads waiting for their answers must not each keep theirs), except
+        one small enough to send again on a fresh connection. Raises
+        :class:`TimeoutError` (connect or read timeout), :class:`OSError`
         (connection refused and the like) or :class:`UpstreamError`.
         """
         chunked = isinstance(body, BodyStream) and "Content-Length" not in headers
         head = _head(method, self.prefix + target, self.host_header, headers, chunked)
         conn = self._take()
-        if conn is not None and not isinstance(body, BodyStream):
-            try:
-                return await self._exchange(conn, method, head, body, chunked)
-            except UpstreamError:
-                if conn.got_bytes:
-                    raise
-            # the server closed the idle connection as it was reused: once more, fresh
-            conn = None
+        again = body is None or (isinstance(body, bytes) and len(body) <= RESEND_BYTES)
+        resend = body if again else None
+        reused = conn is not None
         if conn is None:
             conn = await self._connect()
-        return await self._exchange(conn, method, head, body, chunked)
+        answer = self._write(conn, method, head, body, chunked)
+        body = None
+        try:
+            return await self._answer(conn, answer)
+        except UpstreamError:
+            if not (reused and again) or conn.got_bytes:
+                raise
+        # the server closed the idle connection as it was reused: once more, on a fresh one
+        conn = await self._connect()
+        return await self._answer(conn, self._write(conn, method, head, resend, chunked))
 
-    async def _exchange(
+    def _write(
         self, conn: _Conn, method: str, head: bytes, body: Body, chunked: bool
-    ) -> UpstreamResponse:
+    ) -> asyncio.Future[UpstreamResponse]:
         answer = conn.begin(head_only=method == "HEAD")
         transport = conn.transport
         if transport is None:
-            raise UpstreamError("upstream connection lost")
-        if isinstance(body, BodyStream):
+            answer.set_exception(UpstreamError("upstream connection lost"))
+        elif isinstance(body, BodyStream):
             transport.write(head)
             conn.pump = self.loop.create_task(_pump(conn, body, chunked))
+        elif body is not None and len(body) > RESEND_BYTES:
+            transport.write(head)  # no copy of a large body just to join it to its head
+            transport.write(body)
         else:
             transport.write(head + body if body else head)
+        return answer
+
+    async def _answer(
+        self, conn: _Conn, answer: asyncio.Future[UpstreamResponse]
+    ) -> UpstreamResponse:
         timer = self.loop.call_later(self.read_timeout_s, _expire, answer)
         try:
             return await answer
