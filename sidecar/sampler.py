@@ -1,15 +1,24 @@
 """The async sampler: polls a power source at a steady rate without blocking the loop.
 
-Reads run in one dedicated worker thread (NVML calls block, sometimes for
-milliseconds), so the proxy never waits on the driver. A read that outlives
-its deadline (a whole source hung: NVML's re-init, a stuck scrape) is counted
-as a ``timeout`` for every GPU once per deadline and waited for, never stacked
-behind; the loop goes on ticking meanwhile. The worker is a daemon thread, so
-a call hung in a driver cannot keep the process from exiting. The schedule is
-drift-free: each tick aims at ``start + k / hz``, and a late tick is not
-made up with a burst. Samples go through the reconciler (per GPU) and then
-to a sink; the real interval between reads is measured and kept, because
-the asked-for rate is not the achieved one.
+Reads run in one daemon thread on its own drift-free clock (a
+:class:`~sidecar.power.deadline.Poller`: each tick aims at ``start + k / hz``,
+and a late tick is not made up with a burst), which calls the source inline and
+hands each batch to the event loop: one timer wake and one hand-over per poll,
+the least a poll can cost, because on a small VM each wake-up of an idle thread
+costs more than the read. NVML calls block, sometimes for milliseconds, so the
+proxy never waits on the driver.
+
+A watchdog on the loop looks at the read in flight, lazily (once per deadline,
+not per read). A read that outlives the sampler's deadline (a whole source
+hung: a stuck scrape) is counted as a ``timeout`` for every GPU once per
+deadline and waited for, never stacked behind; its late result is used. A
+source that allows reads beside a stuck call (``read_deadline_s``: NvmlSource,
+whose every GPU reads in turn) gets more: a read stuck past that deadline is
+abandoned, a fresh poller goes on at the same rate, and the source reports the
+GPU whose call hangs as ``timeout`` until it returns, so the other GPUs keep
+their rate. Samples go through the reconciler (per GPU) and then to a sink; the
+real interval between reads is measured and kept, because the asked-for rate
+is not the achieved one.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import structlog
 
 from sidecar.ledger.core import GAP_PERIODS
 from sidecar.power.base import ErrorReason, GpuInfo, PowerSample, PowerSource, ReadError
-from sidecar.power.deadline import Worker
+from sidecar.power.deadline import Poller
+from sidecar.power.deadline import read_deadline_s as read_deadline_s_of
 from sidecar.reconcile import Reconciler
 
 log = structlog.get_logger("sidecar.sampler")
@@ -32,6 +42,9 @@ log = structlog.get_logger("sidecar.sampler")
 MAX_HZ = 100.0
 MIN_READ_DEADLINE_S = 2.0
 """A read is late after this long, or after five sample periods if that is longer."""
+MAX_ABANDONED_READS = 16
+"""Reads left stuck in a source at once, at most; past it the sampler waits, as for any source
+(each stuck NVML read holds one GPU, so a hang on every GPU stays within this)."""
 
 
 @dataclass(slots=True)
@@ -73,50 +86,96 @@ class Sampler:
         gap_after_s = GAP_PERIODS * self._period_s  # a longer silence is a gap, not a window
         self._reconcilers = {g.gpu: Reconciler(gap_after_s=gap_after_s) for g in gpus}
         self.stats = SamplerStats(samples=dict.fromkeys(self._reconcilers, 0))
-        self._worker: Worker[list[PowerSample | ReadError]] = Worker("power-source")
         self._read_deadline_s = (
             read_deadline_s
             if read_deadline_s is not None
             else max(MIN_READ_DEADLINE_S, 5 * self._period_s)
         )
+        own_s = read_deadline_s_of(source)
+        self._can_abandon = own_s is not None  # reads may run beside a stuck one
+        self._takeover_after_s = (
+            self._read_deadline_s if own_s is None else min(own_s, self._read_deadline_s)
+        )
+        self._poller: Poller[list[PowerSample | ReadError]] | None = None
+        self._abandoned: list[Poller[list[PowerSample | ReadError]]] = []
+        self._late_booked_s: float | None = None  # when the read in flight was last counted late
         self._last_read_s: float | None = None
         self._logged_errors: set[tuple[str, ErrorReason]] = set()
 
     async def run(self) -> None:
         """Sample until cancelled."""
-        next_s = self._clock()
-        pending: asyncio.Future[list[PowerSample | ReadError]] | None = None
+        loop = asyncio.get_running_loop()
+        self._start_poller(loop)
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.wrap_future(self._worker.submit(self._source.read))
-                done, _ = await asyncio.wait({pending}, timeout=self._read_deadline_s)
-                if not done:  # still inside the source: count it, keep waiting for that read
-                    log.warning("sampler.read_late", waited_s=self._read_deadline_s)
-                    batch: list[PowerSample | ReadError] = [
-                        ReadError(g, "timeout") for g in self._reconcilers
-                    ]
-                else:
-                    finished, pending = pending, None
-                    try:
-                        batch = finished.result()
-                    except Exception:  # a source bug must not kill metering; count and go on
-                        log.exception("sampler.read_failed")
-                        batch = [ReadError(g, "unknown") for g in self._reconcilers]
-                try:
-                    self.ingest(batch)
-                except (
-                    Exception
-                ):  # a failing sink (a full disk under --record) must not stop metering
-                    log.exception("sampler.sink_failed")
-                next_s += self._period_s
-                now = self._clock()
-                if next_s < now:  # fell behind (slow driver): skip, don't burst
-                    next_s = now
-                if done:
-                    await asyncio.sleep(next_s - now)
+            while True:  # noqa: ASYNC110 (the watchdog: a timer, about once per deadline)
+                await asyncio.sleep(self._watch(loop))
         finally:
-            self._worker.stop()
+            self._stop_pollers()
+
+    def _start_poller(self, loop: asyncio.AbstractEventLoop) -> None:
+        def deliver(outcome: list[PowerSample | ReadError] | BaseException) -> None:
+            loop.call_soon_threadsafe(self._on_read, poller, outcome)
+
+        poller = Poller(
+            "power-source", self._source.read, deliver, period_s=self._period_s, clock=self._clock
+        )
+        self._poller = poller
+        self._late_booked_s = None
+        poller.start()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> float:
+        """Look at the read in flight; returns how long to sleep before the next look."""
+        self._abandoned = [p for p in self._abandoned if p.busy_since_s is not None]
+        poller = self._poller
+        busy_since_s = None if poller is None else poller.busy_since_s
+        if poller is None or busy_since_s is None:
+            return self._takeover_after_s
+        now = self._clock()
+        may_abandon = self._can_abandon and len(self._abandoned) < MAX_ABANDONED_READS
+        if may_abandon and now - busy_since_s >= self._takeover_after_s:
+            log.warning("sampler.read_abandoned", waited_s=round(now - busy_since_s, 3))
+            poller.abandon()
+            self._abandoned.append(poller)
+            self._start_poller(loop)
+            return self._takeover_after_s
+        late_since_s = busy_since_s if self._late_booked_s is None else self._late_booked_s
+        if now - late_since_s >= self._read_deadline_s:
+            # Still inside the source: count it, keep waiting for that read.
+            log.warning("sampler.read_late", waited_s=self._read_deadline_s)
+            self._late_booked_s = late_since_s = now
+            self._ingest_safely([ReadError(g, "timeout") for g in self._reconcilers])
+        due_s = late_since_s + self._read_deadline_s
+        if may_abandon:
+            due_s = min(due_s, busy_since_s + self._takeover_after_s)
+        return max(due_s - now, 0.001)
+
+    def _on_read(
+        self,
+        poller: Poller[list[PowerSample | ReadError]],
+        outcome: list[PowerSample | ReadError] | BaseException,
+    ) -> None:
+        """One read's outcome, on the loop thread."""
+        if poller is not self._poller or poller.abandoned:
+            return  # an abandoned read that returned at last: stale, dropped
+        self._late_booked_s = None
+        if isinstance(outcome, BaseException):  # a source bug must not kill metering
+            log.error("sampler.read_failed", exc_info=outcome)
+            outcome = [ReadError(g, "unknown") for g in self._reconcilers]
+        self._ingest_safely(outcome)
+
+    def _ingest_safely(self, batch: list[PowerSample | ReadError]) -> None:
+        try:
+            self.ingest(batch)
+        except Exception:  # a failing sink (a full disk under --record) must not stop metering
+            log.exception("sampler.sink_failed")
+
+    def _stop_pollers(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+        for poller in self._abandoned:
+            poller.stop()
+        self._abandoned = []
 
     def ingest(self, batch: list[PowerSample | ReadError]) -> None:
         """Account one read and forward its reconciled samples (also used by tests)."""
@@ -168,4 +227,4 @@ class Sampler:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._worker.stop()
+            self._stop_pollers()

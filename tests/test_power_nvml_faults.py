@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from fake_pynvml import FakeGpu, FakeNvml
 
 from sidecar.power.backoff import Backoff
 from sidecar.power.base import GpuInfo, PowerSample, ReadError
+from sidecar.power.deadline import read_deadline_s
 from sidecar.power.nvml import NvmlSource
+from sidecar.power.share import SharedSource
 from sidecar.reconcile import Reconciler
 from sidecar.sampler import Sampler
 
@@ -58,68 +61,86 @@ def wait_until(predicate: object, timeout_s: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+class Stuck:
+    """A read on its own thread that hangs inside the driver until the test lets it go."""
+
+    def __init__(self, source: NvmlSource, gpu: FakeGpu) -> None:
+        self.gate = threading.Event()
+        self.result: list[PowerSample | ReadError] | None = None
+        gpu.gate = self.gate
+        before = gpu.device_calls
+        self._thread = threading.Thread(target=self._read, args=(source,), daemon=True)
+        self._thread.start()
+        wait_until(lambda: gpu.device_calls == before + 1)  # inside the call, blocked
+        self._gpu = gpu
+
+    def _read(self, source: NvmlSource) -> None:
+        self.result = source.read()
+
+    def release(self) -> list[PowerSample | ReadError] | None:
+        self._gpu.gate = None
+        self.gate.set()
+        self._thread.join(timeout=5.0)
+        return self.result
+
+
 class TestHungCalls:
     def test_a_hung_gpu_does_not_stall_the_others(self) -> None:
-        """GPU 0 blocks inside NVML: GPU 1 still gives a sample, GPU 0 a `timeout` error."""
-        gate = threading.Event()
+        """GPU 0 blocks inside NVML: a read beside it gives GPU 1's sample and GPU 0 `timeout`."""
         nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
         clock = Clock()
         source = make(nvml, clock)
         source.open()
-        nvml.gpus[0].gate = gate
+        stuck = Stuck(source, nvml.gpus[0])
         try:
             clock.now_s += 0.1
             assert by_gpu(source.read()) == {"0": ["timeout"], "1": ["sample"]}
         finally:
-            gate.set()
+            stale = stuck.release()
             source.close()
+        assert stale == []  # the stuck read returned after another ran: stale, nothing given
 
     def test_no_call_is_queued_behind_a_hung_one(self) -> None:
         """While GPU 0's call hangs, later polls skip it; once it returns, it is read again."""
-        gate = threading.Event()
         nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
         clock = Clock()
         source = make(nvml, clock, reinit_after=1000)
         source.open()
-        nvml.gpus[0].gate = gate
         before = nvml.gpus[0].device_calls
+        stuck = Stuck(source, nvml.gpus[0])
         for _ in range(4):
             clock.now_s += 0.1
-            assert by_gpu(source.read())["0"] == ["timeout"]
+            assert by_gpu(source.read()) == {"0": ["timeout"], "1": ["sample"]}
         assert nvml.gpus[0].device_calls == before + 1  # the one hung call, nothing behind it
-        nvml.gpus[0].gate = None
-        gate.set()
-        wait_until(lambda: nvml.gpus[0].device_calls >= before + 2)  # the hung read finishes
+        stuck.release()
         clock.now_s += 0.1
-        wait_until(lambda: by_gpu(source.read())["0"] == ["sample"])
+        assert by_gpu(source.read()) == {"0": ["sample"], "1": ["sample"]}
         source.close()
 
     def test_no_reinit_while_a_call_is_inside_the_driver(self) -> None:
         """A hung GPU counts as failing, but NVML is never shut down under a running call."""
-        gate = threading.Event()
         nvml = FakeNvml([FakeGpu(UUID0)])
         clock = Clock()
         source = make(nvml, clock, reinit_after=2)
         source.open()
-        nvml.gpus[0].gate = gate
+        stuck = Stuck(source, nvml.gpus[0])
         try:
             for _ in range(6):
                 clock.now_s += 1.0
-                source.read()
+                assert by_gpu(source.read()) == {"0": ["timeout"]}
             assert nvml.shutdown_count == 0
         finally:
-            gate.set()
+            stuck.release()
             source.close()
 
     def test_timeouts_are_counted_by_the_sampler(self) -> None:
-        """The sampler books a hung read under sampler_errors reason `timeout`."""
-        gate = threading.Event()
+        """The sampler books a hung GPU's reads under sampler_errors reason `timeout`."""
         nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
         clock = Clock()
         source = make(nvml, clock, reinit_after=1000)
         gpus = source.open()
-        nvml.gpus[1].gate = gate
         sampler = Sampler(source, gpus, hz=10, sink=lambda s: None, clock=clock)
+        stuck = Stuck(source, nvml.gpus[1])
         try:
             for _ in range(3):
                 clock.now_s += 0.1
@@ -127,9 +148,58 @@ class TestHungCalls:
             assert sampler.stats.errors[("1", "timeout")] == 3
             assert sampler.stats.samples["0"] == 3
         finally:
-            gate.set()
+            stuck.release()
             source.close()
             sampler.close()
+
+    def test_the_read_deadline_reaches_the_sampler_through_a_share(self) -> None:
+        """NVML's per-GPU deadline is what the sampler abandons a stuck read at, --gpu-share too."""
+        source = make(FakeNvml([FakeGpu(UUID0)]), Clock(), timeout_s=0.25)
+        assert read_deadline_s(source) == 0.25
+        assert read_deadline_s(SharedSource(source, 0.5)) == 0.25
+        assert read_deadline_s(object()) is None
+
+
+async def test_the_sampler_keeps_the_other_gpus_at_rate_while_one_hangs() -> None:
+    """Through the real sampler: GPU 1 hangs in NVML; its read is abandoned at the deadline,
+    GPU 0 keeps coming at the sampling rate, GPU 1 counts `timeout` with one call stuck and
+    none stacked, and reads again once the call returns."""
+    nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
+    source = NvmlSource(None, nvml=nvml, env={}, read_timeout_s=0.05, reinit_after=10_000)
+    gpus = source.open()
+    sampler = Sampler(source, gpus, hz=50, sink=lambda s: None)
+    task = asyncio.create_task(sampler.run())
+    gate = threading.Event()
+    hung = nvml.gpus[1]
+
+    async def until(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 10.0
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    try:
+        await until(lambda: sampler.stats.samples["1"] >= 3, "no samples before the hang")
+        hung.gate = gate
+        before = hung.device_calls
+        await until(lambda: hung.device_calls > before, "GPU 1 never called")
+        samples_0 = sampler.stats.samples["0"]
+        await until(lambda: sampler.stats.errors.get(("1", "timeout"), 0) >= 10, "no timeouts")
+        assert sampler.stats.samples["0"] >= samples_0 + 10  # GPU 0 read all along
+        assert hung.device_calls == before + 1  # one call stuck, nothing queued behind it
+        assert ("0", "timeout") not in sampler.stats.errors
+        threads = [t for t in threading.enumerate() if t.name == "power-source"]
+        assert len(threads) == 2  # the stuck read's thread and the one that went on
+        hung.gate = None
+        gate.set()
+        samples_1 = sampler.stats.samples["1"]
+        await until(lambda: sampler.stats.samples["1"] > samples_1 + 3, "GPU 1 did not resume")
+    finally:
+        gate.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        source.close()
 
 
 class TestReinit:

@@ -1,138 +1,117 @@
-"""Per-GPU reads with a deadline, so one hung driver call cannot stall the others.
+"""A polling thread on its own clock, that a watchdog can abandon while it hangs.
 
-An NVML call can block for seconds or for good (a GPU falling off the bus, a
-driver in recovery). Each GPU therefore reads in its own worker thread, and a
-poll waits for all of them only up to a deadline. A GPU whose call outlives it
-is *hung*: its thread is left to finish (a Python thread cannot be killed), no
-new call is queued behind it, and every poll reports it as timed out until the
-call returns. What a late call returns is stale by then and is dropped.
+A blocking read (an NVML call, a dcgm scrape) can hang for seconds or for good.
+The sampler therefore reads in a :class:`Poller`: one daemon thread that waits
+for its next tick, calls the read inline and hands the result on. Nothing is
+handed to another thread per read and nothing waits on a future, because on a
+small VM each wake-up of an idle thread costs more CPU than the read itself:
+one timer wake in the poller and one hand-over to the event loop is the least a
+poll can cost.
 
-The workers are daemon threads, not a ``ThreadPoolExecutor``: the executor's
-threads are joined at interpreter exit, so one call hung in the driver would
-keep the sidecar from ever exiting on SIGTERM.
+Whoever owns the poller watches :attr:`Poller.busy_since_s`. A read that has been
+inside the source too long is *hung*: the owner may :meth:`~Poller.abandon` that
+poller (its thread is left to finish, a Python thread cannot be killed, and
+whatever it returns then is dropped) and start a fresh one, so the next reads go
+on beside the stuck call. A source that allows this says how long one of its
+calls may take (``read_deadline_s``, see :func:`read_deadline_s`) and skips
+whatever is still stuck (NvmlSource: the GPU whose call hangs reads ``timeout``).
+
+Daemon threads, not a ``ThreadPoolExecutor``: the executor's threads are joined at
+interpreter exit, so one call hung in a driver would keep the sidecar from ever
+exiting on SIGTERM.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import queue
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["DeadlineReader", "TimedOut", "Worker"]
+__all__ = ["Poller", "read_deadline_s"]
 
 T = TypeVar("T")
 
 
-class TimedOut:
-    """The marker for a key whose call is still running past the deadline."""
+def read_deadline_s(source: object) -> float | None:
+    """How long one call of ``source`` may hang before a read may run beside it, if it says.
 
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "TIMED_OUT"
-
-
-TIMED_OUT = TimedOut()
-
-
-class DeadlineReader(Generic[T]):
-    """Runs one blocking call per key in that key's own thread, bounded by ``timeout_s``."""
-
-    def __init__(self, timeout_s: float, *, thread_name_prefix: str = "power-read") -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"read timeout must be positive, got {timeout_s} s")
-        self._timeout_s = timeout_s
-        self._prefix = thread_name_prefix
-        self._workers: dict[str, Worker[T]] = {}
-        self._hung: dict[str, Future[T]] = {}
-
-    @property
-    def timeout_s(self) -> float:
-        return self._timeout_s
-
-    def hung(self, key: str) -> bool:
-        """Whether ``key``'s last call is still running past its deadline."""
-        future = self._hung.get(key)
-        if future is None:
-            return False
-        if future.done():
-            del self._hung[key]  # returned at last: its result is stale, drop it
-            return False
-        return True
-
-    def idle(self) -> bool:
-        """No call is outstanding on any key (safe to shut the library down)."""
-        return not any(self.hung(key) for key in list(self._hung))
-
-    def run(self, calls: Mapping[str, Callable[[], T]]) -> dict[str, T | TimedOut]:
-        """Start every call whose key is not hung, and wait for them up to the deadline.
-
-        A call that raises re-raises here, for its key's caller to translate; a
-        call still running at the deadline (or a key still hung from an earlier
-        poll) maps to :data:`TIMED_OUT`.
-        """
-        started: dict[str, Future[T]] = {}
-        out: dict[str, T | TimedOut] = {}
-        for key, call in calls.items():
-            if self.hung(key):
-                out[key] = TIMED_OUT
-                continue
-            started[key] = self._worker(key).submit(call)
-        if started:
-            concurrent.futures.wait(started.values(), timeout=self._timeout_s)
-        for key, future in started.items():
-            if future.done():
-                out[key] = future.result()
-            else:
-                self._hung[key] = future
-                out[key] = TIMED_OUT
-        return {key: out[key] for key in calls}
-
-    def close(self) -> None:
-        """Stop the threads; a hung one is abandoned, not waited for."""
-        for worker in self._workers.values():
-            worker.stop()
-        self._workers.clear()
-        self._hung.clear()
-
-    def _worker(self, key: str) -> Worker[T]:
-        worker = self._workers.get(key)
-        if worker is None:
-            worker = self._workers[key] = Worker(f"{self._prefix}-{key}")
-        return worker
+    Wrappers that keep the wrapped source as ``inner`` (``--gpu-share``) pass it through.
+    """
+    seen = 0
+    while source is not None and seen < 8:  # a wrapper chain, never a cycle in practice
+        value = getattr(source, "read_deadline_s", None)
+        if isinstance(value, int | float) and value > 0:
+            return float(value)
+        source = getattr(source, "inner", None)
+        seen += 1
+    return None
 
 
-class Worker(Generic[T]):
-    """One daemon thread running calls in order, each answered by a Future; ``stop`` ends it.
+class Poller(Generic[T]):
+    """Calls ``read`` at ``start + k * period_s`` in a daemon thread and hands each outcome to
+    ``deliver`` (the value, or the exception it raised).
 
-    A daemon thread, unlike an executor's, is not joined at interpreter exit,
-    so a call hung in a driver never keeps the process alive.
+    Drift-free: a late tick is not made up with a burst, the schedule moves on
+    from now. ``deliver`` runs in the poller's thread; an exception out of it
+    ends the poller (the loop it hands to is gone). ``clock`` is the monotonic
+    clock in seconds the schedule is kept on.
     """
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[[], T], Future[T]] | None] = (
-            queue.SimpleQueue()
-        )
+    def __init__(
+        self,
+        name: str,
+        read: Callable[[], T],
+        deliver: Callable[[T | BaseException], None],
+        *,
+        period_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        if period_s <= 0:
+            raise ValueError(f"poll period must be positive, got {period_s} s")
+        self._read = read
+        self._deliver = deliver
+        self._period_s = period_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._abandoned = False
+        self.busy_since_s: float | None = None
+        """When the read now inside the source began (``clock`` seconds); None between reads."""
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
-    def submit(self, call: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
-        self._queue.put((call, future))
-        return future
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> None:
+        """Give up on the read in flight: its outcome is dropped and the thread ends after it."""
+        self._abandoned = True
+        self._stop.set()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        """End after the current read, if any; a hung one is not waited for."""
+        self._stop.set()
 
     def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            call, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
+        next_s = self._clock()
+        while not self._stop.is_set():
+            self.busy_since_s = self._clock()
+            outcome: T | BaseException
             try:
-                future.set_result(call())
-            except BaseException as e:  # handed to the poller, which translates it
-                future.set_exception(e)
+                outcome = self._read()
+            except Exception as e:  # handed on: the owner counts it, the poller goes on
+                outcome = e
+            self.busy_since_s = None
+            if self._abandoned or self._stop.is_set():
+                return  # a late outcome is stale; the owner moved on without it
+            try:
+                self._deliver(outcome)
+            except Exception:  # the receiver is gone (a closed event loop): nothing to poll for
+                return
+            next_s += self._period_s
+            now = self._clock()
+            if next_s < now:  # fell behind (slow driver): skip, don't burst
+                next_s = now
+            self._stop.wait(next_s - now)

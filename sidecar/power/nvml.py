@@ -17,9 +17,13 @@ offset taken at open. NVML exceptions stop at this boundary: start-up failures
 become :class:`PowerSourceError`, per-read failures a :class:`ReadError` for
 that GPU alone.
 
-Faults that last: each GPU reads in its own thread with a deadline
-(:mod:`sidecar.power.deadline`), so a hung call costs that GPU alone (reason
-``timeout``). After ``reinit_after`` reads in a row without a power sample on
+Faults that last: a read calls every GPU in turn, inline in the caller's
+thread (a hand-off per GPU and read cost more CPU than the reads). A call that
+hangs holds that GPU: a read that runs beside it (the sampler abandons a read
+stuck past :attr:`NvmlSource.read_deadline_s` and starts another, see
+:mod:`sidecar.power.deadline`) skips that GPU with reason ``timeout`` until the
+call returns, and the stuck read, once it returns, gives nothing back (it is
+stale by then). So a hung call costs that GPU alone. After ``reinit_after`` reads in a row without a power sample on
 some GPU (lost from the bus, a driver reload, NVML uninitialised under us),
 NVML is shut down, started again and every GPU re-resolved by its UUID, on a
 capped exponential backoff with jitter, never while a hung call is still
@@ -33,7 +37,6 @@ package imports (and the other power sources work) where no driver exists.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import suppress
@@ -51,7 +54,6 @@ from sidecar.power.base import (
     PowerSourcePending,
     ReadError,
 )
-from sidecar.power.deadline import DeadlineReader, TimedOut
 from sidecar.power.nvml_lib import (
     import_pynvml,
     processes,
@@ -82,7 +84,8 @@ _US_PER_S = 1_000_000
 # the monotonic one since the last anchor (an NTP step, a VM resumed).
 _MAX_CLOCK_SKEW_S = 0.5
 READ_TIMEOUT_S = 0.5
-"""Longest wait for one GPU's read; calls normally take micro- to milliseconds."""
+"""Longest wait for one GPU's read before a read may run beside it; calls normally take
+micro- to milliseconds."""
 REINIT_AFTER_READS = 10
 """Reads in a row without a power sample on a GPU before NVML is re-initialised."""
 
@@ -137,9 +140,11 @@ class NvmlSource:
         reinit_after: int = REINIT_AFTER_READS,
         backoff: Backoff | None = None,
     ) -> None:
-        self._reader: DeadlineReader[list[PowerSample | ReadError]] = DeadlineReader(
-            read_timeout_s, thread_name_prefix="nvml-gpu"
-        )
+        if read_timeout_s <= 0:
+            raise ValueError(f"read timeout must be positive, got {read_timeout_s} s")
+        self._read_timeout_s = read_timeout_s
+        self._in_call: dict[str, object] = {}  # GPU label -> the read now inside the driver for it
+        self._current_read: object | None = None  # the newest read; an older one is stale
         self._reinit_after = max(1, reinit_after)
         self._backoff = backoff if backoff is not None else Backoff(clock=clock)
         self.reinits = 0
@@ -156,6 +161,11 @@ class NvmlSource:
         self._anchor_wall_us = 0
         self._logged_failures: set[tuple[str, str]] = set()
         self._namespace_shared = False  # discovery saw other processes of this pod
+
+    @property
+    def read_deadline_s(self) -> float:
+        """How long one GPU's call may hang before a read may run beside it (that GPU skipped)."""
+        return self._read_timeout_s
 
     @property
     def capabilities(self) -> Mapping[str, NvmlCapabilities]:
@@ -191,19 +201,32 @@ class NvmlSource:
         return [g.info for g in self._gpus]
 
     def read(self) -> list[PowerSample | ReadError]:
-        """Poll every GPU once; a GPU that fails yields a :class:`ReadError`, the others carry on."""
+        """Poll every GPU once; a GPU that fails yields a :class:`ReadError`, the others carry on.
+
+        Blocks while a GPU's call hangs; a read from another thread meanwhile skips
+        that GPU (``timeout``) and makes this one stale: it returns nothing.
+        """
         if not self._initialised:
             raise RuntimeError("NvmlSource.read() called before open()")
+        token = self._current_read = object()
         if self._reinit_due():
             self._reinit()
         self._check_clock_anchor()
-        calls = {g.info.gpu: functools.partial(self._read_gpu_safe, g) for g in self._gpus}
-        results = self._reader.run(calls)
         out: list[PowerSample | ReadError] = []
+        in_call = self._in_call
         for gpu in self._gpus:
-            result = results[gpu.info.gpu]
-            if isinstance(result, TimedOut):
-                result = [self._timed_out(gpu.info.gpu)]
+            label = gpu.info.gpu
+            result: list[PowerSample | ReadError]
+            if label in in_call:  # an older read is still inside the driver on this GPU
+                result = [self._timed_out(label)]
+            else:
+                in_call[label] = token
+                try:
+                    result = self._read_gpu_safe(gpu)
+                finally:
+                    in_call.pop(label, None)
+                if self._current_read is not token:
+                    return []  # another read ran while this call hung: what it got is stale
             if any(isinstance(r, PowerSample) for r in result):
                 gpu.failed_reads = 0
             else:
@@ -219,7 +242,7 @@ class NvmlSource:
             return
         self._initialised = False
         self._gpus = []
-        self._reader.close()
+        self._in_call.clear()  # a hung call is abandoned, not waited for
         nvml = self._nvml
         assert nvml is not None  # set by open() before _initialised
         try:
@@ -233,7 +256,7 @@ class NvmlSource:
         """A GPU failed long enough, the backoff allows a try, and no call is inside NVML."""
         if all(g.failed_reads < self._reinit_after for g in self._gpus):
             return False
-        return self._backoff.due() and self._reader.idle()
+        return self._backoff.due() and not self._in_call
 
     def _reinit(self) -> None:
         """Shut NVML down, start it again and re-resolve every GPU by its UUID."""
@@ -466,7 +489,7 @@ class NvmlSource:
     # -- read ---------------------------------------------------------------
 
     def _read_gpu_safe(self, gpu: _Gpu) -> list[PowerSample | ReadError]:
-        """One GPU's read in its worker thread; a bug here costs that GPU's read, not the poll."""
+        """One GPU's read; a bug here costs that GPU's read, not the poll."""
         try:
             return self._read_gpu(gpu)
         except Exception:
@@ -547,7 +570,7 @@ class NvmlSource:
         """A read that outlived its deadline; logged once per GPU until a re-init."""
         if (gpu, "timeout") not in self._logged_failures:
             self._logged_failures.add((gpu, "timeout"))
-            _log.warning("power.nvml.read_timed_out", gpu=gpu, timeout_s=self._reader.timeout_s)
+            _log.warning("power.nvml.read_timed_out", gpu=gpu, timeout_s=self._read_timeout_s)
         return ReadError(gpu=gpu, reason="timeout")
 
     def _failed(self, nvml: Any, gpu: str, error: Exception) -> ReadError:
