@@ -177,7 +177,7 @@ class Books:
             if dyn > 0.0:
                 self.prefill_fit.observe(prefill, decode, dyn, b - a)
                 self.step_model.observe(x, dyn, b - a)
-        modelled = self.step_model.weights(x, works, contexts)
+        modelled = self.step_model.weights(x, works, contexts, batched=self.paced)
         raw = modelled or [p * self.prefill_fit.ratio + d for p, d in works]
         n_inf = sum(informed)
         mean = (sum(raw) / n_inf) if n_inf else 1.0
@@ -229,11 +229,16 @@ class Books:
     def _work(self, r: Request, a: float, b: float, now: float) -> tuple[float, float, float]:
         """Prefill and decode tokens worked in [a, b]: :meth:`Request.work`, with a streamed
         prompt placed in the last ``tokens / rate`` seconds before its first token
-        (:class:`PrefillRate`), not over its whole wait. The third figure is the part of
-        the decode spread evenly from a total (not in the second)."""
+        (:class:`PrefillRate`), not over its whole wait. A server's own span (``paced``,
+        totals only) starts when the engine scheduled the request, which is when its
+        first prompt chunk ran (vLLM's ``time_in_queue`` ends there; chunked prefill
+        continues it in the next steps), so its prompt keeps its whole window: the
+        serving bench's code trace measured 10.2 -> 9.4 % median with it. The third
+        figure is the part of the decode spread evenly from a total (not in the second)."""
         rate = self.prefill_rate.tokens_per_s
         first = r.first_token_s
         totals_only = r.streamed == 0 and first is not None
+        scheduled = self.paced  # a server's own span starts where it scheduled the request
         prefill = decode = spread_total = 0.0
         for t0, t1, p, d in r.segments:
             if t1 <= a:
@@ -245,7 +250,7 @@ class Books:
                     p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
                 if a < t1 <= b:  # seen once per GPU: where the prompt ends
                     self.prefill_rate.observe(p, t1 - t0)
-                if rate is not None:
+                if rate is not None and not (scheduled and totals_only):
                     t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
             if t1 <= t0:  # all at one instant (spread()'s rule, inlined: this is the hot loop)
                 share = 1.0 if a < t0 <= b else 0.0

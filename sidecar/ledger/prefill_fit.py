@@ -92,14 +92,25 @@ class StepModel:
     P prompt tokens, D output tokens, K output tokens times their context (in
     thousands), and S steps: in a piece where n requests decode, every one
     emits about one token a step, so S = D/n. A piece's energy is then shared
-    by each request's part of that sum, the step cost split evenly among the
-    requests decoding (a prompt chunk rides on compute it needs anyway):
-    ``w = a*p + (b + s + c*ctx)*d`` with ``s = f*S/D = f/n``. Whether the step
-    cost of a mixed step belongs to its prompt tokens too cannot be told from
-    energy totals; charging it to decode only is the convention that holds on
-    both simulators (the step engine's, where every token in a step shares the
-    weight read, and the per-request one's, where no step cost exists). Until
-    the data can tell (:attr:`coef` is ``None``), or where the step model
+    by each request's part of that sum: ``w = a*p + (b + s + c*ctx)*d``. Who pays
+    the step cost of a step that carries prompt chunks cannot be told from
+    energy totals, so it depends on what the server is known to be:
+
+    * ``batched`` (the server's own spans: vLLM, a continuous batcher): every
+      token in a step uses the one weight read, so the step cost is split over
+      every token in the piece, prompt and output alike: ``s = f*S/(P+D)``, and
+      a prompt token weighs ``a + s``. Charged to decode only, output riding on
+      prompt chunks was overcharged: on the serving bench's code trace (long
+      prompts, a few decoding requests beside them) 14-token requests took two
+      to five times their energy (traces p90 34.0 -> 31.2 %, proxy p90
+      63.8 -> 46.4 % with the split).
+    * otherwise (a proxy in front of a server of unknown kind, a recording):
+      ``s = f*S/D = f/n``, decode only. A server that gives each request its
+      own draw (the plain per-request simulator) has no shared step cost, and
+      the S term it fits belongs to the requests decoding: the split by tokens
+      there took median error in ``attribute``'s test from 6 % to 16 %.
+
+    Until the data can tell (:attr:`coef` is ``None``), or where the step model
     explains the energy no better than prompt and output tokens alone, the
     weights are ``a*p + b*d`` from those two.
     """
@@ -140,15 +151,28 @@ class StepModel:
             self._fold()
 
     def weights(
-        self, x: list[float], works: list[tuple[float, float]], contexts: list[float]
+        self,
+        x: list[float],
+        works: list[tuple[float, float]],
+        contexts: list[float],
+        *,
+        batched: bool = False,
     ) -> list[float] | None:
-        """Each request's share of a piece with features ``x``; ``None`` before the fit."""
+        """Each request's share of a piece with features ``x``; ``None`` before the fit.
+        ``batched``: the server is known to batch continuously, so prompt tokens share
+        the step cost (see the class docstring)."""
         if self.coef is None:
             return None
         a, b, c, f = self.coef
-        s = f * x[3] / x[1] if x[1] > 0 else 0.0
+        if x[1] <= 0:
+            s = 0.0
+        elif batched:
+            s = f * x[3] / (x[0] + x[1])
+        else:
+            s = f * x[3] / x[1]
+        sp = s if batched else 0.0
         return [
-            a * p + (b + s + c * ctx / CONTEXT_UNIT) * d
+            (a + sp) * p + (b + s + c * ctx / CONTEXT_UNIT) * d
             for (p, d), ctx in zip(works, contexts, strict=True)
         ]
 
