@@ -341,3 +341,30 @@ async def test_hundreds_of_large_requests_stay_bounded_on_the_relay(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def test_relay_proxy_also_serves_an_aiohttp_front(
+    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory
+) -> None:
+    """With the relay selected, `Sidecar.proxy_app()` (aiohttp) still proxies, byte for byte."""
+    server = await aiohttp_server(create_upstream())
+    sidecar = Sidecar(
+        Settings(upstream=str(server.make_url("/")), power_source="simulated", data_plane="relay"),
+        env={},
+    )
+    await sidecar.start()
+    try:
+        assert isinstance(sidecar.proxy, RelayProxy)
+        front = await aiohttp_client(sidecar.proxy_app())
+        body = {**CHAT, "stream": True}
+        async with (
+            aiohttp.ClientSession() as direct,
+            direct.post(server.make_url("/v1/chat/completions"), json=body) as d,
+        ):
+            expected = await d.read()
+        r = await front.post("/v1/chat/completions", json=body)
+        assert await r.read() == expected
+        r = await front.post("/v1/chat/completions", json=CHAT)
+        assert (await r.json())["usage"]["completion_tokens"] == 5
+    finally:
+        await sidecar.stop()

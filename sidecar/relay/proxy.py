@@ -22,8 +22,7 @@ from multidict import CIMultiDict
 from sidecar.config import split_host_port
 from sidecar.relay.server import RelayRequest, RelayResponse, RelayServer
 from sidecar.relay.upstream import Body, UpstreamPool
-from sidecar.tracking.proxy import READ_BYTES, Proxy
-from sidecar.tracking.receipts import small_reads
+from sidecar.tracking.proxy import Proxy
 
 
 class RelayProxy(Proxy):
@@ -36,7 +35,7 @@ class RelayProxy(Proxy):
         self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
-        small_reads(READ_BYTES)  # as Proxy.start: bounded socket reads per connection
+        await super().start()  # the aiohttp session, for requests from an aiohttp front
         timeout = self._timeout
         self._pool = UpstreamPool(
             self._upstream,
@@ -48,6 +47,7 @@ class RelayProxy(Proxy):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        await super().close()
 
     async def _send(
         self,
@@ -56,10 +56,16 @@ class RelayProxy(Proxy):
         length: int | None,
         headers: CIMultiDict[str],
     ) -> aiohttp.ClientResponse:
-        """The request to the upstream; the answer stands in for aiohttp's ClientResponse."""
+        """The request to the upstream; the answer stands in for aiohttp's ClientResponse.
+
+        A request from an aiohttp front (``Sidecar.proxy_app()``) goes out
+        through aiohttp's session, as on the aiohttp data plane.
+        """
+        if not isinstance(request, RelayRequest):
+            return await super()._send(request, body, length, headers)
         if self._pool is None:
             raise RuntimeError("RelayProxy.start() was not awaited")
-        relay = cast(RelayRequest, request)
+        relay = request
         if length is not None:
             headers["Content-Length"] = str(length)
         # no local name for the body: this frame must not keep it while the answer is awaited

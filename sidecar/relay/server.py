@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 import httptools
 import structlog
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.relay.streams import BodyStream
@@ -31,7 +32,6 @@ log = structlog.get_logger("sidecar.relay")
 Handler = Callable[["RelayRequest"], Awaitable[Any]]
 MAX_QUEUED: Final = 2
 """Pipelined requests parsed ahead of the one being answered before the connection stops reading."""
-_REASONS: Final = {200: "OK", 500: "Internal Server Error", 502: "Bad Gateway"}
 
 
 class RelayRequest:
@@ -76,25 +76,17 @@ class RelayRequest:
             self.content.feed_eof()
 
 
-class RelayResponse:
-    """A response written as the handler goes: head with the first bytes, then the body framed."""
+class RelayResponse(web.StreamResponse):
+    """A response written as the handler goes: head with the first bytes, then the body framed.
 
-    __slots__ = (
-        "_chunked",
-        "_conn",
-        "_done",
-        "_head",
-        "_no_body",
-        "_remaining",
-        "headers",
-        "reason",
-        "status",
-    )
+    Prepared on a :class:`RelayRequest` it writes to the relay's connection;
+    prepared on an aiohttp request (``Sidecar.proxy_app()``, which embedders
+    and tests mount) it is the ``web.StreamResponse`` it derives from, so
+    one proxy serves both fronts.
+    """
 
     def __init__(self, *, status: int = 200, reason: str | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        super().__init__(status=status, reason=reason)
         self._conn: ClientConnection | None = None
         self._head = b""  # written with the first body bytes (one send, as aiohttp does)
         self._chunked = False
@@ -103,22 +95,15 @@ class RelayResponse:
         self._done = False
 
     @property
-    def prepared(self) -> bool:
+    def relayed(self) -> bool:
+        """Whether it was prepared on the relay's connection (and writes there)."""
         return self._conn is not None
 
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None else None
-
-    @content_length.setter
-    def content_length(self, value: int | None) -> None:
-        if value is None:
-            self.headers.popall("Content-Length", None)
-        else:
-            self.headers["Content-Length"] = str(value)
-
-    async def prepare(self, request: RelayRequest) -> None:
+    async def prepare(self, request: Any) -> Any:
+        if not isinstance(request, RelayRequest):
+            return await super().prepare(request)
+        if self._conn is not None:
+            return None
         conn = request.conn
         self._conn = conn
         status, headers = self.status, self.headers
@@ -137,8 +122,7 @@ class RelayResponse:
                 self._chunked = True
         if not request.keep_alive:
             conn.keep_alive = False
-        reason = self.reason or _REASONS.get(status, "OK")
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason.encode("latin-1", "replace"))]
         for name, value in headers.items():
             lines.append(
                 name.encode("utf-8", "surrogateescape")
@@ -154,26 +138,34 @@ class RelayResponse:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self._head = b"".join(lines)
+        return None
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
         if conn is None:
-            raise RuntimeError("RelayResponse.prepare() was not awaited")
+            await super().write(data)
+            return
         if not data or self._no_body:
             return
         if self._remaining is not None:
             self._remaining -= len(data)
+        out = bytes(data)
         if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+            out = b"%x\r\n%b\r\n" % (len(out), out)
         if self._head:
-            data, self._head = self._head + data, b""
-        conn.send(data)
+            out, self._head = self._head + out, b""
+        conn.send(out)
         if conn.paused:
             await conn.drain()
 
-    async def write_eof(self) -> None:
+    async def write_eof(self, data: bytes = b"") -> None:
         conn = self._conn
-        if conn is None or self._done:
+        if conn is None:
+            await super().write_eof(data)
+            return
+        if data:
+            await self.write(data)
+        if self._done:
             return
         self._done = True
         tail = b"0\r\n\r\n" if self._chunked else b""
@@ -343,8 +335,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             response = await self.handler(request)
             if isinstance(response, RelayResponse):
-                if not response.prepared:
-                    await response.prepare(request)
+                await response.prepare(request)  # a no-op once prepared
                 await response.write_eof()
             else:  # an aiohttp Response made whole by the handler (the proxy's 502)
                 await _send_whole(self, request, response)
@@ -352,9 +343,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         except Exception as e:
-            if (isinstance(response, RelayResponse) and response.prepared) or isinstance(
-                e, OSError
-            ):
+            if (isinstance(response, RelayResponse) and response.relayed) or isinstance(e, OSError):
                 self._close()  # mid-body: only a cut connection tells the client
             else:
                 log.exception("relay.handler_failed", path=request.path)
