@@ -1,0 +1,58 @@
+"""Who pays a step's cost when a prompt chunk shares it: the step model's two conventions."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.ledger.pieces import Books
+from sidecar.ledger.prefill_fit import StepModel
+from sidecar.ledger.requests import Request
+
+WORKS = [(0.0, 3.0), (0.0, 3.0), (1000.0, 0.0)]
+CONTEXTS = [500.0, 500.0, 0.0]
+
+
+def _model() -> StepModel:
+    m = StepModel()
+    m.coef = (0.02, 0.0, 0.0, 2.0)
+    return m
+
+
+def test_a_continuous_batcher_shares_the_step_cost_over_every_token() -> None:
+    """Batched: 3 steps x 2 J over 1,006 tokens, so the prompt pays most of it beside its own."""
+    x = StepModel.features(WORKS, CONTEXTS)
+    w = _model().weights(x, WORKS, CONTEXTS, batched=True)
+    assert w is not None
+    each = 6.0 / 1006.0
+    assert w[0] == w[1] == pytest.approx(3.0 * each)
+    assert w[2] == pytest.approx(1000.0 * (0.02 + each))
+    assert sum(w) == pytest.approx(6.0 + 20.0)  # the piece's modelled energy is unchanged
+
+
+def test_a_server_of_unknown_kind_charges_the_step_cost_to_decode() -> None:
+    """Not batched: the same piece's step cost goes to the two decoders only."""
+    x = StepModel.features(WORKS, CONTEXTS)
+    w = _model().weights(x, WORKS, CONTEXTS, batched=False)
+    assert w == pytest.approx([3.0, 3.0, 20.0])
+
+
+def test_a_prefill_only_piece_has_no_step_cost_to_share() -> None:
+    """With nothing decoding there are no counted steps: prompts weigh their tokens alone."""
+    works = [(300.0, 0.0), (100.0, 0.0)]
+    x = StepModel.features(works, [0.0, 0.0])
+    for batched in (True, False):
+        assert _model().weights(x, works, [0.0, 0.0], batched=batched) == pytest.approx([6.0, 2.0])
+
+
+def test_a_span_keeps_its_whole_prefill_window_a_stream_is_narrowed() -> None:
+    """Paced (server spans): a totals-only prompt spreads from its scheduling; a streamed
+    prompt is placed in the last tokens/rate seconds before its first token."""
+    books = Books()
+    books.prefill_rate.tokens_per_s = 1000.0
+    span = Request("s", "m", "chat", 0.0, 500.0, end_s=3.0, first_token_s=2.0)
+    span.segments.extend([(0.0, 2.0, 500.0, 0.0), (2.0, 3.0, 0.0, 10.0)])
+    books.paced = True
+    assert books._work(span, 0.0, 1.0, 3.0)[0] == pytest.approx(250.0)
+    books.paced = False
+    assert books._work(span, 0.0, 1.0, 3.0)[0] == pytest.approx(0.0)  # placed in [1.0, 2.0]
+    assert books._work(span, 1.0, 2.0, 3.0)[0] == pytest.approx(500.0)
