@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.ledger import FinishedRequest, Ledger
-from sidecar.ledger.held import HeldRequest, HeldSlots
+from sidecar.ledger.held import CLAIM_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
 
 REL = 1e-6
@@ -25,8 +25,9 @@ def _ledger(
     idle: float = 100.0,
     live: bool | None = None,
     grace_s: float = 0.0,
+    claim_s: float = CLAIM_S,
 ) -> Ledger:
-    return Ledger(
+    ledger = Ledger(
         [str(g) for g in range(gpus)],
         idle_watts={str(g): idle for g in range(gpus)},
         late_hold_s=hold_s,
@@ -35,6 +36,9 @@ def _ledger(
         slot_s=0.25,
         grace_s=grace_s,
     )
+    assert ledger.held is not None
+    ledger.held.claim_s = claim_s
+    return ledger
 
 
 def _measured(ledger: Ledger) -> float:
@@ -111,9 +115,10 @@ def test_span_after_the_hold_gets_nothing_and_the_energy_is_unattributed() -> No
 
 
 def test_counted_slots_settle_once_everyone_reported_not_at_the_hold() -> None:
-    """With the running count, a request is final as soon as every request that ran
-    beside it reported: identical requests share equally, long before the hold ends."""
-    ledger = _ledger(hold_s=600.0, counted=True)
+    """With the server's count, a request is final once its span came and its slots are
+    past the grace, not when its co-runners report: the one still to come weighs as the
+    mean meanwhile, and its span takes what was kept for it; nothing waits for the hold."""
+    ledger = _ledger(hold_s=600.0, counted=True, claim_s=2.0)
     _samples(ledger, 0.0, 6.0, 300.0)
     ledger.running(0.0, 6.0, 2)
     kw = {"model": "m", "start_s": 1.0, "first_token_s": 2.0, "end_s": 5.0,
@@ -121,11 +126,12 @@ def test_counted_slots_settle_once_everyone_reported_not_at_the_hold() -> None:
     ledger.place("a", **kw)  # type: ignore[arg-type]
     _samples(ledger, 6.1, 8.0, 100.0)
     ledger.running(6.0, 8.0, 0)
-    assert ledger.pop_finished() == []  # b ran too (the count said 2): a waits for it
+    [a] = ledger.pop_finished()  # b ran too (the count said 2): it weighs as a does
+    assert a.energy_j == pytest.approx(0.5 * 4.0 * 300.0, rel=REL)
     ledger.place("b", **kw)  # type: ignore[arg-type]
-    a, b = sorted(ledger.pop_finished(), key=lambda f: f.id)
-    assert a.energy_j == pytest.approx(b.energy_j, rel=REL)
-    assert a.energy_j + b.energy_j == pytest.approx(4.0 * 300.0, rel=REL)
+    [b] = ledger.pop_finished()
+    assert b.energy_j == pytest.approx(a.energy_j, rel=REL)
+    assert b.prefill_j == pytest.approx(a.prefill_j, rel=REL)
     # [0, 1) and [5, 6): the count's window is satisfied (both reported), neither ran
     # there, and no count said one ran all through it: standby
     assert ledger.held_j == pytest.approx(0.0, abs=1e-9)
@@ -225,6 +231,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "counted": draw(st.booleans()),
         "live": draw(st.booleans()),  # the count is the server's (observer), or the proxy's
         "grace_s": draw(st.sampled_from([0.0, 0.5, 6.0])),
+        "claim_s": draw(st.sampled_from([0.0, 0.5, 30.0])),
         # scrapes that never came (the observer missed one, or started late)
         "dropped": draw(st.sets(st.integers(0, 20), max_size=6)),
         "hold_s": draw(st.sampled_from([0.5, 2.0, 30.0])),
@@ -245,6 +252,7 @@ def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -
         live=bool(sc["live"]),
         grace_s=float(sc["grace_s"]),
         idle=float(sc["idle"]),
+        claim_s=float(sc["claim_s"]),
     )
     watts: list[float] = sc["watts"]
     reqs: list[dict[str, Any]] = sc["reqs"]
@@ -380,3 +388,100 @@ def test_a_span_with_a_wild_start_before_any_sample_costs_no_walk_over_its_windo
     )  # fmt: skip
     assert held.place(request)
     assert slots.gets < 1000
+
+
+# ------------------------------------------------- claims: final soon after the span
+def _scrape_each_second(ledger: Ledger, until_s: float, runs: list[tuple[float, float]]) -> None:
+    """Samples at 10 Hz (300 W, baseline 100 W) and the server's count each second."""
+    assert ledger.held is not None
+    t = ledger.held._now_s if ledger.held._now_s > 0 else 0.0
+    while t < until_s - 1e-9:
+        t = round(t + 0.1, 6)
+        for g in ledger.gpus:
+            ledger.sample(g, t, 300.0)
+        if round(t * 10) % 10 == 0:
+            t0 = t - 1.0
+            ran = sum(1 for a, b in runs if a < t and b > t0)
+            through = sum(1 for a, b in runs if a <= t0 and b >= t)
+            ledger.running(t0, t, ran, through)
+
+
+def test_a_short_request_beside_a_long_generation_is_final_at_the_claim() -> None:
+    """A short request that ran beside a 100 s generation is final ``claim_s`` after its
+    end, not when the long one reports: it takes its share with the long one weighing as
+    a stand-in; the long one's span later takes what was kept, and where the count says
+    it ran alone, all of it."""
+    ledger = _ledger(hold_s=900.0, counted=True, grace_s=6.0, claim_s=10.0)
+    runs = [(0.0, 100.0), (20.25, 20.75)]
+    _scrape_each_second(ledger, 22.0, runs)
+    ledger.place(
+        "short", model="m", start_s=20.25, first_token_s=20.5, end_s=20.75,
+        prompt_tokens=10, completion_tokens=10,
+    )  # fmt: skip
+    _scrape_each_second(ledger, 37.0, runs)  # 21 + 10 s claim + a scrape
+    [short] = ledger.pop_finished()
+    assert short.id == "short"
+    assert short.energy_j == pytest.approx(0.5 * 0.5 * 300.0, rel=REL)  # two ran: half
+    _scrape_each_second(ledger, 104.0, runs)
+    ledger.place(
+        "long", model="m", start_s=0.0, first_token_s=0.5, end_s=100.0,
+        prompt_tokens=10, completion_tokens=2000,
+    )  # fmt: skip
+    _scrape_each_second(ledger, 120.0, runs)
+    [long] = ledger.pop_finished()
+    assert long.energy_j == pytest.approx(99.9 * 300.0 - short.energy_j, rel=REL)
+    assert long.energy_j >= 0.0
+    assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-6)
+    assert _books(ledger, [short, long]) == pytest.approx(_measured(ledger), rel=REL)
+
+
+def test_a_co_runner_never_heard_from_leaves_its_kept_share_unattributed() -> None:
+    """Claimed with one co-runner still to report that never does: the placed request
+    keeps its half, the kept half is unattributed when the hold ends; a retried export
+    of the placed one changes nothing."""
+    ledger = _ledger(hold_s=40.0, counted=True, grace_s=1.0, claim_s=2.0)
+    runs = [(0.0, 4.0), (0.0, 4.0)]
+    _scrape_each_second(ledger, 5.0, runs)  # samples from 0.1 s: 3.9 s at 300 W by 4 s
+    kw = {"model": "m", "start_s": 0.0, "first_token_s": 0.0, "end_s": 4.0,
+          "prompt_tokens": 5, "completion_tokens": 5}  # fmt: skip
+    assert ledger.place("a", **kw)  # type: ignore[arg-type]
+    _scrape_each_second(ledger, 10.0, runs)
+    [a] = ledger.pop_finished()
+    assert a.energy_j == pytest.approx(0.5 * 3.9 * 300.0, rel=REL)
+    assert not ledger.place("a", **kw)  # type: ignore[arg-type]
+    _scrape_each_second(ledger, 50.0, runs)
+    assert ledger.pop_finished() == []
+    assert ledger.unattributed_j == pytest.approx(0.5 * 3.9 * 300.0, rel=REL)
+
+
+def test_without_a_count_nothing_is_claimed_before_the_hold() -> None:
+    """Traces alone: no count says who ran beside a request, so its slots wait for the
+    hold (an early split could give a later span's share to those heard first)."""
+    ledger = _ledger(hold_s=60.0, counted=False, grace_s=0.0, claim_s=0.0)
+    _samples(ledger, 0.0, 5.0, 300.0)
+    ledger.place(
+        "a", model="m", start_s=1.0, first_token_s=1.5, end_s=2.0,
+        prompt_tokens=5, completion_tokens=5,
+    )  # fmt: skip
+    _samples(ledger, 5.1, 50.0, 300.0)
+    assert ledger.pop_finished() == []
+    _samples(ledger, 50.1, 70.0, 300.0)
+    [a] = ledger.pop_finished()
+    assert a.energy_j == pytest.approx(1.0 * 300.0, rel=REL)
+
+
+def test_a_reused_request_id_is_a_second_request_not_a_retry() -> None:
+    """Two requests under one id (a client's reused ``X-Request-Id``) at different times
+    are both placed; a retried export of either (same id, same start) counts once."""
+    ledger = _ledger(hold_s=60.0)
+    _samples(ledger, 0.0, 10.0, 300.0)
+    first = {"model": "m", "start_s": 1.0, "first_token_s": 1.5, "end_s": 3.0,
+             "prompt_tokens": 5, "completion_tokens": 5}  # fmt: skip
+    second = {**first, "start_s": 5.0, "first_token_s": 5.5, "end_s": 6.0}
+    assert ledger.place("req-1", **first)  # type: ignore[arg-type]
+    assert ledger.place("req-1", **second)  # type: ignore[arg-type]
+    assert not ledger.place("req-1", **first)  # type: ignore[arg-type]
+    ledger.flush()
+    got = sorted((f.start_s, f.energy_j) for f in ledger.pop_finished())
+    assert [start for start, _ in got] == [1.0, 5.0]
+    assert [joules for _, joules in got] == pytest.approx([2.0 * 300.0, 1.0 * 300.0])

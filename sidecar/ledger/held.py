@@ -19,14 +19,26 @@ the mean of those placed: that energy goes to the unattributed bucket. Within a
 slot power is taken as constant, so a request that covers part of a slot takes
 its share of that part.
 
+A long generation must not hold up the requests that ran beside it, so a counted
+slot is claimed once it is ``claim_s`` old (30 s) with co-runners still to report
+(the count says how many): those placed take their shares now, fixed, each
+co-runner still to come weighing as a stand-in (the lightest placed one, or what
+the placed ones' work leaves unexplained by the fitted costs, whichever is more);
+the stand-ins' energy stays in the slot. A later span takes one stand-in's share
+of it, its prompt weighed against a stand-in's decoding; what no span takes goes
+to unattributed at the hold's end, or, once every count is satisfied, where an
+uncovered part of a settled slot goes. Without a count (traces alone) nothing
+says how many ran beside a request, so an early split could hand a later span's
+share to those heard first: those slots wait for the hold, as before.
+
 With the server's own count (``live_phases``), phases are booked once a slot is
 past the grace where the count shows a request ran through it (running at both
-scrapes, more than finished between them); otherwise they are booked when the
-slot settles, from what reported (a window's count cannot say which part of it
-ran requests). A request is final once every slot
-it ran in has settled; the ledger hands it out then. Conservation holds at every
-step: settled energy is in requests, ``idle_standby`` or unattributed; the rest
-is held (:attr:`held_j` in slots, :attr:`open_j` on requests not final yet).
+scrapes, more than finished between them); otherwise they are booked as shares
+are given, from what reported (a window's count cannot say which part of it ran
+requests). A request is final once every slot it ran in has settled or been
+claimed; the ledger hands it out then. Conservation holds at every step: settled
+energy is in requests, ``idle_standby`` or unattributed; the rest is held
+(:attr:`held_j` in slots, :attr:`open_j` on requests not final yet).
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from sidecar.ledger.held_request import HeldRequest, span_request
+from sidecar.ledger.held_request import HeldRequest, span_request, stand_in, weighs
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, Request
 
@@ -51,15 +63,22 @@ HOLD_S: Final = 900.0
 GRACE_S: Final = 6.0
 """A slot waits this long for reports before its phases are booked or it settles:
 vLLM's batch span exporter sends up to 5 s after a request ends."""
+CLAIM_S: Final = 30.0
+"""How long a slot waits for the co-runners its count saw before those placed take their
+shares with the rest estimated (:meth:`HeldSlots._claim`). On the serving bench (real
+arrival traces, batches of 14 to 24) claiming at the grace (6 s) cost 5 to 8 points of
+median per-request error, 10 s about 2, 20 s under 1, 30 s nothing: the split needs who
+ran beside, and the estimate is only as good as a guess at unseen work."""
 SEEN_KEEP: Final = 2.0
-"""Request ids are remembered for this many holds, so a retried export counts once."""
+"""Request ids (with their start) are kept this many holds: a retried export counts once."""
 
 
 class _Slot:
     """One slot of the grid."""
 
     __slots__ = (
-        "dyn_j", "idle_j", "k", "phased", "placed", "running", "settled", "sure", "waiting",
+        "absent", "claimed", "dyn_j", "idle_j", "k", "phased", "placed", "reps", "running",
+        "settled", "sure", "waiting",
     )  # fmt: skip
 
     def __init__(self, k: int) -> None:
@@ -72,6 +91,9 @@ class _Slot:
         self.phased = False  # its phases are booked already (the server's count)
         self.sure = False  # a count says some request ran through all of it
         self.settled = False
+        self.claimed = False  # past the grace: those placed took their shares, fixed
+        self.absent = 0  # once claimed: co-runners whose share is still in it
+        self.reps: tuple[_Report, ...] = ()  # the counts over it
 
 
 @dataclass(slots=True)
@@ -96,14 +118,18 @@ class HeldSlots:
     live_phases: bool = False
     """Whether the count is the server's own (the observer's): then phases follow it."""
     grace_s: float = GRACE_S
+    claim_s: float = CLAIM_S
+    """A counted slot whose co-runners have not all reported is claimed this long after
+    its end (:meth:`_claim`)."""
     _slots: dict[int, _Slot] = field(default_factory=dict)
     _first_k: int | None = None
     _last_k: int | None = None
     _close_k: int | None = None
+    _claim_k: int | None = None
     _waiting: list[HeldRequest] = field(default_factory=list)
     _reports: deque[_Report] = field(default_factory=deque)
-    _seen: dict[str, float] = field(default_factory=dict)
-    _seen_order: deque[tuple[float, str]] = field(default_factory=deque)
+    _seen: dict[tuple[str, float], float] = field(default_factory=dict)
+    _seen_order: deque[tuple[float, tuple[str, float]]] = field(default_factory=deque)
     _done_s: float = -INF
     _now_s: float = -INF
     _reported_s: float = -INF
@@ -181,18 +207,21 @@ class HeldSlots:
     def _apply(self, slot: _Slot, rep: _Report) -> None:
         slot.running = rep.running if slot.running is None else max(slot.running, rep.running)
         slot.sure = slot.sure or rep.through > 0
+        slot.reps += (rep,)
         if rep.heard < rep.running:
             slot.waiting += 1
 
     # ---------------------------------------------------------------- requests
     def place(self, held: HeldRequest) -> bool:
         """A request reported whole: it joins every held slot it ran in. A duplicate
-        report (a retried export) is ignored: returns False."""
+        report (a retried export: same id, same start) is ignored: returns False; an id
+        reused for another request (a client's ``X-Request-Id``) is another request."""
         req = held.req
-        if req.id in self._seen:
+        key = (req.id, req.start_s)
+        if key in self._seen:
             return False
-        self._seen[req.id] = req.end_s
-        self._seen_order.append((req.end_s, req.id))
+        self._seen[key] = req.end_s
+        self._seen_order.append((req.end_s, key))
         self._last_end_s = max(self._last_end_s, req.end_s)
         first, last = self._first_k, self._last_k
         k0 = self._k(held.heard_from_s)
@@ -210,6 +239,9 @@ class HeldSlots:
             if slot.settled:
                 t0 = k * self.slot_s
                 held.missed_s += max(0.0, min(req.end_s, t0 + self.slot_s) - max(req.start_s, t0))
+                continue
+            if slot.claimed:  # its share waits in the slot: taken now, fixed
+                self._take(slot, held)
                 continue
             slot.placed.append(held)
             held.open_slots += 1
@@ -237,10 +269,9 @@ class HeldSlots:
     def advance(self, now_s: float, done_s: float) -> None:
         """Time passed: ``done_s`` is how far every GPU has assigned its energy.
 
-        Slots past the grace book their phases (the server's count) and settle when
-        complete; slots older than the hold settle as they are. Each slot is visited
-        once on each path, so a call costs what changed.
-        """
+        Slots past the grace book their phases (the server's count), settle when complete
+        or are claimed; slots older than the hold settle as they are. Each slot is
+        visited once on each path, so a call costs what changed."""
         self._now_s = max(self._now_s, now_s)
         self._done_s = max(self._done_s, done_s)
         self._close_passed()
@@ -361,6 +392,23 @@ class HeldSlots:
                     self._book_phase(slot.idle_j, slot.dyn_j)
             k += 1
         self._close_k = k
+        if self.counted:
+            self._claim_passed()
+
+    def _claim_passed(self) -> None:
+        """Walk, in order, the slots past ``claim_s`` (and the grace) that the close walk
+        passed: claim those whose co-runners have not all reported (:meth:`_claim`)."""
+        first, close = self._first_k, self._close_k
+        if first is None or close is None:
+            return
+        k = first if self._claim_k is None else max(self._claim_k, first)
+        until = min(self._done_s, self._now_s - max(self.grace_s, self.claim_s))
+        while k < close and (k + 1) * self.slot_s <= until:
+            slot = self._slots.get(k)
+            if slot is not None and not (slot.settled or slot.claimed or slot.running is None):
+                self._claim(slot)
+            k += 1
+        self._claim_k = k
 
     def _settle_if_complete(self, slot: _Slot) -> bool:
         """A counted slot settles once its counts are satisfied, past the grace."""
@@ -376,28 +424,115 @@ class HeldSlots:
 
     def _settle(self, slot: _Slot) -> None:
         """Share the slot's energy among the requests placed in it (CONTRACT.md, Sharing)."""
+        if slot.claimed:
+            self._settle_claimed(slot)
+            return
         slot.settled = True
         self.held_j -= slot.idle_j + slot.dyn_j
-        t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
         placed = slot.placed
         missing = max(0, (slot.running or 0) - len(placed)) if slot.waiting else 0
+        t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
         if not any(r.req.start_s < t1 and r.req.end_s > t0 for r in placed) and not missing:
             if slot.phased:  # the count said it ran; what reported ran elsewhere
                 self.books.unattributed_j += slot.idle_j + slot.dyn_j
             else:
                 self.books.phase_j["idle_standby"] += slot.idle_j + slot.dyn_j
         else:
-            cuts = {t0, t1}
-            for r in placed:
-                for c in (r.req.start_s, r.req.first_token_s, r.req.end_s):
-                    if c is not None and t0 < c < t1:
-                        cuts.add(c)
-            absent = [_absent(slot.k, i, t0, t1) for i in range(missing)]
-            for a, b in itertools.pairwise(sorted(cuts)):
-                if b > a:
-                    frac = (b - a) / self.slot_s
-                    self._share_piece(slot, absent, a, b, slot.idle_j * frac, slot.dyn_j * frac)
-        for r in placed:
+            self._share_slot(slot, [stand_in(slot.k, i, t0, t1) for i in range(missing)])
+        self._let_go(slot)
+
+    def _claim(self, slot: _Slot) -> None:
+        """Past the grace with co-runners still to report (the server's count says how
+        many ran): those placed take their shares now, fixed, each co-runner still to come
+        weighing as the mean of those placed; what the co-runners would take stays in the
+        slot for their spans (:meth:`_take`). Phases are booked for what was shared."""
+        absent = self._absent_count(slot)
+        if absent == 0:
+            self._settle(slot)
+            return
+        slot.claimed = True
+        slot.absent = absent
+        t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
+        if any(r.req.start_s < t1 and r.req.end_s > t0 for r in slot.placed):
+            stand_ins = [stand_in(slot.k, i, t0, t1, attributable=True) for i in range(absent)]
+            before = slot.idle_j + slot.dyn_j
+            self._share_slot(slot, stand_ins)
+            idle_left = sum(r.idle_j for r in stand_ins)
+            dyn_left = sum(r.dynamic_j for r in stand_ins)
+            if not slot.phased:  # only what was shared is booked: the rest may be standby
+                self._book_phase(-idle_left, -dyn_left)
+            slot.idle_j, slot.dyn_j = idle_left, dyn_left
+            self.held_j -= before - idle_left - dyn_left
+        self._let_go(slot)
+
+    def _take(self, slot: _Slot, held: HeldRequest) -> None:
+        """A span for a claimed slot: one co-runner's share of what was kept, the idle part
+        by the time it covers, the dynamic part as its work weighs against a stand-in's
+        (decoding all through the slot), never more than is left."""
+        r = held.req
+        t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
+        cover = min(r.end_s, t1) - max(r.start_s, t0)
+        if cover <= 0.0:
+            return
+        n = max(1, slot.absent)
+        first = r.end_s if r.first_token_s is None else r.first_token_s
+        pre_s = max(0.0, min(first, t1) - max(r.start_s, t0))
+        prompt_w, decode_w = weighs(self.books, r, t0, t1, slot.running or 1)
+        if n == 1:  # the last one the count saw: what was kept is its own
+            decode_w = max(decode_w, cover / self.slot_s - prompt_w)
+        weight = prompt_w + decode_w
+        idle = slot.idle_j * cover / (n * self.slot_s)
+        dyn = slot.dyn_j * min(n, weight) / n  # a heavy prompt takes at most all
+        r.prefill_j += idle * pre_s / cover + (dyn * prompt_w / weight if weight > 0 else 0.0)
+        slot.idle_j -= idle
+        slot.dyn_j -= dyn
+        slot.absent = max(0, slot.absent - 1)
+        r.idle_j += idle
+        r.dynamic_j += dyn
+        self.held_j -= idle + dyn
+        self.open_j += idle + dyn
+        if not slot.phased:
+            self._book_phase(idle, dyn)
+        if r.booked:
+            self.books._add_model(r.model, idle, dyn)
+
+    def _settle_claimed(self, slot: _Slot) -> None:
+        """A claimed slot's end: every count satisfied (what no span took goes as a settled
+        slot's uncovered part) or the hold ended (never heard from: unattributed)."""
+        slot.settled = True
+        left = slot.idle_j + slot.dyn_j
+        self.held_j -= left
+        if slot.waiting > 0 or slot.phased:
+            if not slot.phased:
+                self._book_phase(slot.idle_j, slot.dyn_j)
+            self.books.unattributed_j += left
+        else:
+            self.books.phase_j["idle_standby"] += left
+
+    def _absent_count(self, slot: _Slot) -> int:
+        """Co-runners not reported: the most any count over it waits for, at most its count
+        less those placed in it."""
+        unheard = max((rep.running - rep.heard for rep in slot.reps), default=0)
+        return max(0, min(unheard, (slot.running or 0) - len(slot.placed)))
+
+    def _share_slot(self, slot: _Slot, absent: list[Request]) -> None:
+        """Share the slot among those placed and ``absent``, cut where any placed one
+        starts, reaches its first token or ends."""
+        t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
+        cuts = {t0, t1}
+        for r in slot.placed:
+            for c in (r.req.start_s, r.req.first_token_s, r.req.end_s):
+                if c is not None and t0 < c < t1:
+                    cuts.add(c)
+        idle_j, dyn_j = slot.idle_j, slot.dyn_j
+        for a, b in itertools.pairwise(sorted(cuts)):
+            if b > a:
+                frac = (b - a) / self.slot_s
+                self._share_piece(slot, absent, a, b, idle_j * frac, dyn_j * frac)
+
+    def _let_go(self, slot: _Slot) -> None:
+        """The requests placed in it have their share of it."""
+        for r in slot.placed:
             r.open_slots -= 1
             self._release(r)
         slot.placed = []
@@ -406,9 +541,10 @@ class HeldSlots:
         self, slot: _Slot, absent: list[Request], a: float, b: float, idle_j: float, dyn_j: float
     ) -> None:
         """One piece, by the ledger's own sharing rule; requests a count saw but that
-        never reported share as uninformed requests, into the unattributed bucket."""
-        inside = [r.req for r in slot.placed if r.req.start_s <= a and r.req.end_s >= b]
-        inside.extend(absent)
+        did not report share as uninformed requests (into the unattributed bucket, or
+        onto stand-ins that keep it for their spans)."""
+        placed = [r.req for r in slot.placed if r.req.start_s <= a and r.req.end_s >= b]
+        inside = placed + absent
         books = self.books
         if not inside:
             if slot.phased:  # the count said it ran, but nothing placed covers this part
@@ -418,11 +554,20 @@ class HeldSlots:
             return
         phases = books.phase_j
         saved = phases["idle_serving"], phases["dynamic"]
-        given = sum(r.idle_j + r.dynamic_j for r in inside if r.attributable)
-        books._share(inside, a, b, idle_j, dyn_j, self._now_s)  # the ledger's own rule
+        given = sum(r.idle_j + r.dynamic_j for r in placed)
+        weights, predicted = books._weights(inside, a, b, dyn_j, self._now_s)  # the ledger's rule
+        if weights is not None and predicted is not None and placed and absent:
+            # the step model's weights are joules: a stand-in weighs as the lightest placed
+            # one (a co-runner still to report is most likely decoding), and what the
+            # placed ones' work does not explain is kept for the stand-ins
+            n = len(placed)
+            known = sum(weights[:n])
+            each = max(min(weights[:n]), (dyn_j - known) / len(absent))
+            weights = [*weights[:n], *([each] * len(absent))]
+        books._book(inside, b, idle_j, dyn_j, weights)
         if slot.phased:  # booked already, as the server's count went
             phases["idle_serving"], phases["dynamic"] = saved
-        self.open_j += sum(r.idle_j + r.dynamic_j for r in inside if r.attributable) - given
+        self.open_j += sum(r.idle_j + r.dynamic_j for r in placed) - given
 
     def _book_phase(self, idle_j: float, dyn_j: float) -> None:
         phase = self.books.phase_j
@@ -453,10 +598,3 @@ def _heard_in(held: HeldRequest, t0: float, t1: float) -> bool:
     request scheduled at the scrape's instant was running then), nothing wider, or a
     neighbour would stand in for a request still running (its share lost)."""
     return held.heard_from_s <= t1 and held.heard_to_s >= t0
-
-
-def _absent(k: int, i: int, t0: float, t1: float) -> Request:
-    """A request a count saw in [t0, t1] that never reported: it weighs as the mean."""
-    req = Request(f"absent:{k}:{i}", "", "unknown", t0, None, end_s=t1, known_s=INF)
-    req.attributable = False
-    return req

@@ -8,8 +8,12 @@ once every slot it ran in has given it its share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
+
+if TYPE_CHECKING:
+    from sidecar.ledger.pieces import Books
 
 
 @dataclass(slots=True)
@@ -101,4 +105,38 @@ def span_request(
         req.segments.append((start_s, first_token_s, prompt_work, 0.0))
     if completion_tokens > 0:
         req.segments.append((first_token_s, end_s, 0.0, completion_tokens))
+    return req
+
+
+def weighs(books: Books, r: Request, t0: float, t1: float, running: int) -> tuple[float, float]:
+    """Its prompt's and its output's weight in [t0, t1] relative to a stand-in that
+    decodes all through it at the request's own pace, by the ledger's fitted costs
+    (the step model's where it is in force, else the prompt-to-output ratio)."""
+    first = r.end_s if r.first_token_s is None else r.first_token_s
+    span = t1 - t0
+    dec_s = max(0.0, min(r.end_s, t1) - max(first, t0))
+    pre_s = max(0.0, min(first, t1) - max(r.start_s, t0))
+    if pre_s <= 0.0:
+        return 0.0, dec_s / span
+    prompt = (r.prompt_work or 0.0) * (pre_s / (first - r.start_s) if first > r.start_s else 1.0)
+    pace = (r.completion_tokens or 0) / (r.end_s - first) if r.end_s > first else 0.0
+    tokens = max(pace, 1.0) * span  # what the stand-in decodes here
+    coef = books.step_model.coef
+    if coef is not None:
+        a, b, c, f = coef
+        context = (r.prompt_tokens or 0) + (r.completion_tokens or 0) / 2.0
+        per_token = b + c * context / 1000.0 + f / max(1, running)
+        prompt_w = a * prompt / (per_token * tokens) if per_token > 0 else 0.0
+    else:
+        prompt_w = books.prefill_fit.ratio * prompt / tokens
+    return prompt_w, dec_s / span
+
+
+def stand_in(k: int, i: int, t0: float, t1: float, *, attributable: bool = False) -> Request:
+    """A request a count saw in [t0, t1] that did not report: it weighs as the mean.
+    ``attributable``: a stand-in that keeps its share for a span still to come (on no
+    model's totals), else its share is unattributed."""
+    req = Request(f"absent:{k}:{i}", "", "unknown", t0, None, end_s=t1, known_s=INF)
+    req.attributable = attributable
+    req.booked = not attributable
     return req
