@@ -56,3 +56,53 @@ def test_a_span_keeps_its_whole_prefill_window_a_stream_is_narrowed() -> None:
     books.paced = False
     assert books._work(span, 0.0, 1.0, 3.0)[0] == pytest.approx(0.0)  # placed in [1.0, 2.0]
     assert books._work(span, 1.0, 2.0, 3.0)[0] == pytest.approx(500.0)
+
+
+def _streams(offsets_s: list[float], gap_s: float, count: int) -> list[Request]:
+    """Streams whose tokens come every ``gap_s`` from their offset (one segment each)."""
+    out = []
+    for i, off in enumerate(offsets_s):
+        r = Request(f"r{i}", "m", "chat", 0.0, 100.0, first_token_s=0.05)
+        r.segments.append((0.0, 0.05, 100.0, 1.0))
+        t = 0.05
+        for k in range(count):
+            nxt = 0.05 + off + (k + 1) * gap_s
+            r.segments.append((t, nxt, 0.0, 1.0))
+            t = nxt
+        r.streamed = count + 1
+        out.append(r)
+    return out
+
+
+def test_streams_in_lockstep_mark_a_continuous_batcher() -> None:
+    """Five streams that get each token in the same step: the probe finds lockstep."""
+    books = Books()
+    inside = _streams([0.0] * 5, 0.02, 20)
+    for _ in range(30):
+        books._probe(inside, 0.1, 0.3)
+    assert books.lockstep > 0.9
+
+
+def test_streams_on_their_own_clocks_are_not_a_batcher() -> None:
+    """Five streams with their own phases: the probe never finds lockstep."""
+    books = Books()
+    inside = _streams([0.0, 0.0031, 0.0077, 0.0113, 0.0159], 0.02, 20)
+    for _ in range(30):
+        books._probe(inside, 0.1, 0.3)
+    assert books.lockstep == 0.0
+
+
+def test_lockstep_switches_the_proxy_view_to_the_batched_split() -> None:
+    """Once lockstep is found, a prompt beside decoding streams pays its share of the step cost."""
+    books = Books()
+    books.step_model.coef = (0.02, 0.0, 0.0, 2.0)
+    prompt = Request("p", "m", "chat", 0.0, 1000.0, first_token_s=0.3)
+    prompt.segments.append((0.1, 0.3, 1000.0, 1.0))
+    prompt.streamed = 1
+    inside = [*_streams([0.0] * 3, 0.02, 20), prompt]
+    before, _ = books._weights_many(inside, 0.1, 0.3, [10.0], 1.0)
+    books.lockstep = 1.0
+    after, _ = books._weights_many(inside, 0.1, 0.3, [10.0], 1.0)
+    assert before is not None
+    assert after is not None
+    assert after[3] / sum(after) > before[3] / sum(before)

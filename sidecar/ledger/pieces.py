@@ -19,6 +19,11 @@ budget at ~45 us a token against ~20 ms decode steps): the slowest output pace."
 Interval = tuple[float, float, float, float, float]
 """(t0, p0, t1, p1, idle_w): a GPU's power line between two readings and its baseline."""
 _Part = tuple[int, int, float, float]  # (gpu, interval, idle J, dynamic J) of one piece
+LOCKSTEP_S = 0.001
+"""Token arrivals closer than this (chained) came out of one engine step."""
+PROBE_EVERY = 4
+"""Every this many pieces, the streams in one are checked for lockstep (cheap, bounded)."""
+PROBE_STREAMS = 32
 PLACE_FACTOR = 2.0
 """A streamed prompt is placed in the last ``PLACE_FACTOR * tokens / rate`` seconds before
 its first token: generous, so a prompt that did not queue keeps its whole wait."""
@@ -39,6 +44,10 @@ class Books:
         recordings of unknown servers, whose tokens may flow at a steady rate."""
         self.model_j: dict[tuple[str, Phase], float] = {}
         self.unattributed_j = 0.0
+        self.lockstep = 0.0
+        """How often (moving average of probes, 0..1) the streams in a piece got their
+        tokens together, one per engine step: a continuous batcher (:meth:`_probe`)."""
+        self._pieces = 0
 
     def assign_interval(
         self,
@@ -177,7 +186,11 @@ class Books:
             if dyn > 0.0:
                 self.prefill_fit.observe(prefill, decode, dyn, b - a)
                 self.step_model.observe(x, dyn, b - a)
-        modelled = self.step_model.weights(x, works, contexts, batched=self.paced)
+        self._pieces += 1
+        if self._pieces % PROBE_EVERY == 0:
+            self._probe(inside, a, b)
+        batched = self.paced or self.lockstep > 0.5
+        modelled = self.step_model.weights(x, works, contexts, batched=batched)
         raw = modelled or [p * self.prefill_fit.ratio + d for p, d in works]
         n_inf = sum(informed)
         mean = (sum(raw) / n_inf) if n_inf else 1.0
@@ -214,6 +227,36 @@ class Books:
                 acc[1] += d
         for model, (idle_j, dyn_j) in by_model.items():
             self._add_model(model, idle_j, dyn_j)
+
+    def _probe(self, inside: list[Request], a: float, b: float) -> None:
+        """Whether the server batches continuously, from the streams in one piece: such a
+        server ends every running request's token in the same step, so the distinct
+        arrival times (chained within ``LOCKSTEP_S``) are about as many as one stream's
+        tokens; a server that runs each request on its own clock has about as many as
+        all streams' tokens together. Three streams at least; a moving average decides."""
+        times: list[float] = []
+        most = streams = 0
+        for r in inside:
+            if r.streamed == 0 or r.first_token_s is None:
+                continue
+            mine = 0
+            for _, t1, p, d in r.segments:
+                if t1 > b:
+                    break
+                if t1 > a and d > 0.0 and p == 0.0:
+                    times.append(t1)
+                    mine += 1
+            if mine:
+                streams += 1
+                most = max(most, mine)
+                if streams == PROBE_STREAMS:
+                    break
+        if streams < 3 or most < 2:
+            return
+        times.sort()
+        distinct = 1 + sum(1 for x, y in itertools.pairwise(times) if y - x > LOCKSTEP_S)
+        together = 1.0 if distinct <= 1.5 * most else 0.0
+        self.lockstep += 0.1 * (together - self.lockstep)
 
     def _decode_pace(self, prompt_tokens: float, seconds: float) -> float:
         """How fast output known only as a total (a trace) comes in a piece that also

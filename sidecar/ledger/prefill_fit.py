@@ -96,15 +96,16 @@ class StepModel:
     the step cost of a step that carries prompt chunks cannot be told from
     energy totals, so it depends on what the server is known to be:
 
-    * ``batched`` (the server's own spans: vLLM, a continuous batcher): every
+    * ``batched`` (the server's own spans: vLLM, a continuous batcher; or streams
+      seen to get their tokens in lockstep, :meth:`Books._probe`): every
       token in a step uses the one weight read, so the step cost is split over
       every token in the piece, prompt and output alike: ``s = f*S/(P+D)``, and
       a prompt token weighs ``a + s``. Charged to decode only, output riding on
       prompt chunks was overcharged: on the serving bench's code trace (long
       prompts, a few decoding requests beside them) 14-token requests took two
       to five times their energy (traces p90 34.0 -> 31.2 %, proxy p90
-      63.8 -> 46.4 % with the split).
-    * otherwise (a proxy in front of a server of unknown kind, a recording):
+      63.8 -> 46.9 % with the split; chat proxy p90 13.8 -> 11.6 %).
+    * otherwise (streams not in lockstep, a recording with no token times):
       ``s = f*S/D = f/n``, decode only. A server that gives each request its
       own draw (the plain per-request simulator) has no shared step cost, and
       the S term it fits belongs to the requests decoding: the split by tokens
