@@ -30,7 +30,7 @@ class TraceSource:
         self.duplicates = 0
 
     def span_finished(self, span: RequestSpan) -> None:
-        """One decoded request span; a retried export (same request id) counts once."""
+        """One decoded request span; a retried export (same request id and start) counts once."""
         self.spans += 1
         if not self._join.span(span):
             self.duplicates += 1
