@@ -137,9 +137,17 @@ def nginx_pids(proc: subprocess.Popen[bytes]) -> list[int]:
 
 
 def start_sidecar(
-    tmp: Path, upstream_port: int, *, name: str = "sidecar", uvloop: bool = False
+    tmp: Path,
+    upstream_port: int,
+    *,
+    name: str = "sidecar",
+    uvloop: bool = False,
+    data_plane: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
-    """The real sidecar process, simulated power source, in front of the upstream."""
+    """The real sidecar process, simulated power source, in front of the upstream.
+
+    ``data_plane``: ``--data-plane`` (``aiohttp`` or ``relay``); ``None``, the default's.
+    """
     port, mport = free_port(), free_port()
     module = "bench.uvloop_sidecar" if uvloop else "sidecar"
     proc = subprocess.Popen(
@@ -158,6 +166,7 @@ def start_sidecar(
             f"127.0.0.1:{mport}",
             "--grace-period",
             "2",
+            *(["--data-plane", data_plane] if data_plane else []),
         ],
         cwd=ROOT,
         env=_env(),

@@ -54,6 +54,7 @@ class ProxyPlan:
     uvloop: bool  # also a sidecar on uvloop's event loop (the experiment)
     bare: bool  # also the bare aiohttp proxy (no metering), as the floor
     relay: bool = False  # also the bare httptools relay (bench/bare_relay.py), the other candidate
+    relay_sidecar: bool = True  # also the sidecar on --data-plane relay (target "relay")
     max_tokens: int = 20  # tokens (SSE chunks) per streamed response
     ceiling_steps: tuple[int, ...] = (100, 200, 400, 700)  # streams in flight, chunk ceiling
     ceiling_added_ms: float = 5.0  # the ceiling: added p50 past this
@@ -285,12 +286,26 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
             procs.append(upstream)
             nginx, ng_port = start_nginx(tmp, up_port)
             procs.append(nginx)
-            sidecar, sc_port, _sc_mport = start_sidecar(tmp, up_port)
+            # "proxy": the sidecar on aiohttp's data plane, as in every earlier run
+            sidecar, sc_port, _sc_mport = start_sidecar(tmp, up_port, data_plane="aiohttp")
             procs.append(sidecar)
             targets = [
                 Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(nginx)),
                 Target("proxy", f"http://127.0.0.1:{sc_port}{CHAT}", lambda: [sidecar.pid]),
             ]
+            relayed: Any = None
+            if plan.relay_sidecar:  # the same sidecar on the relay data plane (sidecar/relay)
+                relayed, rs_port, _ = start_sidecar(
+                    tmp, up_port, name="sidecar-relay", data_plane="relay"
+                )
+                procs.append(relayed)
+                targets.append(
+                    Target(
+                        "relay",
+                        f"http://127.0.0.1:{rs_port}{CHAT}",
+                        (lambda p: lambda: [p])(relayed.pid),
+                    )
+                )
             if plan.uvloop:
                 uv, uv_port, _ = start_sidecar(tmp, up_port, name="sidecar-uvloop", uvloop=True)
                 procs.append(uv)
@@ -334,6 +349,10 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
             latency = latency_figures(gen, direct, targets, plan)
             log(f"chunk ceiling, {'/'.join(map(str, plan.ceiling_steps))} streams in flight ...")
             ceiling = ceiling_figures(gen, direct, targets[1].url, plan, sidecar.pid)
+            relay_ceiling: dict[str, float] = {}
+            if relayed is not None:
+                log("chunk ceiling of the relay sidecar ...")
+                relay_ceiling = ceiling_figures(gen, direct, targets[2].url, plan, relayed.pid)
             log(f"memory over {plan.rss_requests} short requests ...")
             rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
             log(f"memory with {plan.inflight_streams} streams in flight ...")
@@ -344,6 +363,7 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
                 "plain": plain,
                 "latency": latency,
                 "ceiling": ceiling,
+                "relay_ceiling": relay_ceiling,
                 "rss": rss,
                 "inflight_rss": inflight,
             }

@@ -171,6 +171,21 @@ def collect(plan: Plan) -> dict[str, Any]:
         fig["rss_slope_mb_per_100k_requests"] = rss["slope_mb_per_100k"]
         fig["rss_requests"] = int(rss["requests"])
         fig["rss_after_mb"] = rss["rss_after_mb"]
+        if "relay" in s:  # the sidecar on --data-plane relay, beside aiohttp's ("proxy")
+            fig["relay_cpu_us_per_stream"] = s["relay"]["cpu_us_per_request"]
+            fig["relay_cpu_us_per_request"] = q["relay"]["cpu_us_per_request"]
+            fig["relay_cpu_ratio_stream"] = _ratio(
+                fig["relay_cpu_us_per_stream"], fig["nginx_cpu_us_per_stream"]
+            )
+            fig["relay_cpu_ratio_request"] = _ratio(
+                fig["relay_cpu_us_per_request"], fig["nginx_cpu_us_per_request"]
+            )
+            fig["relay_added_p50_ms"] = lat["relay"]["added_p50_ms"]
+            fig["relay_added_p50_ms_burst"] = lat["relay"]["burst_added_p50_ms"]
+            fig["relay_streams_per_s"] = s["relay"]["requests_per_s"]
+        if p.get("relay_ceiling"):
+            fig["relay_max_chunks_per_s_one_core"] = p["relay_ceiling"]["max_chunks_per_s"]
+            fig["relay_max_chunks_bounded"] = bool(p["relay_ceiling"]["bounded"])
         c, fl = p["ceiling"], p["inflight_rss"]
         fig["proxy_max_chunks_per_s_one_core"] = c["max_chunks_per_s"]
         fig["proxy_max_chunks_bounded"] = bool(c["bounded"])
@@ -258,6 +273,7 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     added = _get(fig, "proxy_added_p50_ms")
     nginx_added = _get(fig, "nginx_added_p50_ms")
+    relay_added = _get(fig, "relay_added_p50_ms")
     acc = _get(fig, "attribution_median_error_percent")
     eq = _get(fig, "naive_equal_split_error_percent")
     tok = _get(fig, "naive_token_share_error_percent")
@@ -270,6 +286,16 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
             None if added is None or nginx_added is None else added <= nginx_added + 2.0,
         ),
         ("proxy_added_p50_ms_burst", "<= 10", le("proxy_added_p50_ms_burst", 10.0)),
+        ("relay_cpu_ratio_stream", "<= 2 (x nginx)", le("relay_cpu_ratio_stream", 2.0)),
+        ("relay_cpu_ratio_request", "<= 3 (x nginx)", le("relay_cpu_ratio_request", 3.0)),
+        (
+            "relay_added_p50_ms",
+            "<= nginx_added_p50_ms + 2",
+            None
+            if relay_added is None or nginx_added is None
+            else relay_added <= nginx_added + 2.0,
+        ),
+        ("relay_added_p50_ms_burst", "<= 10", le("relay_added_p50_ms_burst", 10.0)),
         ("sampler_cpu_percent_8gpu_10hz", "<= 1", le("sampler_cpu_percent_8gpu_10hz", 1.0)),
         ("rss_growth_mb_per_100k_requests", "<= 5", le("rss_growth_mb_per_100k_requests", 5.0)),
         (
@@ -302,25 +328,32 @@ TABLE: list[tuple[str, str, str]] = [
     ("proxy_uvloop_cpu_us_per_stream", "µs", "sidecar on uvloop, per stream"),
     ("bare_httptools_cpu_us_per_stream", "µs", "bare httptools relay (no metering), per stream"),
     ("proxy_cpu_ratio_stream", "x", "sidecar / nginx, streams"),
+    ("relay_cpu_us_per_stream", "µs", "sidecar on the relay data plane, per stream"),
+    ("relay_cpu_ratio_stream", "x", "relay sidecar / nginx, streams"),
     ("proxy_cpu_us_per_request", "µs", "sidecar CPU per plain request"),
     ("nginx_cpu_us_per_request", "µs", "nginx CPU per plain request"),
     ("bare_aiohttp_cpu_us_per_request", "µs", "bare aiohttp proxy, per plain request"),
     ("proxy_uvloop_cpu_us_per_request", "µs", "sidecar on uvloop, per plain request"),
     ("bare_httptools_cpu_us_per_request", "µs", "bare httptools relay, per plain request"),
     ("proxy_cpu_ratio_request", "x", "sidecar / nginx, plain requests"),
+    ("relay_cpu_us_per_request", "µs", "sidecar on the relay data plane, per plain request"),
+    ("relay_cpu_ratio_request", "x", "relay sidecar / nginx, plain requests"),
     ("direct_p50_ms", "ms", "median stream, direct (100 in flight, steady)"),
     ("proxy_added_p50_ms", "ms", "added by the sidecar"),
     ("nginx_added_p50_ms", "ms", "added by nginx"),
     ("bare_aiohttp_added_p50_ms", "ms", "added by the bare aiohttp proxy"),
     ("proxy_uvloop_added_p50_ms", "ms", "added by the sidecar on uvloop"),
     ("bare_httptools_added_p50_ms", "ms", "added by the bare httptools relay"),
+    ("relay_added_p50_ms", "ms", "added by the relay sidecar"),
     ("direct_p50_ms_burst", "ms", "median stream, direct (100 sent at once)"),
     ("proxy_added_p50_ms_burst", "ms", "added by the sidecar, burst"),
     ("nginx_added_p50_ms_burst", "ms", "added by nginx, burst"),
     ("bare_aiohttp_added_p50_ms_burst", "ms", "added by the bare aiohttp proxy, burst"),
     ("proxy_uvloop_added_p50_ms_burst", "ms", "added by the sidecar on uvloop, burst"),
     ("bare_httptools_added_p50_ms_burst", "ms", "added by the bare httptools relay, burst"),
+    ("relay_added_p50_ms_burst", "ms", "added by the relay sidecar, burst"),
     ("proxy_max_chunks_per_s_one_core", "1/s", "sidecar chunk ceiling (added p50 <= 5 ms)"),
+    ("relay_max_chunks_per_s_one_core", "1/s", "relay sidecar chunk ceiling (added p50 <= 5 ms)"),
     ("rss_mb_1000_streams_in_flight", "MB", "sidecar RSS, 1,000 streams in flight"),
     ("rss_mb_before_1000_streams", "MB", "  the same just before"),
     ("sidecar_idle_cpu_percent", "% core", "sidecar idle (1 simulated GPU, 10 Hz)"),
