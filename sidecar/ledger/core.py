@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
+from sidecar.ledger.frontier import Frontier
 from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
-from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
+from sidecar.ledger.requests import INF, FinishedRequest, Request, Status, prefill_j
 
 MAX_WAIT_S: Final = 5.0
 SILENT_AFTER_S: Final = 30.0
@@ -123,6 +125,7 @@ class Ledger:
         self._first_request_s = INF
         self._ready_s: float | None = None
         self._live: dict[str, Request] = {}
+        self._frontier, self._assigned_s = Frontier(self._live), -INF  # known, assigned up to
         self._starts: list[tuple[float, str]] = []  # live requests by start, for standby
         # ended requests awaiting finalisation, by end time: finalising pops, never scans
         self._ended: list[tuple[float, int, Request]] = []
@@ -175,6 +178,7 @@ class Ledger:
         req.attributable = attributable
         req.activity = activity
         self._live[request_id] = req
+        self._frontier.moved(req)
         bisect.insort(self._starts, (t, request_id))
         self._first_request_s = min(self._first_request_s, t)
 
@@ -217,6 +221,7 @@ class Ledger:
         if req.prompt_work:
             req.segments.append((req.start_s, t, req.prompt_work, 0.0))
         req.known_s = t
+        self._frontier.moved(req)
 
     def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
         """A streamed chunk carrying ``count`` tokens arrived at ``time_s``."""
@@ -236,7 +241,9 @@ class Ledger:
             req.segments.append((req.start_s, t, 0.0, float(count)))
         req.last_chunk_s = t
         req.streamed += count
-        req.known_s = max(req.known_s, t)
+        if t > req.known_s:
+            req.known_s = t
+            self._frontier.moved(req)
 
     def touch(self, request_id: str, time_s: float) -> None:
         """No tokens since the last event, but the request is known to be working up to now."""
@@ -245,7 +252,9 @@ class Ledger:
             return
         t = max(self._clamp(time_s), req.start_s)
         req.last_chunk_s = max(req.last_chunk_s or t, t)
-        req.known_s = max(req.known_s, t)
+        if t > req.known_s:
+            req.known_s = t
+            self._frontier.moved(req)
 
     def finish(
         self,
@@ -450,8 +459,7 @@ class Ledger:
     # ----------------------------------------------------------------- internals
     def _clamp(self, time_s: float) -> float:
         """Events older than what a GPU already assigned are moved up to it."""
-        assigned = max(s.assigned_s for s in self._gpus.values())
-        return max(time_s, assigned)
+        return time_s if time_s > self._assigned_s else self._assigned_s
 
     def _is_standby(self, t: float) -> bool:
         if self.held is not None and not self.held.standby(t):
@@ -487,26 +495,25 @@ class Ledger:
         self._finished.extend(h.finished() for h in self.held.pop_finished())
 
     def _assign(self, *, force: bool) -> None:
-        """Every GPU's intervals that may go now, on one grid (:meth:`Books.assign_grid`)."""
+        """Every GPU's intervals that may go now, on one grid (:meth:`Books.assign_grid`);
+        whether one still waits for its requests' work, :class:`Frontier` says for all."""
         ready: list[list[tuple[float, float, float, float, float]]] = [[] for _ in self._gpus]
-        seen: dict[tuple[float, float], tuple[list[Request], float]] = {}  # GPUs share it
+        now, hold_s, wait_s, held = self._now_s, self._hold_s, self._max_wait_s, self.held
+        known_s = INF if force else self._frontier.earliest_s()
         for g, state in enumerate(self._gpus.values()):
-            while state.pending:
-                t0, p0, t1, p1, idle_w = state.pending[0]
-                if not force and self._now_s - t1 < self._hold_s:
+            pending = state.pending
+            while pending:
+                t1 = pending[0][2]
+                if not force and (now - t1 < hold_s or (known_s < t1 and now - t1 < wait_s)):
                     break  # observer mode: activity is learned up to a scrape late
-                if (t0, t1) not in seen:
-                    over = self._overlapping(t0, t1)
-                    seen[(t0, t1)] = over, min((r.known_s for r in over), default=INF)
-                reqs, known_s = seen[(t0, t1)]
-                if not force and self._now_s - t1 < self._max_wait_s and known_s < t1:
-                    break
-                iv = state.pending.popleft()
-                if self.held is not None and not reqs:
-                    state.energy_j += self.held.add_interval(t0, p0, t1, p1, idle_w)
+                iv = pending.popleft()
+                if held is not None and not self._overlaps_any(iv[0], t1):
+                    state.energy_j += held.add_interval(*iv)
                 else:
                     ready[g].append(iv)
                 state.assigned_s = t1
+                if t1 > self._assigned_s:
+                    self._assigned_s = t1
         if any(ready):
             lo, hi = min(v[0][0] for v in ready if v), max(v[-1][2] for v in ready if v)
             reqs = self._overlapping(lo, hi)
@@ -514,6 +521,10 @@ class Ledger:
             for state, e in zip(self._gpus.values(), energies, strict=True):
                 state.energy_j += sum(e)
             self._prune(reqs)
+
+    def _overlaps_any(self, t0: float, t1: float) -> bool:
+        reqs = itertools.chain(self._live.values(), self._recent.values())
+        return any(r.start_s < t1 and r.end_s > t0 for r in reqs)
 
     def _overlapping(self, t0: float, t1: float) -> list[Request]:
         out = [r for r in self._live.values() if r.start_s < t1 and r.end_s > t0]
@@ -582,19 +593,7 @@ class Ledger:
                 completion_tokens=r.completion_tokens,
                 dynamic_j=r.dynamic_j,
                 idle_j=r.idle_j,
-                prefill_j=self._prefill_j(r),
+                prefill_j=prefill_j(r, self.prefill_fit.ratio),
                 activity=r.activity,
             )
         )
-
-    def _prefill_j(self, r: Request) -> float:
-        """Its energy before the first token; unknown first token (not streamed):
-        split by token work, prompt tokens weighed as the sharing rule weighs them."""
-        energy = r.dynamic_j + r.idle_j
-        if r.first_token_s is not None:
-            return min(max(r.prefill_j, 0.0), energy)
-        prefill = (r.prompt_work or 0.0) * self.prefill_fit.ratio
-        decode = float(r.completion_tokens or 0)
-        if decode <= 0.0:
-            return energy  # no output tokens known (an embedding): all of it was prompt work
-        return energy * prefill / (prefill + decode)

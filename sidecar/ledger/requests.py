@@ -116,3 +116,16 @@ def spread(work: float, t0: float, t1: float, a: float, b: float) -> float:
         return work if a < t0 <= b else 0.0
     overlap = min(t1, b) - max(t0, a)
     return work * overlap / (t1 - t0) if overlap > 0 else 0.0
+
+
+def prefill_j(r: Request, prefill_ratio: float) -> float:
+    """Its energy before the first token; unknown first token (not streamed): split by
+    token work, prompt tokens weighed as the sharing rule weighs them (``prefill_ratio``)."""
+    energy = r.dynamic_j + r.idle_j
+    if r.first_token_s is not None:
+        return min(max(r.prefill_j, 0.0), energy)
+    prefill = (r.prompt_work or 0.0) * prefill_ratio
+    decode = float(r.completion_tokens or 0)
+    if decode <= 0.0:
+        return energy  # no output tokens known (an embedding): all of it was prompt work
+    return energy * prefill / (prefill + decode)
