@@ -7,6 +7,10 @@ with ``time.process_time`` over exports of ``--spans-per-export`` vLLM ``llm_req
 ``process``: a real ``python -m sidecar run --otlp-listen ... --power-source simulated`` is
 sent the same exports over HTTP by this process; its CPU (``/proc/<pid>/stat``, all
 threads) over the load, less its idle CPU over an equal quiet window, per span.
+``final_delay``: how long after a request's end its energy is final (``otlp_final_delay_s_*``)
+on a workload with long generations (1 to 4 minutes) beside short requests, spans sent up
+to 5 s after each end (vLLM's batch exporter), the server's running count scraped each
+second (``--observe``), all on a simulated clock through ``Meter``.
 
     .venv/bin/python bench/otlp_bench.py [--spans 20000] [--spans-per-export 100]
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -29,11 +35,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from otlp_build import export, llm_request  # noqa: E402
 
-from bench.common import cpu_s, free_port  # noqa: E402
+from bench.common import cpu_s, free_port, median, percentile  # noqa: E402
 from sidecar.ledger.requests import FinishedRequest  # noqa: E402
 from sidecar.meter import FixedIntensity, Meter  # noqa: E402
 from sidecar.power.base import GpuInfo, PowerSample  # noqa: E402
 from sidecar.traces.receiver import Receiver  # noqa: E402
+from sidecar.traces.span import RequestSpan  # noqa: E402
 
 
 def bodies(n_spans: int, per_export: int, base_ns: int) -> list[bytes]:
@@ -97,6 +104,60 @@ def in_process(n_spans: int, per_export: int) -> dict[str, float]:
     }
 
 
+def final_delay(duration_s: float = 600.0, seed: int = 11) -> dict[str, float]:
+    """Seconds from each request's end to its final figure: two short requests a second
+    (0.3 to 3 s) and a long generation every 15 s (60 to 240 s), each span sent up to
+    5 s after its end, the running count scraped each second; the clock runs on past
+    the last end until every request is final (the hold is 15 minutes)."""
+    rnd = random.Random(seed)
+    runs: list[tuple[float, float, int]] = []  # (start, end, completion tokens)
+    t = 1.0
+    while t < duration_s:
+        length = rnd.uniform(0.3, 3.0)
+        runs.append((t, t + length, round(30 * length)))
+        t += rnd.expovariate(2.0)
+    for start in range(5, int(duration_s), 15):
+        length = rnd.uniform(60.0, 240.0)
+        runs.append((float(start), start + length, round(30 * length)))
+    spans = sorted((end + rnd.uniform(0.0, 5.0), i) for i, (_, end, _) in enumerate(runs))
+    now = [0.0]
+    final_at: dict[str, float] = {}
+    meter = Meter(
+        [GpuInfo(gpu="0", uuid="GPU-bench", name="bench")],
+        clock=lambda: now[0],
+        idle_watts={"0": 100.0},
+        intensity=FixedIntensity(400.0, "none", "fixed"),
+        traces_hold_s=900.0,
+        running_from="observer",
+        on_finished=lambda f: final_at.setdefault(f.id, now[0]),
+    )
+    starts, ends = sorted(a for a, _, _ in runs), sorted(b for _, b, _ in runs)
+    nxt, step, last_scrape = 0, 0, 0.0
+    while len(final_at) < len(runs) and now[0] < ends[-1] + 960.0:
+        step += 1
+        now[0] = step / 10
+        busy = bisect.bisect_right(starts, now[0]) - bisect.bisect_right(ends, now[0])
+        meter.on_samples([PowerSample(time_s=now[0], gpu="0", power_w=150.0 + 10.0 * busy)])
+        while nxt < len(spans) and spans[nxt][0] <= now[0]:
+            i = spans[nxt][1]
+            a, b, tokens = runs[i]
+            meter.span_finished(RequestSpan(f"r{i}", "m", a, a, a + 0.1, b, 100, tokens))
+            nxt += 1
+        if step % 10 == 0:
+            ended = bisect.bisect_right(ends, now[0]) - bisect.bisect_right(ends, last_scrape)
+            meter.server_running(last_scrape, now[0], {"m": busy}, {"m": ended})
+            last_scrape = now[0]
+            meter.tick()
+    meter.flush()  # what is still held at the end (none, with the clock run on)
+    delays = [final_at[f"r{i}"] - end for i, (_, end, _) in enumerate(runs) if f"r{i}" in final_at]
+    return {
+        "otlp_final_delay_s_p50": round(median(delays), 2),
+        "otlp_final_delay_s_p90": round(percentile(delays, 0.9), 2),
+        "otlp_final_delay_s_max": round(max(delays), 2),
+        "otlp_final_delay_requests": len(delays),
+    }
+
+
 async def through_process(n_spans: int, per_export: int) -> dict[str, float]:
     import aiohttp
 
@@ -152,6 +213,7 @@ def main() -> None:
     args = p.parse_args()
     out = {"spans": args.spans, "spans_per_export": args.spans_per_export}
     out.update(in_process(args.spans, args.spans_per_export))
+    out.update(final_delay())
     out.update(asyncio.run(through_process(args.spans, args.spans_per_export)))
     print(json.dumps(out))
 

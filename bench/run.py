@@ -30,6 +30,7 @@ from bench import (  # noqa: E402
     accuracy,
     bloom,
     ledger_bench,
+    otlp_bench,
     proxy_bench,
     scrape_bench,
     serving_accuracy,
@@ -231,6 +232,8 @@ def collect(plan: Plan) -> dict[str, Any]:
         )
     )
     fig.update(serving_accuracy.fast_sampling(plan.accuracy_s))
+    log("traces mode: delay from a request's end to its final figure (long generations)")
+    fig.update(otlp_bench.final_delay())
 
     log("one /metrics scrape with 1,000 requests in flight")
     sc = scrape_bench.run()
