@@ -129,7 +129,7 @@ def final_delay(duration_s: float = 600.0, seed: int = 11) -> dict[str, float]:
         intensity=FixedIntensity(400.0, "none", "fixed"),
         traces_hold_s=900.0,
         running_from="observer",
-        on_finished=lambda f: final_at.setdefault(f.id, now[0]),
+        on_finished=lambda f: _first(final_at, f.id, now[0]),
     )
     starts, ends = sorted(a for a, _, _ in runs), sorted(b for _, b, _ in runs)
     nxt, step, last_scrape = 0, 0, 0.0
@@ -156,6 +156,10 @@ def final_delay(duration_s: float = 600.0, seed: int = 11) -> dict[str, float]:
         "otlp_final_delay_s_max": round(max(delays), 2),
         "otlp_final_delay_requests": len(delays),
     }
+
+
+def _first(seen: dict[str, float], key: str, value: float) -> None:
+    seen.setdefault(key, value)
 
 
 async def through_process(n_spans: int, per_export: int) -> dict[str, float]:
