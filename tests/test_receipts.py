@@ -344,3 +344,30 @@ async def test_json_member_off_by_default(
             direct = await d.read()
         r = await rig.proxy.post("/v1/chat/completions", json=body)
         assert await r.read() == direct
+
+
+async def test_traces_mode_holds_no_end_for_a_figure_it_cannot_have(
+    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --otlp-listen a request's figure comes with the server's span, seconds later:
+    no receipt, and no wait at the stream's end."""
+    from procs import free_port
+
+    waited: list[object] = []
+
+    async def wait(fs: Any, **kw: Any) -> Any:
+        waited.append(kw)
+        return set(), set(fs)
+
+    monkeypatch.setattr(receipts, "_wait", wait)
+    listen = f"127.0.0.1:{free_port()}"
+    async for rig in make_rig(
+        aiohttp_server, aiohttp_client, energy_receipts=True, otlp_listen=listen
+    ):
+        r = await rig.proxy.post("/v1/chat/completions", json=CHAT)
+        raw = await r.read()
+        assert raw.endswith(b"data: [DONE]\n\n")
+        assert b"llm-energy" not in raw
+        r = await rig.proxy.post("/v1/chat/completions", json={**CHAT, "stream": False})
+        assert "energy" not in await r.json()
+    assert waited == []
