@@ -280,3 +280,33 @@ class TestPrefillFit:
         for _ in range(100):
             fit.observe(0.0, 30.0, 36.0, 1.0)
         assert fit.ratio == 1.0
+
+
+class TestFrontier:
+    def test_earliest_known_time_matches_a_scan_of_the_live_requests(self) -> None:
+        """Through random starts, chunks and ends (ids reused), the frontier's answer is
+        the least known time over the live requests, as a scan would find it."""
+        import random
+
+        from sidecar.ledger.frontier import Frontier
+        from sidecar.ledger.requests import INF, Request
+
+        rnd = random.Random(5)
+        live: dict[str, Request] = {}
+        frontier = Frontier(live)
+        t = 0.0
+        for _ in range(5_000):
+            t += rnd.expovariate(100.0)
+            rid = f"r{rnd.randrange(40)}"
+            req = live.get(rid)
+            if req is None:
+                req = live[rid] = Request(rid, "m", "chat", t, 10.0, known_s=t)
+                frontier.started(req)
+            elif rnd.random() < 0.05:
+                req.known_s = INF  # ended, and some while later handed out
+                if rnd.random() < 0.5:
+                    del live[rid]
+            elif req.known_s < INF:
+                req.known_s = max(req.known_s, t)
+            want = min((r.known_s for r in live.values()), default=INF)
+            assert frontier.earliest_s() == want

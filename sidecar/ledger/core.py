@@ -178,7 +178,7 @@ class Ledger:
         req.attributable = attributable
         req.activity = activity
         self._live[request_id] = req
-        self._frontier.moved(req)
+        self._frontier.started(req)
         bisect.insort(self._starts, (t, request_id))
         self._first_request_s = min(self._first_request_s, t)
 
@@ -221,7 +221,6 @@ class Ledger:
         if req.prompt_work:
             req.segments.append((req.start_s, t, req.prompt_work, 0.0))
         req.known_s = t
-        self._frontier.moved(req)
 
     def tokens(self, request_id: str, time_s: float, count: int = 1) -> None:
         """A streamed chunk carrying ``count`` tokens arrived at ``time_s``."""
@@ -241,9 +240,7 @@ class Ledger:
             req.segments.append((req.start_s, t, 0.0, float(count)))
         req.last_chunk_s = t
         req.streamed += count
-        if t > req.known_s:
-            req.known_s = t
-            self._frontier.moved(req)
+        req.known_s = max(req.known_s, t)
 
     def touch(self, request_id: str, time_s: float) -> None:
         """No tokens since the last event, but the request is known to be working up to now."""
@@ -252,9 +249,7 @@ class Ledger:
             return
         t = max(self._clamp(time_s), req.start_s)
         req.last_chunk_s = max(req.last_chunk_s or t, t)
-        if t > req.known_s:
-            req.known_s = t
-            self._frontier.moved(req)
+        req.known_s = max(req.known_s, t)
 
     def finish(
         self,

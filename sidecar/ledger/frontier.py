@@ -23,35 +23,37 @@ __all__ = ["Frontier"]
 
 
 class Frontier:
-    """The least ``known_s`` over the requests in ``live`` (the ledger's own dict)."""
+    """The least ``known_s`` over the requests in ``live`` (the ledger's own dict).
+
+    Each live request has one entry, keyed by its known time when the entry was last
+    looked at: a known time only moves forward, so keys lag behind, never ahead, and a
+    top entry whose key is still its request's known time is the true minimum. A token
+    event therefore costs nothing here; an entry is brought up to date only when it
+    reaches the top.
+    """
 
     def __init__(self, live: Mapping[str, Request]) -> None:
         self._live = live
         self._heap: list[tuple[float, int, Request]] = []
         self._seq = 0
 
-    def moved(self, req: Request) -> None:
-        """``req`` started, or its known time moved on (it only ever moves forward)."""
-        if req.known_s == INF:
-            return  # ended: its old entries go stale, nothing new to wait for
+    def started(self, req: Request) -> None:
+        """``req`` is live from now on, known through ``req.known_s`` (its start)."""
         self._seq += 1
         heapq.heappush(self._heap, (req.known_s, self._seq, req))
-        if len(self._heap) > 4 * len(self._live) + 64:  # stale entries piled up: rebuild
-            start = self._seq
-            self._heap = [
-                (r.known_s, start + i, r)
-                for i, r in enumerate(self._live.values(), 1)
-                if r.known_s < INF
-            ]
-            self._seq = start + len(self._live)
-            heapq.heapify(self._heap)
 
     def earliest_s(self) -> float:
         """The earliest time some live request is known through (``INF``: none waits)."""
         heap, live = self._heap, self._live
         while heap:
-            known_s, _, req = heap[0]
-            if req.known_s == known_s and live.get(req.id) is req:
-                return known_s
-            heapq.heappop(heap)  # stale: the request moved on, ended or left
+            key_s, seq, req = heap[0]
+            known_s = req.known_s
+            if known_s == key_s:
+                if live.get(req.id) is req:
+                    return key_s
+                heapq.heappop(heap)  # left the ledger before it ended (never in practice)
+            elif known_s < INF and live.get(req.id) is req:
+                heapq.heapreplace(heap, (known_s, seq, req))  # moved on: its key catches up
+            else:
+                heapq.heappop(heap)  # ended: it waits for nothing more
         return INF
