@@ -106,3 +106,22 @@ def test_lockstep_switches_the_proxy_view_to_the_batched_split() -> None:
     assert before is not None
     assert after is not None
     assert after[3] / sum(after) > before[3] / sum(before)
+
+
+def test_spans_decoding_side_by_side_weigh_the_same_tokens() -> None:
+    """Paced: two spans decoding through one piece did one token a step each, whatever
+    their average rates; unpaced, each keeps its own average rate."""
+    books = Books()
+    books.step_model.coef = (0.02, 0.01, 0.0, 0.0)
+    slow = Request("slow", "m", "chat", 0.0, 10.0, end_s=10.0, first_token_s=0.1)
+    slow.segments.extend([(0.0, 0.1, 10.0, 0.0), (0.1, 10.0, 0.0, 99.0)])
+    fast = Request("fast", "m", "chat", 0.0, 10.0, end_s=2.0, first_token_s=0.1)
+    fast.segments.extend([(0.0, 0.1, 10.0, 0.0), (0.1, 2.0, 0.0, 95.0)])
+    books.paced = True
+    paced, _ = books._weights_many([slow, fast], 1.0, 1.5, [5.0], 20.0)
+    books.paced = False
+    unpaced, _ = books._weights_many([slow, fast], 1.0, 1.5, [5.0], 20.0)
+    assert paced is not None
+    assert unpaced is not None
+    assert paced[0] == pytest.approx(paced[1])
+    assert unpaced[1] == pytest.approx(5.0 * unpaced[0])
