@@ -209,8 +209,7 @@ class Meter:
         )
         waiter = self._receipts.get(rid)
         if waiter is not None and not waiter.done() and self.samples_wanted is not None:
-            req = self.ledger._live.get(rid)  # its figure is final once samples past its end are in
-            self.samples_wanted(req.end_s if req is not None else self.clock())
+            self.samples_wanted(self.clock())  # final once samples past its end (now) are in
 
     def other_request(self, status: Status) -> None:
         self.proxy.other_request(status)
