@@ -143,8 +143,8 @@ RUN_HELP: dict[str, str] = {
     "lifetime_years": "hardware lifetime for amortising embodied emissions",
     "energy_receipts": "tell each streaming client what its request cost (an SSE comment before [DONE])",
     "data_plane": (
-        "aiohttp | relay: how the proxy moves bytes (relay: asyncio protocols and llhttp, "
-        "same metering at a fraction of the CPU; default aiohttp)"
+        "relay | aiohttp: how the proxy moves bytes (relay: asyncio protocols and llhttp; "
+        "aiohttp: its web server and client, the earlier default; same metering; default relay)"
     ),
     "inject_usage": (
         "add stream_options.include_usage to streaming OpenAI requests and strip the extra "

@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     lifetime_years: float | None = Field(None, gt=0)
     inject_usage: bool = True
     energy_receipts: bool = False
-    data_plane: DataPlane = "aiohttp"
+    data_plane: DataPlane = "relay"
     otlp_listen: HostPort | None = None
     """Traces mode: where the OTLP/HTTP receiver (``POST /v1/traces``) listens."""
     otlp_forward: AnyHttpUrl | None = None

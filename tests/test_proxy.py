@@ -60,8 +60,10 @@ async def make_rig(
 ) -> AsyncIterator[Rig]:
     upstream = create_upstream()
     server = await aiohttp_server(upstream)
-    # LLM_ENERGY_TEST_DATA_PLANE=relay: the same tests on the relay data plane (sidecar/relay)
-    plane = extra.pop("data_plane", None) or os.environ.get("LLM_ENERGY_TEST_DATA_PLANE", "aiohttp")
+    # LLM_ENERGY_TEST_DATA_PLANE=aiohttp|relay: the same tests on either data plane (default: the
+    # setting's default); the relay is served by sidecar/relay, aiohttp's by proxy_app()
+    default = str(Settings.model_fields["data_plane"].default)
+    plane = extra.pop("data_plane", None) or os.environ.get("LLM_ENERGY_TEST_DATA_PLANE", default)
     settings = Settings(
         upstream=str(server.make_url("/")),
         power_source="simulated",

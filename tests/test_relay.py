@@ -71,8 +71,10 @@ async def raw(port: int, data: bytes, *, until_close: bool = True) -> bytes:
 
 
 def test_setting_selects_the_relay() -> None:
-    """`data_plane` accepts aiohttp and relay (default aiohttp) and names itself when wrong."""
-    assert Settings(upstream="http://x:1", power_source="simulated").data_plane == "aiohttp"
+    """`data_plane` accepts aiohttp and relay (default relay) and names itself when wrong."""
+    assert Settings(upstream="http://x:1", power_source="simulated").data_plane == "relay"
+    plane = Settings(upstream="http://x:1", power_source="simulated", data_plane="aiohttp")
+    assert plane.data_plane == "aiohttp"
     with pytest.raises(ValidationError, match="data_plane"):
         Settings(upstream="http://x:1", power_source="simulated", data_plane="nginx")
 
