@@ -6,7 +6,9 @@ besides handing bytes over is flow control: the connection is paused while
 more than :data:`HIGH_BYTES` wait unread, and resumed once they are read, so a
 fast sender costs a bounded buffer, never its whole body. A read that waits
 longer than the stream's timeout raises :class:`TimeoutError` (the upstream's
-read timeout; a client's body has none).
+read timeout; a client's body has none). One timer serves the whole stream (it
+checks, when it fires, whether bytes came since), not one per read: a stream of
+hundreds of chunks costs the event loop's timer heap one entry at a time.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class BodyStream:
         "_chunks",
         "_eof",
         "_exc",
+        "_fed_at",
         "_loop",
         "_pause",
         "_paused",
         "_resume",
         "_size",
         "_timeout_s",
+        "_timer",
         "_waiter",
     )
 
@@ -55,9 +59,13 @@ class BodyStream:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._fed_at = 0.0  # loop time of the last bytes (or of the wait's start)
+        self._timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------- the writer
     def feed(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._fed_at = self._loop.time()
         self._chunks.append(data)
         self._size += len(data)
         if self._size > HIGH_BYTES and not self._paused:
@@ -67,12 +75,14 @@ class BodyStream:
 
     def feed_eof(self) -> None:
         self._eof = True
+        self._stop_timer()
         self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
         """The connection failed before the end: the reader gets ``exc`` once the bytes run out."""
         if not self._eof:
             self._exc = exc
+            self._stop_timer()
             self._wake()
 
     @property
@@ -129,17 +139,28 @@ class BodyStream:
     async def _wait(self) -> None:
         waiter = self._loop.create_future()
         self._waiter = waiter
-        timer = None
-        if self._timeout_s is not None:
-            timer = self._loop.call_later(self._timeout_s, _expire, waiter)
+        if self._timeout_s is not None and self._timer is None:
+            self._fed_at = self._loop.time()
+            self._timer = self._loop.call_at(self._fed_at + self._timeout_s, self._check)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
+    def _check(self) -> None:
+        """The timer fired: expire a wait that saw no bytes for the timeout, else look again later."""
+        self._timer = None
+        assert self._timeout_s is not None
+        due = self._fed_at + self._timeout_s
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait starts its own timer
+        if self._loop.time() >= due:
+            waiter.set_exception(TimeoutError("upstream read timed out"))
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("upstream read timed out"))
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
