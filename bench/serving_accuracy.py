@@ -86,6 +86,8 @@ class TraceResult:
     conservation_error: float
     traces_unpaced: Errors
     """Traces view with output spread at a steady rate (the ledger's ``paced`` off)."""
+    proxy_exact_prompt: Errors
+    """Proxy view with the exact prompt count at the start (no ±25 % estimate)."""
 
 
 def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
@@ -94,9 +96,16 @@ def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
 
 
 def replay(
-    wl: Workload, mode: Mode, *, seed: int = 3, paced: bool = True
+    wl: Workload,
+    mode: Mode,
+    *,
+    seed: int = 3,
+    paced: bool = True,
+    prompt_spread: float = PROMPT_ESTIMATE_SPREAD,
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
-    """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them."""
+    """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them.
+    ``prompt_spread``: how far the proxy's prompt estimate strays (0: the exact count at
+    the start, the what-if of a server that reports prompt tokens in its first chunk)."""
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
     ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else 0.0)
@@ -107,7 +116,7 @@ def replay(
     for r in wl.requests:
         start, first, end = _view(r, mode)
         if mode == "proxy":
-            spread = rnd.uniform(1 - PROMPT_ESTIMATE_SPREAD, 1 + PROMPT_ESTIMATE_SPREAD)
+            spread = rnd.uniform(1 - prompt_spread, 1 + prompt_spread)
             evs = [(start, 0, max(1.0, round(r.prompt_tokens * spread))), (first, 1, 0.0)]
             evs += [(t, 2, 1.0) for t in [first, *r.token_times(0.0)]]
         else:
@@ -367,6 +376,7 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
             req[rule], pre[rule], dec[rule] = Errors.of(e_req), Errors.of(e_pre), Errors.of(e_dec)
         modes[name_] = ModeResult(req, pre, dec)
     unpaced, _ = replay(wl, "traces", paced=False)
+    exact, _ = replay(wl, "proxy", prompt_spread=0.0)
     return TraceResult(
         name,
         len(scored),
@@ -374,6 +384,7 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
         modes,
         conservation,
         Errors.of([_pct(unpaced.get(r.id, (0.0, 0.0, 0.0))[0], r.truth_j) for r in scored]),
+        Errors.of([_pct(exact.get(r.id, (0.0, 0.0, 0.0))[0], r.truth_j) for r in scored]),
     )
 
 
@@ -407,6 +418,10 @@ def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
         fig[f"{base}_conservation_error"] = res.conservation_error
         fig[f"{base}_traces_unpaced_ledger_median_error_percent"] = res.traces_unpaced.median
         fig[f"{base}_traces_unpaced_ledger_p90_error_percent"] = res.traces_unpaced.p90
+        fig[f"{base}_proxy_exact_prompt_ledger_median_error_percent"] = (
+            res.proxy_exact_prompt.median
+        )
+        fig[f"{base}_proxy_exact_prompt_ledger_p90_error_percent"] = res.proxy_exact_prompt.p90
         for mode, m in res.modes.items():
             for rule in m.request:
                 k = f"{base}_{mode}_{rule}"
@@ -417,11 +432,86 @@ def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
     return fig
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+BINS: dict[str, tuple[float, ...]] = {
+    "prompt tokens": (0, 100, 300, 600, 1000, 2000, 4000, 1e9),
+    "output tokens": (0, 20, 50, 100, 200, 400, 1e9),
+    "true prefill share": (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01),
+    "queued s": (0.0, 0.001, 0.05, 0.2, 0.5, 1.0, 2.0, 1e9),
+    "running at its mid-point": (0, 5, 10, 20, 30, 40, 1e9),
+}
+"""The error breakdown's bins: where the error comes from."""
 
-    secs = float(sys.argv[1]) if len(sys.argv) > 1 else 180.0
-    out = figures(run_trace(n, secs) for n in TRACES)
-    out.update(fast_sampling(secs))
+
+def breakdown(name: str, duration_s: float) -> dict[str, list[dict[str, float]]]:
+    """Per view, the ledger's error in bins of what could explain it (prompt and output
+    length, the truth's prefill share, time queued, requests running beside it): per bin
+    the request count, median and p90 of ``|error|`` and the median signed error (+ is
+    overcharged), each in %."""
+    file, from_s, rate_scale = TRACES[name]
+    spec = EngineSpec(duration_s=duration_s, rate_scale=rate_scale, from_s=from_s)
+    wl = serve(load_trace(DATA / file), spec)
+    last = wl.samples[-1][0]
+    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+    out: dict[str, list[dict[str, float]]] = {}
+    for mode in MODES:
+        got, _ = replay(wl, mode)
+        rows = []
+        for r in scored:
+            mid = (r.first_token_s + r.end_s) / 2
+            keys = {
+                "prompt tokens": float(r.prompt_tokens),
+                "output tokens": float(r.completion_tokens),
+                "true prefill share": r.truth_prefill_j / r.truth_j,
+                "queued s": (r.scheduled_s or r.start_s) - r.start_s,
+                "running at its mid-point": float(
+                    sum(1 for o in wl.requests if _view(o, "traces")[0] <= mid < o.end_s)
+                ),
+            }
+            signed = (got.get(r.id, (0.0, 0.0, 0.0))[0] - r.truth_j) / r.truth_j * 100.0
+            rows.append((keys, signed))
+        for what, edges in BINS.items():
+            for lo, hi in itertools.pairwise(edges):
+                errs = [e for k, e in rows if lo <= k[what] < hi]
+                if not errs:
+                    continue
+                out.setdefault(f"{name} {mode} by {what}", []).append(
+                    {
+                        "from": lo,
+                        "to": hi,
+                        "requests": len(errs),
+                        "median": median([abs(e) for e in errs]),
+                        "p90": percentile([abs(e) for e in errs], 0.9),
+                        "bias": median(errs),
+                    }
+                )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.serving_accuracy",
+        description="Per-request and per-stage accuracy on the serving simulator (JSON).",
+    )
+    ap.add_argument("seconds", nargs="?", type=float, default=180.0, help="trace seconds kept")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="the ledger's error in bins (prompt, output, prefill share, queue, batch) instead",
+    )
+    args = ap.parse_args(argv)
+    if args.breakdown:
+        rows: dict[str, object] = {}
+        for n in TRACES:
+            rows.update(breakdown(n, args.seconds))
+        print(json.dumps(rows, indent=1))
+        return
+    out = figures(run_trace(n, args.seconds) for n in TRACES)
+    out.update(fast_sampling(args.seconds))
     print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
