@@ -141,7 +141,10 @@ RUN_HELP: dict[str, str] = {
     "gpu_embodied_kg": "manufacturing emissions per GPU in kg (default by GPU model)",
     "host_embodied_kg": "manufacturing emissions of the host in kg (default 2500 per 8-GPU server)",
     "lifetime_years": "hardware lifetime for amortising embodied emissions",
-    "energy_receipts": "tell each streaming client what its request cost (an SSE comment before [DONE])",
+    "energy_receipts": (
+        "tell each client what its request cost (an SSE comment before [DONE],"
+        " or an `energy` member in a JSON body)"
+    ),
     "data_plane": (
         "relay | aiohttp: how the proxy moves bytes (relay: asyncio protocols and llhttp; "
         "aiohttp: its web server and client, the earlier default; same metering; default relay)"
