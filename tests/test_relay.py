@@ -370,3 +370,36 @@ async def test_relay_proxy_also_serves_an_aiohttp_front(
         assert (await r.json())["usage"]["completion_tokens"] == 5
     finally:
         await sidecar.stop()
+
+
+async def test_oversized_request_head_is_refused(relay: Rig) -> None:
+    """A request head past the relay's bound gets a 431 and the connection closes (no unbounded hold)."""
+    from sidecar.relay.server import MAX_HEAD_BYTES
+
+    huge = b"X-Pad: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n"
+    out = await raw(
+        cast(RelayClient, relay.proxy).port, b"GET /health HTTP/1.1\r\n" + huge + b"\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_idle_client_connections_are_closed(
+    relay: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client connection with no request in progress is closed once idle past the keep-alive time."""
+    import sidecar.relay.server as server
+
+    monkeypatch.setattr(server, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(server, "SWEEP_S", 0.05)
+    client = cast(RelayClient, relay.proxy)
+    assert client.server._sweeper is not None
+    client.server._sweeper.cancel()
+    client.server._sweep()  # the sweep re-arms itself at the patched period from here
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        assert first.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the relay
+    finally:
+        writer.close()

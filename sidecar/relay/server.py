@@ -31,6 +31,11 @@ log = structlog.get_logger("sidecar.relay")
 
 Handler = Callable[["RelayRequest"], Awaitable[Any]]
 MAX_QUEUED: Final = 2
+MAX_HEAD_BYTES: Final = 256 << 10
+"""A request line and headers larger than this are refused (431): they would be held whole."""
+KEEPALIVE_S: Final = 75.0
+"""An idle client connection (no request in progress) is closed after this, as aiohttp's server does."""
+SWEEP_S: Final = 15.0
 """Pipelined requests parsed ahead of the one being answered before the connection stops reading."""
 
 
@@ -197,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: RelayRequest | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self.idle_since = self.loop.time()
 
     # ------------------------------------------------------------ protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,7 +216,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(b"501 Not Implemented")  # upgrades (WebSocket) are not relayed
         except httptools.HttpParserError:
-            self._refuse(b"400 Bad Request")
+            too_big = self._head_bytes > MAX_HEAD_BYTES
+            self._refuse(b"431 Request Header Fields Too Large" if too_big else b"400 Bad Request")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -277,12 +285,20 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._grow(len(name) + len(value))
+
+    def _grow(self, n_bytes: int) -> None:
+        self._head_bytes += n_bytes
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("request head too large")  # llhttp stops: a parser error
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -360,6 +376,7 @@ class ClientConnection(asyncio.Protocol):
     def _next(self, request: RelayRequest) -> None:
         """The answer is out: keep the connection for the next request, or close it."""
         self.queue.popleft()
+        self.idle_since = self.loop.time()
         if not self.keep_alive or not request.content.finished or self.server.closing:
             self._close()  # an unread body would be parsed as the next request's: close instead
             return
@@ -400,6 +417,7 @@ class RelayServer:
         self.closing = False
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, host: str | None, port: int) -> int:
         """Listen (port 0: any free one); the port listened on."""
@@ -407,11 +425,23 @@ class RelayServer:
             lambda: ClientConnection(self.handler, self), host, port, backlog=4096
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
         return self.port
+
+    def _sweep(self) -> None:
+        """Close connections idle past :data:`KEEPALIVE_S` (one timer for all, not one each)."""
+        stale = self.loop.time() - KEEPALIVE_S
+        for conn in list(self.conns):
+            if conn.idle and conn.idle_since < stale:
+                conn._close()
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     async def cleanup(self) -> None:
         """Stop accepting, close idle connections, let answers finish within the grace period."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
