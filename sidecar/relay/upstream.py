@@ -1,8 +1,8 @@
 """Connections to the one upstream: a keep-alive pool, requests out, answers parsed by llhttp.
 
 Each request takes an idle connection (or opens one within the connect
-timeout), writes its head and body (a held body in one write with the head, a
-streamed one as it arrives: Content-Length bodies as they are, others
+timeout), writes its head and body (a small held body in one write with the
+head, a streamed one as it arrives: Content-Length bodies as they are, others
 chunked), and gets an :class:`UpstreamResponse` once the status line and
 headers are in. The body arrives in a :class:`BodyStream`: Content-Length,
 chunked or, without either, up to the connection's close. A connection goes
