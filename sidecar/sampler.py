@@ -99,6 +99,7 @@ class Sampler:
         self._poller: Poller[list[PowerSample | ReadError]] | None = None
         self._abandoned: list[Poller[list[PowerSample | ReadError]]] = []
         self._late_booked_s: float | None = None  # when the read in flight was last counted late
+        self._watchdog: asyncio.TimerHandle | None = None
         self._last_read_s: float | None = None
         self._logged_errors: set[tuple[str, ErrorReason]] = set()
 
@@ -106,11 +107,25 @@ class Sampler:
         """Sample until cancelled."""
         loop = asyncio.get_running_loop()
         self._start_poller(loop)
+        self._arm(loop, self._takeover_after_s)
         try:
-            while True:  # noqa: ASYNC110 (the watchdog: a timer, about once per deadline)
-                await asyncio.sleep(self._watch(loop))
+            await loop.create_future()  # the poller and the watchdog's timer do the work
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             self._stop_pollers()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
+        """The watchdog's next look in ``delay_s``: a timer that reads pushes on ahead
+        (:meth:`_on_read`), so while they come in it never fires and costs no wake-up."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = loop.call_later(delay_s, self._on_watch, loop)
+
+    def _on_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        self._arm(loop, self._watch(loop))
 
     def _start_poller(self, loop: asyncio.AbstractEventLoop) -> None:
         def deliver(outcome: list[PowerSample | ReadError] | BaseException) -> None:
@@ -158,6 +173,11 @@ class Sampler:
         if poller is not self._poller or poller.abandoned:
             return  # an abandoned read that returned at last: stale, dropped
         self._late_booked_s = None
+        watchdog = self._watchdog
+        if watchdog is not None:
+            loop = asyncio.get_running_loop()
+            if watchdog.when() - loop.time() < self._takeover_after_s / 2:
+                self._arm(loop, self._takeover_after_s)  # every half deadline, not every read
         if isinstance(outcome, BaseException):  # a source bug must not kill metering
             log.error("sampler.read_failed", exc_info=outcome)
             outcome = [ReadError(g, "unknown") for g in self._reconcilers]
