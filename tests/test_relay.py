@@ -107,6 +107,27 @@ async def test_keep_alive_reuses_one_upstream_connection(aiohttp_server: ServerF
     assert len(set(ports)) == 1
 
 
+async def test_idle_upstream_connections_expire(aiohttp_server: ServerFactory) -> None:
+    """An upstream connection idle past the keep-alive time is closed; the next request opens one."""
+    ports: list[int] = []
+
+    async def peer(request: web.Request) -> web.Response:
+        ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/peer", peer)
+    server = await aiohttp_server(app)
+    async with relay_to(str(server.make_url("/"))) as (sidecar, client):
+        assert (await (await client.get("/peer")).text()) == "ok"
+        pool = cast(RelayProxy, sidecar.proxy)._pool
+        assert pool is not None
+        pool.keepalive_s = 0.0  # every idle connection is now past its time
+        pool._sweep()
+        assert (await (await client.get("/peer")).text()) == "ok"
+    assert len(set(ports)) == 2
+
+
 async def test_chunked_upload_arrives_whole(relay: Rig) -> None:
     """A request body of unknown length (chunked) streams through unchanged."""
     parts = [os.urandom(300_000) for _ in range(7)]

@@ -29,6 +29,7 @@ KEEPALIVE_S: Final = 60.0
 """How long an idle upstream connection is kept (aiohttp's connector default is 15 s; ours was 60)."""
 RESEND_BYTES: Final = 64 << 10
 """Held bodies up to this size are kept for one resend (a reused connection the server had closed)."""
+SWEEP_S: Final = 10.0
 MAX_IDLE: Final = 1024
 """Idle connections kept at most; more are closed (a burst's connections mostly return at once)."""
 
@@ -82,7 +83,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.reusable = False
         self.pump: asyncio.Task[None] | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it went back to the pool
         self._drain: asyncio.Future[None] | None = None
         self.uses = 0
 
@@ -201,9 +202,6 @@ class _Conn(asyncio.Protocol):
 
     # ------------------------------------------------------------ requests
     def begin(self, head_only: bool) -> asyncio.Future[UpstreamResponse]:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         self.uses += 1
         self.head = self.loop.create_future()
         self.head_only, self.framed = head_only, False
@@ -262,6 +260,7 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if self.tls else None
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self, method: str, target: str, headers: CIMultiDict[str], body: Body
@@ -346,18 +345,34 @@ class UpstreamPool:
         if len(self._idle) >= MAX_IDLE:
             conn.abort()
             return
+        conn.idle_since = self.loop.time()
         self._idle.append(conn)
-        conn.idle_timer = self.loop.call_later(self.keepalive_s, conn.abort)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle past the keep-alive time (one timer for the pool, not one each)."""
+        self._sweeper = None
+        stale = self.loop.time() - self.keepalive_s
+        keep: list[_Conn] = []
+        for conn in self._idle:
+            if conn.idle_since < stale:
+                conn.abort()
+            else:
+                keep.append(conn)
+        self._idle = keep
+        if keep:
+            self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     def forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()
