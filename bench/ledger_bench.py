@@ -111,8 +111,9 @@ def run(
             samples = events = finished = 0
             cpu0 = time.process_time()
         while queue and queue[0][0] <= t_sample:
-            t, _, name, k, n = heapq.heappop(queue)
-            kind = plans[name][k][1]
+            t, _, name, k, n = queue[0]
+            plan = plans[name]
+            kind = plan[k][1]
             events += 1
             if kind == token:
                 ledger.tokens(name, t, n)
@@ -122,10 +123,13 @@ def run(
                 ledger.first_token(name, t)
             else:
                 ledger.finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
+                heapq.heappop(queue)
                 del plans[name]
                 schedule(t)
                 continue
-            push(name, k + 1)
+            order += 1
+            t_next, _, n_next = plan[k + 1]
+            heapq.heapreplace(queue, (t_next, order, name, k + 1, n_next))  # its next event
         power = 70.0 + 180.0 * (0.5 + 0.5 * rnd.random())
         for g in gpus:
             ledger.sample(g, t_sample, power)
