@@ -23,11 +23,11 @@ hangs holds that GPU: a read that runs beside it (the sampler abandons a read
 stuck past :attr:`NvmlSource.read_deadline_s` and starts another, see
 :mod:`sidecar.power.deadline`) skips that GPU with reason ``timeout`` until the
 call returns, and the stuck read, once it returns, gives nothing back (it is
-stale by then). So a hung call costs that GPU alone. After ``reinit_after`` reads in a row without a power sample on
-some GPU (lost from the bus, a driver reload, NVML uninitialised under us),
-NVML is shut down, started again and every GPU re-resolved by its UUID, on a
-capped exponential backoff with jitter, never while a hung call is still
-inside the driver. A GPU keeps its ``gpu`` label across a re-init, so its
+stale by then). So a hung call costs that GPU alone. After ``reinit_after``
+reads in a row without a power sample on some GPU (lost from the bus, a driver
+reload, NVML uninitialised under us), NVML is shut down, started again and
+every GPU re-resolved by its UUID, on a capped exponential backoff with jitter,
+never while a hung call is still inside the driver. A GPU keeps its ``gpu`` label across a re-init, so its
 ledger line and reconciler carry on; a reloaded driver's energy counter
 restarts, which the reconciler reads as a new window.
 
@@ -224,7 +224,8 @@ class NvmlSource:
                 try:
                     result = self._read_gpu_safe(gpu)
                 finally:
-                    in_call.pop(label, None)
+                    if in_call.get(label) is token:  # not cleared by close() meanwhile
+                        del in_call[label]
                 if self._current_read is not token:
                     return []  # another read ran while this call hung: what it got is stale
             if any(isinstance(r, PowerSample) for r in result):
