@@ -424,3 +424,24 @@ async def test_idle_client_connections_are_closed(
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the relay
     finally:
         writer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(relay: Rig) -> None:
+    """A client that waits for `100 Continue` gets it, sends its body, and the upload arrives."""
+    body = os.urandom(50_000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", cast(RelayClient, relay.proxy).port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        answer = await asyncio.wait_for(reader.readexactly(length), 5)
+        assert hashlib.sha256(body).hexdigest().encode() in answer
+    finally:
+        writer.close()

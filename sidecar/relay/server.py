@@ -47,6 +47,7 @@ class RelayRequest:
         "conn",
         "content",
         "content_length",
+        "continue_100",
         "headers",
         "keep_alive",
         "method",
@@ -76,6 +77,7 @@ class RelayRequest:
         self.content_length = content_length
         self.body_exists = chunked or bool(content_length)
         self.keep_alive, self.version_10 = keep_alive, version_10
+        self.continue_100 = False  # the client waits for "100 Continue" before its body
         self.content = BodyStream(conn.loop, conn.body_full, conn.body_read)
         if not self.body_exists:
             self.content.feed_eof()
@@ -98,11 +100,6 @@ class RelayResponse(web.StreamResponse):
         self._no_body = False
         self._remaining: int | None = None  # Content-Length bytes still to write
         self._done = False
-
-    @property
-    def relayed(self) -> bool:
-        """Whether it was prepared on the relay's connection (and writes there)."""
-        return self._conn is not None
 
     async def prepare(self, request: Any) -> Any:
         if not isinstance(request, RelayRequest):
@@ -204,6 +201,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self.idle_since = self.loop.time()
+        self.wrote = False  # bytes of the answer in progress went out: a fault can only cut it
 
     # ------------------------------------------------------------ protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -253,6 +251,7 @@ class ClientConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("client connection lost")
+        self.wrote = True
         self.transport.write(data)
 
     # reading stops while a body waits unread or requests queue up ahead
@@ -316,10 +315,9 @@ class ClientConnection(asyncio.Protocol):
             target = (url.path or b"/").decode("utf-8", "surrogateescape")
             if url.query:
                 target += "?" + url.query.decode("utf-8", "surrogateescape")
-        if headers.get("Expect", "").lower() == "100-continue":
-            del headers["Expect"]  # answered here, as aiohttp's server does
-            if self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        expect = headers.get("Expect", "").lower() == "100-continue"
+        if expect:
+            del headers["Expect"]  # answered here when its turn comes, as aiohttp's server does
         request = RelayRequest(
             self,
             parser.get_method().decode("ascii"),
@@ -330,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
             keep_alive=parser.should_keep_alive(),
             version_10=parser.get_http_version() == "1.0",
         )
+        request.continue_100 = expect
         self._parsing = request
         self.queue.append(request)
         self._flow()
@@ -348,7 +347,11 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ answering
     async def _answer(self, request: RelayRequest) -> None:
         response: Any = None
+        self.wrote = False
         try:
+            if request.continue_100:
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wrote = False  # an interim answer: the real one is still to come
             response = await self.handler(request)
             if isinstance(response, RelayResponse):
                 await response.prepare(request)  # a no-op once prepared
@@ -359,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         except Exception as e:
-            if (isinstance(response, RelayResponse) and response.relayed) or isinstance(e, OSError):
+            if self.wrote or isinstance(e, OSError):
                 self._close()  # mid-body: only a cut connection tells the client
             else:
                 log.exception("relay.handler_failed", path=request.path)
