@@ -445,3 +445,35 @@ async def test_expect_100_continue_gets_its_interim_answer(relay: Rig) -> None:
         assert hashlib.sha256(body).hexdigest().encode() in answer
     finally:
         writer.close()
+
+
+async def test_many_clients_leaving_leave_nothing_behind(relay: Rig) -> None:
+    """100 streams, every other one cut by its client: the rest arrive whole, and afterwards no
+    request is in flight, the parse budget is all back and no client connection is left open."""
+    proxy = relay.sidecar.proxy
+    assert proxy is not None
+    assert relay.sidecar.meter is not None
+    body = {**CHAT, "model": "c", "stream": True, "max_tokens": 20, "delay": 0.01}
+    async with relay.direct.post("/v1/chat/completions", json=body) as d:
+        expected = await d.read()
+
+    async def one(i: int) -> bytes | None:
+        async with aiohttp.ClientSession() as session:
+            r = await session.post(relay.proxy.make_url("/v1/chat/completions"), json=body)
+            if i % 2:
+                await r.content.readany()
+                r.close()
+                return None
+            return await r.read()
+
+    results = await asyncio.gather(*(one(i) for i in range(100)))
+    assert all(r == expected for r in results if r is not None)
+    server = cast(RelayClient, relay.proxy).server
+    for _ in range(200):
+        if proxy.inflight == 0 and not server.conns and relay.sidecar.meter.in_flight() == {}:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.inflight == 0
+    assert proxy.budget.held_bytes == 0
+    assert relay.sidecar.meter.in_flight() == {}
+    assert not server.conns
