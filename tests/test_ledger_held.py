@@ -485,3 +485,26 @@ def test_a_reused_request_id_is_a_second_request_not_a_retry() -> None:
     got = sorted((f.start_s, f.energy_j) for f in ledger.pop_finished())
     assert [start for start, _ in got] == [1.0, 5.0]
     assert [joules for _, joules in got] == pytest.approx([2.0 * 300.0, 1.0 * 300.0])
+
+
+def test_counts_at_epoch_seconds_wait_only_for_their_own_window() -> None:
+    """At epoch seconds a count's window ends on a slot's start exactly (below the float
+    resolution of a fixed epsilon): that slot belongs to the next window only, so counts
+    that came before the samples leave no slot waiting on, or taken for, a neighbour's
+    count, and each request takes the serving energy of its window (none unattributed)."""
+    t0 = 1_700_000_000.0
+    ledger = _ledger(hold_s=600.0, counted=True, grace_s=6.0, claim_s=30.0)
+    for i in range(8):  # the scrapes come before the (reconciled, later) samples
+        ran = 2 if i == 3 else 1 if i < 6 else 0
+        ledger.running(t0 + i, t0 + i + 1, ran, 1 if i in (1, 4) else 0)
+    _samples(ledger, t0, t0 + 8.0, 300.0)
+    kw = {"model": "m", "prompt_tokens": 5, "completion_tokens": 5}
+    ledger.place("a", start_s=t0 + 0.25, first_token_s=t0 + 0.5, end_s=t0 + 2.75, **kw)  # type: ignore[arg-type]
+    ledger.place("b", start_s=t0 + 3.25, first_token_s=t0 + 3.5, end_s=t0 + 5.75, **kw)  # type: ignore[arg-type]
+    ledger.place("c", start_s=t0 + 3.5, first_token_s=t0 + 3.5, end_s=t0 + 3.75, **kw)  # type: ignore[arg-type]
+    _samples(ledger, t0 + 8.1, t0 + 16.0, 100.0)  # all spans came within the grace
+    ledger.running(t0 + 8, t0 + 16, 0)
+    got = {f.id: f.energy_j for f in ledger.pop_finished()}
+    assert got["a"] == pytest.approx(2.5 * 300.0, rel=REL)
+    assert got["b"] + got["c"] == pytest.approx(2.5 * 300.0, rel=REL)  # c ran beside b
+    assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-6)

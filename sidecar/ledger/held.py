@@ -49,6 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
+from sidecar.ledger.held_grid import Report, Slot, heard_in, window
 from sidecar.ledger.held_request import HeldRequest, span_request, stand_in, weighs
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, Request
@@ -73,38 +74,6 @@ SEEN_KEEP: Final = 2.0
 """Request ids (with their start) are kept this many holds: a retried export counts once."""
 
 
-class _Slot:
-    """One slot of the grid."""
-
-    __slots__ = (
-        "absent", "claimed", "dyn_j", "idle_j", "k", "phased", "placed", "reps", "running",
-        "settled", "sure", "waiting",
-    )  # fmt: skip
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.idle_j = 0.0  # energy below the baseline, summed over the GPUs
-        self.dyn_j = 0.0  # energy above it
-        self.running: int | None = None  # the largest count over it, where one came
-        self.waiting = 0  # counts over it not satisfied yet
-        self.placed: list[HeldRequest] = []
-        self.phased = False  # its phases are booked already (the server's count)
-        self.sure = False  # a count says some request ran through all of it
-        self.settled = False
-        self.claimed = False  # past the grace: those placed took their shares, fixed
-        self.absent = 0  # once claimed: co-runners whose share is still in it
-        self.reps: tuple[_Report, ...] = ()  # the counts over it
-
-
-@dataclass(slots=True)
-class _Report:
-    t0: float
-    t1: float
-    running: int
-    through: int = 0
-    heard: int = 0
-
-
 @dataclass(slots=True)
 class HeldSlots:
     """The hold: slots from the oldest unsettled one to the newest sample."""
@@ -121,13 +90,13 @@ class HeldSlots:
     claim_s: float = CLAIM_S
     """A counted slot whose co-runners have not all reported is claimed this long after
     its end (:meth:`_claim`)."""
-    _slots: dict[int, _Slot] = field(default_factory=dict)
+    _slots: dict[int, Slot] = field(default_factory=dict)
     _first_k: int | None = None
     _last_k: int | None = None
     _close_k: int | None = None
     _claim_k: int | None = None
     _waiting: list[HeldRequest] = field(default_factory=list)
-    _reports: deque[_Report] = field(default_factory=deque)
+    _reports: deque[Report] = field(default_factory=deque)
     _seen: dict[tuple[str, float], float] = field(default_factory=dict)
     _seen_order: deque[tuple[float, tuple[str, float]]] = field(default_factory=deque)
     _done_s: float = -INF
@@ -189,12 +158,12 @@ class HeldSlots:
         """A source's count of the requests that ran over [t0, t1] (the observer's
         scrape window, the proxy's view between two ticks); ``through`` of them ran
         all of it (running at both ends: the window is serving for sure)."""
-        rep = _Report(t0, t1, max(0, count), max(0, through))
-        heard = {id(r) for r in self._waiting if _heard_in(r, t0, t1)}
+        rep = Report(t0, t1, max(0, count), max(0, through))
+        heard = {id(r) for r in self._waiting if heard_in(r, t0, t1)}
         for k in self._window(t0, t1):
             slot = self._slots.get(k)
             if slot is not None:
-                heard.update(id(r) for r in slot.placed if _heard_in(r, t0, t1))
+                heard.update(id(r) for r in slot.placed if heard_in(r, t0, t1))
         rep.heard = len(heard)
         self._reports.append(rep)
         self._reported_s = max(self._reported_s, t1)
@@ -204,7 +173,7 @@ class HeldSlots:
                 self._apply(slot, rep)
         self._close_passed()
 
-    def _apply(self, slot: _Slot, rep: _Report) -> None:
+    def _apply(self, slot: Slot, rep: Report) -> None:
         slot.running = rep.running if slot.running is None else max(slot.running, rep.running)
         slot.sure = slot.sure or rep.through > 0
         slot.reps += (rep,)
@@ -224,11 +193,12 @@ class HeldSlots:
         self._seen_order.append((req.end_s, key))
         self._last_end_s = max(self._last_end_s, req.end_s)
         first, last = self._first_k, self._last_k
-        k0 = self._k(held.heard_from_s)
-        k1 = self._k(held.heard_to_s - 1e-9) if held.heard_to_s > held.heard_from_s else k0
+        span = self._window(held.heard_from_s, held.heard_to_s)
+        k0 = span.start
+        k1 = span.stop - 1 if held.heard_to_s > held.heard_from_s else k0
         if first is not None and self._k(req.start_s) < first:
             held.missed_s = max(0.0, min(req.end_s, first * self.slot_s) - req.start_s)
-        touched: list[_Slot] = []
+        touched: list[Slot] = []
         # only the held slots: a window far outside them (a wild clock) costs nothing
         for k in range(0 if first is None else max(k0, first), 0 if last is None else k1 + 1):
             if last is not None and k > last:
@@ -252,7 +222,7 @@ class HeldSlots:
         for rep in reversed(self._reports):  # the counts it satisfies one more of
             if rep.t1 < held.heard_from_s:
                 break
-            if _heard_in(held, rep.t0, rep.t1):
+            if heard_in(held, rep.t0, rep.t1):
                 rep.heard += 1
                 if rep.heard == rep.running:
                     for k in self._window(rep.t0, rep.t1):
@@ -329,19 +299,19 @@ class HeldSlots:
         return math.floor(t / self.slot_s)
 
     def _window(self, t0: float, t1: float) -> range:
-        return range(self._k(t0), self._k(t1 - 1e-9) + 1)
+        return window(t0, t1, self.slot_s)
 
     @staticmethod
     def _overlaps(held: HeldRequest, t0: float, t1: float) -> bool:
         return held.heard_from_s < t1 and held.heard_to_s > t0
 
-    def _slot(self, k: int) -> _Slot | None:
+    def _slot(self, k: int) -> Slot | None:
         slot = self._slots.get(k)
         if slot is not None:
             return slot
         if self._first_k is not None and k < self._first_k:
             return None
-        slot = _Slot(k)
+        slot = Slot(k)
         self._slots[k] = slot
         if self._first_k is None:
             self._first_k = k
@@ -410,7 +380,7 @@ class HeldSlots:
             k += 1
         self._claim_k = k
 
-    def _settle_if_complete(self, slot: _Slot) -> bool:
+    def _settle_if_complete(self, slot: Slot) -> bool:
         """A counted slot settles once its counts are satisfied, past the grace."""
         if slot.settled:
             return True
@@ -422,7 +392,7 @@ class HeldSlots:
         self._settle(slot)
         return True
 
-    def _settle(self, slot: _Slot) -> None:
+    def _settle(self, slot: Slot) -> None:
         """Share the slot's energy among the requests placed in it (CONTRACT.md, Sharing)."""
         if slot.claimed:
             self._settle_claimed(slot)
@@ -441,7 +411,7 @@ class HeldSlots:
             self._share_slot(slot, [stand_in(slot.k, i, t0, t1) for i in range(missing)])
         self._let_go(slot)
 
-    def _claim(self, slot: _Slot) -> None:
+    def _claim(self, slot: Slot) -> None:
         """Past the grace with co-runners still to report (the server's count says how
         many ran): those placed take their shares now, fixed, each co-runner still to come
         weighing as the mean of those placed; what the co-runners would take stays in the
@@ -465,7 +435,7 @@ class HeldSlots:
             self.held_j -= before - idle_left - dyn_left
         self._let_go(slot)
 
-    def _take(self, slot: _Slot, held: HeldRequest) -> None:
+    def _take(self, slot: Slot, held: HeldRequest) -> None:
         """A span for a claimed slot: one co-runner's share of what was kept, the idle part
         by the time it covers, the dynamic part as its work weighs against a stand-in's
         (decoding all through the slot), never more than is left."""
@@ -496,7 +466,7 @@ class HeldSlots:
         if r.booked:
             self.books._add_model(r.model, idle, dyn)
 
-    def _settle_claimed(self, slot: _Slot) -> None:
+    def _settle_claimed(self, slot: Slot) -> None:
         """A claimed slot's end: every count satisfied (what no span took goes as a settled
         slot's uncovered part) or the hold ended (never heard from: unattributed)."""
         slot.settled = True
@@ -509,13 +479,13 @@ class HeldSlots:
         else:
             self.books.phase_j["idle_standby"] += left
 
-    def _absent_count(self, slot: _Slot) -> int:
+    def _absent_count(self, slot: Slot) -> int:
         """Co-runners not reported: the most any count over it waits for, at most its count
         less those placed in it."""
         unheard = max((rep.running - rep.heard for rep in slot.reps), default=0)
         return max(0, min(unheard, (slot.running or 0) - len(slot.placed)))
 
-    def _share_slot(self, slot: _Slot, absent: list[Request]) -> None:
+    def _share_slot(self, slot: Slot, absent: list[Request]) -> None:
         """Share the slot among those placed and ``absent``, cut where any placed one
         starts, reaches its first token or ends."""
         t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
@@ -530,7 +500,7 @@ class HeldSlots:
                 frac = (b - a) / self.slot_s
                 self._share_piece(slot, absent, a, b, idle_j * frac, dyn_j * frac)
 
-    def _let_go(self, slot: _Slot) -> None:
+    def _let_go(self, slot: Slot) -> None:
         """The requests placed in it have their share of it."""
         for r in slot.placed:
             r.open_slots -= 1
@@ -538,7 +508,7 @@ class HeldSlots:
         slot.placed = []
 
     def _share_piece(
-        self, slot: _Slot, absent: list[Request], a: float, b: float, idle_j: float, dyn_j: float
+        self, slot: Slot, absent: list[Request], a: float, b: float, idle_j: float, dyn_j: float
     ) -> None:
         """One piece, by the ledger's own sharing rule; requests a count saw but that
         did not report share as uninformed requests (into the unattributed bucket, or
@@ -591,10 +561,3 @@ class HeldSlots:
             self._slots.pop(first, None)
             first += 1
         self._first_k = first
-
-
-def _heard_in(held: HeldRequest, t0: float, t1: float) -> bool:
-    """Whether a count over [t0, t1] may have counted this request: edges included (a
-    request scheduled at the scrape's instant was running then), nothing wider, or a
-    neighbour would stand in for a request still running (its share lost)."""
-    return held.heard_from_s <= t1 and held.heard_to_s >= t0
