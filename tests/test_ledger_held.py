@@ -116,24 +116,23 @@ def test_span_after_the_hold_gets_nothing_and_the_energy_is_unattributed() -> No
 
 def test_counted_slots_settle_once_everyone_reported_not_at_the_hold() -> None:
     """With the server's count, a request is final once its span came and its slots are
-    past the grace, not when its co-runners report: the one still to come weighs as the
-    mean meanwhile, and its span takes what was kept for it; nothing waits for the hold."""
+    past the claim, not when its co-runners report: the one the count says ran all
+    through beside it weighs as it does meanwhile, and its span takes what was kept for
+    it; nothing waits for the hold."""
     ledger = _ledger(hold_s=600.0, counted=True, claim_s=2.0)
-    _samples(ledger, 0.0, 6.0, 300.0)
-    ledger.running(0.0, 6.0, 2)
+    runs = [(1.0, 5.0), (1.0, 5.0)]
+    _scrape_each_second(ledger, 5.5, runs)
     kw = {"model": "m", "start_s": 1.0, "first_token_s": 2.0, "end_s": 5.0,
           "prompt_tokens": 10, "completion_tokens": 30}  # fmt: skip
     ledger.place("a", **kw)  # type: ignore[arg-type]
-    _samples(ledger, 6.1, 8.0, 100.0)
-    ledger.running(6.0, 8.0, 0)
+    _scrape_each_second(ledger, 12.0, runs)
     [a] = ledger.pop_finished()  # b ran too (the count said 2): it weighs as a does
     assert a.energy_j == pytest.approx(0.5 * 4.0 * 300.0, rel=REL)
     ledger.place("b", **kw)  # type: ignore[arg-type]
     [b] = ledger.pop_finished()
     assert b.energy_j == pytest.approx(a.energy_j, rel=REL)
     assert b.prefill_j == pytest.approx(a.prefill_j, rel=REL)
-    # [0, 1) and [5, 6): the count's window is satisfied (both reported), neither ran
-    # there, and no count said one ran all through it: standby
+    # outside [1, 5] the counts are 0 (both reported) and neither ran there: standby
     assert ledger.held_j == pytest.approx(0.0, abs=1e-9)
     assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-9)
     standby = _measured(ledger) - a.energy_j - b.energy_j
@@ -508,3 +507,25 @@ def test_counts_at_epoch_seconds_wait_only_for_their_own_window() -> None:
     assert got["a"] == pytest.approx(2.5 * 300.0, rel=REL)
     assert got["b"] + got["c"] == pytest.approx(2.5 * 300.0, rel=REL)  # c ran beside b
     assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_co_runner_that_began_after_a_slot_keeps_no_share_of_it() -> None:
+    """At the claim a co-runner still to report is still running: where it was not running
+    at its window's start it began within the window, so slots early in the window are
+    not kept for it (no span would take that share): the short request that ran alone
+    there takes all of it, and nothing ends unattributed once both reported."""
+    ledger = _ledger(hold_s=900.0, counted=True, grace_s=1.0, claim_s=3.0)
+    runs = [(1.0, 1.25), (1.75, 60.0)]
+    _scrape_each_second(ledger, 3.0, runs)  # its span comes before the claim
+    kw = {"model": "m", "prompt_tokens": 5, "completion_tokens": 5}
+    ledger.place("short", start_s=1.0, first_token_s=1.1, end_s=1.25, **kw)  # type: ignore[arg-type]
+    _scrape_each_second(ledger, 10.0, runs)
+    [short] = ledger.pop_finished()
+    assert short.energy_j == pytest.approx(0.25 * 300.0, rel=REL)
+    _scrape_each_second(ledger, 66.0, runs)
+    ledger.place("long", start_s=1.75, first_token_s=2.0, end_s=60.0, **kw)  # type: ignore[arg-type]
+    _scrape_each_second(ledger, 70.0, runs)
+    [long] = ledger.pop_finished()
+    assert long.energy_j == pytest.approx(58.25 * 300.0, rel=REL)
+    assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-6)
+    assert _books(ledger, [short, long]) == pytest.approx(_measured(ledger), rel=REL)

@@ -415,9 +415,11 @@ class HeldSlots:
         """Past the grace with co-runners still to report (the server's count says how
         many ran): those placed take their shares now, fixed, each co-runner still to come
         weighing as the mean of those placed; what the co-runners would take stays in the
-        slot for their spans (:meth:`_take`). Phases are booked for what was shared."""
+        slot for their spans (:meth:`_take`). Phases are booked for what was shared. With
+        none of them likely to have run in it, those placed share all of it (a stand-in
+        that no span takes would keep their share)."""
         absent = self._absent_count(slot)
-        if absent == 0:
+        if absent == 0 and slot.waiting == 0:
             self._settle(slot)
             return
         slot.claimed = True
@@ -457,6 +459,7 @@ class HeldSlots:
         slot.idle_j -= idle
         slot.dyn_j -= dyn
         slot.absent = max(0, slot.absent - 1)
+        slot.taker = held
         r.idle_j += idle
         r.dynamic_j += dyn
         self.held_j -= idle + dyn
@@ -467,23 +470,54 @@ class HeldSlots:
             self.books._add_model(r.model, idle, dyn)
 
     def _settle_claimed(self, slot: Slot) -> None:
-        """A claimed slot's end: every count satisfied (what no span took goes as a settled
-        slot's uncovered part) or the hold ended (never heard from: unattributed)."""
+        """A claimed slot's end. The hold ended with a count not satisfied: its co-runners
+        were never heard from (unattributed). Every count satisfied: what no span took is
+        the part of the slot its last co-runner did not cover: standby where no count said
+        the slot was serving, else serving energy, the last co-runner's while its figure is
+        still open (unattributed only once it is final: no figure is reopened)."""
         slot.settled = True
         left = slot.idle_j + slot.dyn_j
         self.held_j -= left
-        if slot.waiting > 0 or slot.phased:
+        taker = slot.taker
+        if slot.waiting > 0 or (slot.phased and (taker is None or taker.open_slots < 0)):
             if not slot.phased:
                 self._book_phase(slot.idle_j, slot.dyn_j)
             self.books.unattributed_j += left
+        elif slot.phased and taker is not None:
+            r = taker.req
+            r.idle_j += slot.idle_j
+            r.dynamic_j += slot.dyn_j
+            self.open_j += left
+            if r.booked:
+                self.books._add_model(r.model, slot.idle_j, slot.dyn_j)
         else:
             self.books.phase_j["idle_standby"] += left
+        slot.idle_j = slot.dyn_j = 0.0
+        slot.taker = None
 
     def _absent_count(self, slot: Slot) -> int:
-        """Co-runners not reported: the most any count over it waits for, at most its count
-        less those placed in it."""
-        unheard = max((rep.running - rep.heard for rep in slot.reps), default=0)
-        return max(0, min(unheard, (slot.running or 0) - len(slot.placed)))
+        """Co-runners not reported that ran in this slot, by the count most waited for, at
+        most its count less those placed in it. At the claim a co-runner still to report is
+        still running (or just ended), so it ran in the slot for sure where it was running
+        at the window's start too (``through``, less those placed that ran all of it);
+        one that began within the window ran in the slot only if it began before the
+        slot's end: those count in proportion to the window before the slot's end (a
+        stand-in kept for one that began after it is taken by no span, and what it kept
+        was the placed requests' share)."""
+        end = (slot.k + 1) * self.slot_s
+        most = 0
+        for rep in slot.reps:
+            unheard = rep.running - rep.heard
+            if unheard <= 0:
+                continue
+            ran_all = sum(
+                1 for r in slot.placed if r.heard_from_s <= rep.t0 and r.heard_to_s >= rep.t1
+            )
+            sure = min(unheard, max(0, rep.through - ran_all))
+            width = rep.t1 - rep.t0
+            before = min(1.0, max(0.0, (end - rep.t0) / width)) if width > 0 else 1.0
+            most = max(most, sure + math.floor((unheard - sure) * before + 0.5))
+        return max(0, min(most, (slot.running or 0) - len(slot.placed)))
 
     def _share_slot(self, slot: Slot, absent: list[Request]) -> None:
         """Share the slot among those placed and ``absent``, cut where any placed one

@@ -16,7 +16,7 @@ class Slot:
 
     __slots__ = (
         "absent", "claimed", "dyn_j", "idle_j", "k", "phased", "placed", "reps", "running",
-        "settled", "sure", "waiting",
+        "settled", "sure", "taker", "waiting",
     )  # fmt: skip
 
     def __init__(self, k: int) -> None:
@@ -31,6 +31,7 @@ class Slot:
         self.settled = False
         self.claimed = False  # past the grace: those placed took their shares, fixed
         self.absent = 0  # once claimed: co-runners whose share is still in it
+        self.taker: HeldRequest | None = None  # once claimed: the latest span that took
         self.reps: tuple[Report, ...] = ()  # the counts over it
 
 
