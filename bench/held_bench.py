@@ -4,9 +4,13 @@
 from ``--durations``) beside the meter in ``observer+traces`` mode: the observer's 1 Hz scrape
 gives the running gauge and the requests finished since the last scrape, and each request's
 span arrives 5 s after its end (vLLM's batch exporter). A request's figure is final once every
-interval it ran in has been heard from in full, plus the 6 s grace, so the delay follows the
-longest request it ran beside. ``memory``: bytes per held slot (0.1 s of the 15-minute hold,
-whatever the GPUs and the sample rate), empty and with requests placed in it (tracemalloc).
+slot it ran in has settled (every request the count saw there reported, plus the 6 s grace) or
+been claimed (30 s after the slot's end, a co-runner still running weighing as a stand-in), so
+the delay is at most about 30 s whatever the length of the generations it ran beside; the
+unattributed share is what stand-ins kept that no span took where the count said the slot was
+serving (0 if every stand-in was for a request that ran there). ``memory``: bytes per held slot
+(0.1 s of the 15-minute hold, whatever the GPUs and the sample rate), empty and with requests
+placed in it (tracemalloc).
 
     .venv/bin/python bench/held_bench.py [--durations 0.07,0.5,2,8,30]
 

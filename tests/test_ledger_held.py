@@ -529,3 +529,22 @@ def test_a_co_runner_that_began_after_a_slot_keeps_no_share_of_it() -> None:
     assert long.energy_j == pytest.approx(58.25 * 300.0, rel=REL)
     assert ledger.unattributed_j == pytest.approx(0.0, abs=1e-6)
     assert _books(ledger, [short, long]) == pytest.approx(_measured(ledger), rel=REL)
+
+
+def test_power_rising_within_a_slot_goes_to_the_part_where_it_was_drawn() -> None:
+    """Power ramping from the baseline to 500 W over one slot: the request in its second
+    half takes the dynamic energy drawn there (three times the first half's), not half
+    of the slot's; the two still add up to the slot."""
+    ledger = _ledger(hold_s=1.0)
+    for g in ledger.gpus:
+        ledger.sample(g, 0.0, 100.0)
+        ledger.sample(g, 0.25, 500.0)  # one slot of 0.25 s: dynamic 1600 W/s * t
+    kw = {"model": "m", "prompt_tokens": 5, "completion_tokens": 5}
+    ledger.place("a", start_s=0.0, first_token_s=0.0625, end_s=0.125, **kw)  # type: ignore[arg-type]
+    ledger.place("b", start_s=0.125, first_token_s=0.1875, end_s=0.25, **kw)  # type: ignore[arg-type]
+    _samples(ledger, 0.25, 3.0, 100.0)
+    got = {f.id: f for f in ledger.pop_finished()}
+    assert got["a"].dynamic_j == pytest.approx(800.0 * 0.125**2, rel=REL)
+    assert got["b"].dynamic_j == pytest.approx(800.0 * (0.25**2 - 0.125**2), rel=REL)
+    assert got["a"].idle_j == pytest.approx(got["b"].idle_j, rel=REL)
+    assert _books(ledger, list(got.values())) == pytest.approx(_measured(ledger), rel=REL)

@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from sidecar.ledger.held_grid import Report, Slot, heard_in, window
+from sidecar.ledger.held_grid import Profile, Report, Slot, absent_count, heard_in, window
 from sidecar.ledger.held_request import HeldRequest, span_request, stand_in, weighs
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, Request
@@ -135,10 +135,16 @@ class HeldSlots:
             total += energy
             above = pa + pb > 2.0 * idle_w
             idle_part = idle_w * (b - a) if above else energy
-            self._add_energy(self._k((a + b) / 2.0), idle_part, energy - idle_part)
+            k = self._k((a + b) / 2.0)
+            off = a - (k + 0.5) * self.slot_s  # from the slot's middle
+            moment = (b - a) ** 2 * (pa + 2.0 * pb) / 6.0 + off * energy
+            idle_m = idle_part * (off + (b - a) / 2.0) if above else moment
+            self._add_energy(k, idle_part, energy - idle_part, idle_m, moment - idle_m)
         return total
 
-    def _add_energy(self, k: int, idle_j: float, dyn_j: float) -> None:
+    def _add_energy(
+        self, k: int, idle_j: float, dyn_j: float, idle_m: float = 0.0, dyn_m: float = 0.0
+    ) -> None:
         slot = self._slot(k)
         if slot is None or slot.settled:  # a silent GPU came back after it settled
             if slot is not None and not slot.phased and not slot.placed and not slot.running:
@@ -149,6 +155,8 @@ class HeldSlots:
             return
         slot.idle_j += idle_j
         slot.dyn_j += dyn_j
+        slot.idle_m += idle_m
+        slot.dyn_m += dyn_m
         self.held_j += idle_j + dyn_j
         if slot.phased:
             self._book_phase(idle_j, dyn_j)
@@ -433,6 +441,8 @@ class HeldSlots:
             dyn_left = sum(r.dynamic_j for r in stand_ins)
             if not slot.phased:  # only what was shared is booked: the rest may be standby
                 self._book_phase(-idle_left, -dyn_left)
+            slot.idle_m *= idle_left / slot.idle_j if slot.idle_j > 0 else 0.0
+            slot.dyn_m *= dyn_left / slot.dyn_j if slot.dyn_j > 0 else 0.0
             slot.idle_j, slot.dyn_j = idle_left, dyn_left
             self.held_j -= before - idle_left - dyn_left
         self._let_go(slot)
@@ -496,28 +506,7 @@ class HeldSlots:
         slot.taker = None
 
     def _absent_count(self, slot: Slot) -> int:
-        """Co-runners not reported that ran in this slot, by the count most waited for, at
-        most its count less those placed in it. At the claim a co-runner still to report is
-        still running (or just ended), so it ran in the slot for sure where it was running
-        at the window's start too (``through``, less those placed that ran all of it);
-        one that began within the window ran in the slot only if it began before the
-        slot's end: those count in proportion to the window before the slot's end (a
-        stand-in kept for one that began after it is taken by no span, and what it kept
-        was the placed requests' share)."""
-        end = (slot.k + 1) * self.slot_s
-        most = 0
-        for rep in slot.reps:
-            unheard = rep.running - rep.heard
-            if unheard <= 0:
-                continue
-            ran_all = sum(
-                1 for r in slot.placed if r.heard_from_s <= rep.t0 and r.heard_to_s >= rep.t1
-            )
-            sure = min(unheard, max(0, rep.through - ran_all))
-            width = rep.t1 - rep.t0
-            before = min(1.0, max(0.0, (end - rep.t0) / width)) if width > 0 else 1.0
-            most = max(most, sure + math.floor((unheard - sure) * before + 0.5))
-        return max(0, min(most, (slot.running or 0) - len(slot.placed)))
+        return absent_count(slot, self.slot_s)
 
     def _share_slot(self, slot: Slot, absent: list[Request]) -> None:
         """Share the slot among those placed and ``absent``, cut where any placed one
@@ -528,11 +517,11 @@ class HeldSlots:
             for c in (r.req.start_s, r.req.first_token_s, r.req.end_s):
                 if c is not None and t0 < c < t1:
                     cuts.add(c)
-        idle_j, dyn_j = slot.idle_j, slot.dyn_j
+        idle = Profile(slot.idle_j, slot.idle_m, t0, self.slot_s)
+        dyn = Profile(slot.dyn_j, slot.dyn_m, t0, self.slot_s)
         for a, b in itertools.pairwise(sorted(cuts)):
             if b > a:
-                frac = (b - a) / self.slot_s
-                self._share_piece(slot, absent, a, b, idle_j * frac, dyn_j * frac)
+                self._share_piece(slot, absent, a, b, idle.part(a, b), dyn.part(a, b))
 
     def _let_go(self, slot: Slot) -> None:
         """The requests placed in it have their share of it."""
