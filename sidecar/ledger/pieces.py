@@ -9,9 +9,11 @@ totals by phase, by model and the unattributed bucket.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
 from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
+from sidecar.ledger.rows import assign_row
 
 MIN_DECODE_PACE = 0.2
 """A step that carries a full prompt chunk is several decode steps long (a 2,048-token
@@ -71,6 +73,16 @@ class Books:
         on [a, b], not on the GPU, so they are worked out once and serve every GPU, and
         each piece is booked once with all GPUs' parts (8 GPUs cost about what one does).
         Returns each interval's energy, in the shape of ``per_gpu``."""
+        if not self.paced:
+            return assign_row(self, per_gpu, reqs, now_s)
+        return self._assign_pieces(per_gpu, reqs, now_s)
+
+    def _assign_pieces(
+        self, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float
+    ) -> list[list[float]]:
+        """:meth:`assign_grid` one piece at a time: the plain statement of the rule, kept
+        for a server known to batch (its decode pace and lockstep read the whole piece)
+        and as the reference :func:`assign_row` is tested against."""
         cuts: set[float] = set()
         slopes = [[(p1 - p0) / (t1 - t0) for t0, p0, t1, p1, _ in ivs] for ivs in per_gpu]
         for ivs, sl in zip(per_gpu, slopes, strict=True):
@@ -231,7 +243,7 @@ class Books:
         for model, (idle_j, dyn_j) in by_model.items():
             self._add_model(model, idle_j, dyn_j)
 
-    def _probe(self, inside: list[Request], a: float, b: float) -> None:
+    def _probe(self, inside: Iterable[Request], a: float, b: float) -> None:
         """Whether the server batches continuously, from the streams in one piece: such a
         server ends every running request's token in the same step, so the distinct
         arrival times (chained within ``LOCKSTEP_S``) are about as many as one stream's

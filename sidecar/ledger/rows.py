@@ -1,0 +1,345 @@
+"""One grid row at a time: :meth:`Books.assign_grid` with the work of each request
+worked out for all pieces of the row in one pass, not once per piece.
+
+The sharing rule is :meth:`Books._weights_many` and :meth:`Books._book`, unchanged;
+this module only reorders the arithmetic so that its cost per (piece, request) pair
+is a few operations inside builtins (``sum``, ``map``, ``zip``) instead of a
+function call and a dozen list passes: 8 GPUs at 100 Hz with 256 streams in flight
+is ~54k pairs per simulated second, and 10x real time on one core leaves ~1 us each.
+
+What makes the reordering exact (results equal within rounding, which
+``tests/test_ledger_recorded.py`` checks at 1e-9):
+
+* A request's weight in a piece is linear in its work there: ``alpha*p + (beta +
+  gamma*ctx)*d`` with the piece's coefficients (the step model's, or the prompt
+  ratio's), so the piece's total weight is the same sum over the piece's totals
+  P, D and K, and a request's share summed over the row is a dot product of its
+  work columns with the pieces' coefficients.
+* The fits (:class:`PrefillFit`, :class:`StepModel`), the lockstep probe and the
+  coefficients they yield still run piece by piece, in time order.
+* Only a prompt that is still running (or ends) in the row reads and feeds the
+  server's prefill rate (:class:`PrefillRate`), in piece order then request order:
+  those few requests go through :meth:`Books._work` in exactly that order; the
+  others (decode, or a whole non-streamed reply) never touch the rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from bisect import bisect_left, bisect_right
+from operator import mul
+from typing import TYPE_CHECKING
+
+from sidecar.ledger.prefill_fit import CONTEXT_UNIT
+from sidecar.ledger.requests import INF, Request
+
+if TYPE_CHECKING:
+    from sidecar.ledger.pieces import Books, Interval
+
+# one GPU's part of a piece: (gpu, interval, idle J, dynamic J)
+_Part = tuple[int, int, float, float]
+
+
+def assign_row(
+    books: Books, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float
+) -> list[list[float]]:
+    """:meth:`Books.assign_grid` for a server not known to batch (``paced`` off)."""
+    from sidecar.ledger.pieces import PROBE_EVERY, _context
+
+    energies = [[0.0] * len(ivs) for ivs in per_gpu]
+    starts, ends = _grid(per_gpu, reqs)
+    m = len(starts)
+    if not m:
+        return energies
+    lo, hi = starts[0], ends[-1]
+    # each request's run of pieces [i, j): start_s <= a and end_s >= b
+    spans: list[tuple[Request, int, int]] = []
+    count = [0] * (m + 1)
+    for r in reqs:
+        i = 0 if r.start_s <= lo else bisect_left(starts, r.start_s)
+        j = m if r.end_s >= hi else bisect_right(ends, r.end_s)
+        if i < j:
+            spans.append((r, i, j))
+            count[i] += 1
+            count[j] -= 1
+    n_in = list(itertools.accumulate(count[:m]))
+    parts = _parts(books, per_gpu, starts, ends, n_in, energies)
+    active = [any(p[3] > 0.0 for p in ps) for ps in parts]
+
+    # --- each informed request's work in every piece of the row (0 outside its run)
+    d_rows: list[list[float]] = []  # decode tokens, one row per informed request
+    p_rows: list[list[float] | None] = []  # prefill tokens (None: none in the row)
+    ctxs: list[float] = []
+    informed_count = [0] * (m + 1)
+    # per span: (request, i, j, index of its rows or -1 when uninformed)
+    owners: list[tuple[Request, int, int, int]] = []
+    slow: list[tuple[int, Request, int, int]] = []
+    for r, i, j in spans:
+        if not (r.segments or r.streamed or r.prompt_work is not None):  # not r.informed
+            owners.append((r, i, j, -1))
+            continue
+        informed_count[i] += 1
+        informed_count[j] -= 1
+        w = len(d_rows)
+        owners.append((r, i, j, w))
+        ctxs.append(_context(r))
+        first = r.first_token_s
+        if (first is None and r.end_s == INF) or (first is not None and first > starts[i]):
+            slow.append((w, r, i, j))  # its prompt reads the prefill rate here
+            d_rows.append([0.0] * m)
+            p_rows.append([0.0] * m)
+            continue
+        # Books._work for a prompt over before the row: the same shares, in segment order
+        dw = [0.0] * m
+        pw: list[float] | None = None
+        for t0, t1, p, d in r.segments:
+            if t1 <= lo:
+                continue
+            if t0 >= hi:
+                break
+            if t1 <= t0:  # all at one instant: the piece that ends there or later
+                k = bisect_left(ends, t0, i, j)
+                if k < j and starts[k] < t0:
+                    dw[k] += d
+                    if p:
+                        if pw is None:
+                            pw = [0.0] * m
+                        pw[k] += p
+                continue
+            span = t1 - t0
+            k = i if t0 <= lo else bisect_right(ends, t0, i, j)
+            if p and pw is None:
+                pw = [0.0] * m
+            while k < j:
+                a = starts[k]
+                if a >= t1:
+                    break
+                b = ends[k]
+                overlap = (t1 if t1 < b else b) - (t0 if t0 > a else a)
+                if overlap > 0.0:
+                    dw[k] += d * (overlap / span)
+                    if pw is not None:
+                        pw[k] += p * (overlap / span)
+                k += 1
+        d_rows.append(dw)
+        p_rows.append(pw)
+    for k in range(m):  # piece-major, as the rate is read and fed
+        if not active[k]:
+            continue
+        a, b = starts[k], ends[k]
+        for w, r, i, j in slow:
+            if i <= k < j:
+                p, d, s = books._work(r, a, b, now_s)
+                d_rows[w][k] = d + s
+                p_rows[w][k] = p  # type: ignore[index]
+    cols = list(zip(*d_rows, strict=True)) if d_rows else [()] * m
+    decode = list(map(sum, cols))
+    context = [sum(map(mul, col, ctxs)) / CONTEXT_UNIT for col in cols]
+    decoding = [len(col) - col.count(0.0) for col in cols]
+    prompts = [pw for pw in p_rows if pw is not None]
+    prefill = list(map(sum, zip(*prompts, strict=True))) if prompts else [0.0] * m
+    n_inf = list(itertools.accumulate(informed_count[:m]))
+
+    # --- the pieces in time order: fits, probe, each piece's coefficients
+    c_p, c_d, c_g, c_u, c_m = [0.0] * m, [0.0] * m, [0.0] * m, [0.0] * m, [0.0] * m
+    totals = [0.0] * m  # the weights' sum (0: equal shares)
+    predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
+    step, fit = books.step_model, books.prefill_fit
+    for k in range(m):
+        ps = parts[k]
+        if not ps:
+            continue
+        pred: float | None = None
+        if active[k]:
+            a, b = starts[k], ends[k]
+            p_k, d_k, dec = prefill[k], decode[k], decoding[k]
+            x = [p_k, d_k, context[k], d_k / dec if dec else 0.0]
+            for _, _, _, dyn in ps:
+                if dyn > 0.0:
+                    fit.observe(p_k, d_k, dyn, b - a)
+                    step.observe(x, dyn, b - a)
+            books._pieces += 1
+            if books._pieces % PROBE_EVERY == 0:
+                books._probe((r for r, i, j in spans if i <= k < j), a, b)
+            alpha, beta, gamma, modelled = _coefficients(books, x)
+            total = alpha * p_k + beta * d_k + gamma * x[2] * CONTEXT_UNIT
+            inf = n_inf[k]
+            mean = total / inf if inf else 1.0
+            whole = total + (n_in[k] - inf) * mean
+            if whole > 0.0:
+                totals[k] = whole
+                c_p[k], c_d[k], c_g[k] = alpha, beta, gamma
+                c_m[k] = mean
+                if modelled and inf:
+                    pred = whole
+        for g, i, _, dyn in ps:
+            predicted.setdefault((g, i), []).append((dyn, pred))
+    reshaped = {
+        key: iter(books._reshape([d for d, _ in dp], [w for _, w in dp]))
+        for key, dp in predicted.items()
+    }
+    each_idle = [0.0] * m
+    phase = books.phase_j
+    for k in range(m):
+        ps = parts[k]
+        if not ps:
+            continue
+        idle = sum(p[2] for p in ps)
+        dyn = sum(next(reshaped[(g, i)]) for g, i, _, _ in ps)
+        phase["idle_serving"] += idle
+        phase["dynamic"] += dyn
+        each_idle[k] = idle / n_in[k]
+        if totals[k] > 0.0:
+            scale = dyn / totals[k]
+            c_p[k] *= scale
+            c_d[k] *= scale
+            c_g[k] *= scale
+            c_m[k] *= scale
+        elif dyn > 0.0:
+            c_u[k] = c_m[k] = dyn / n_in[k]  # no weights: equal shares
+
+    # --- each request's shares over its run, then the books
+    by_model: dict[str, list[float]] = {}
+    idle_all, u_all, m_all = sum(each_idle), sum(c_u), sum(c_m)
+    unattributed = 0.0
+    for r, i, j, w in owners:
+        whole_row = i == 0 and j == m
+        idle_r = idle_all if whole_row else sum(each_idle[i:j])
+        if w < 0:
+            dyn_r = m_all if whole_row else sum(c_m[i:j])
+        else:
+            dw, pw, ctx = d_rows[w], p_rows[w], ctxs[w]
+            dyn_r = (u_all if whole_row else sum(c_u[i:j])) + sum(map(mul, dw, c_d))
+            if ctx:
+                dyn_r += ctx * sum(map(mul, dw, c_g))
+            if pw is not None:
+                dyn_r += sum(map(mul, pw, c_p))
+        if r.emitted or not r.attributable:
+            unattributed += idle_r + dyn_r
+            continue
+        r.idle_j += idle_r
+        r.dynamic_j += dyn_r
+        first = r.first_token_s
+        if first is None or first >= ends[i]:  # pieces before its first token
+            q = j if first is None else bisect_right(ends, first, i, j)
+            r.prefill_j += _before(
+                i, q, w, each_idle, c_u, c_d, c_g, c_p, c_m, d_rows, p_rows, ctxs
+            )
+        if r.booked:
+            acc = by_model.get(r.model)
+            if acc is None:
+                acc = by_model[r.model] = [0.0, 0.0]
+            acc[0] += idle_r
+            acc[1] += dyn_r
+    books.unattributed_j += unattributed
+    for model, (idle_j, dyn_j) in by_model.items():
+        books._add_model(model, idle_j, dyn_j)
+    return energies
+
+
+def _before(
+    i: int,
+    q: int,
+    w: int,
+    each_idle: list[float],
+    c_u: list[float],
+    c_d: list[float],
+    c_g: list[float],
+    c_p: list[float],
+    c_m: list[float],
+    d_rows: list[list[float]],
+    p_rows: list[list[float] | None],
+    ctxs: list[float],
+) -> float:
+    """A request's shares (idle and dynamic) in pieces [i, q) of the row."""
+    out: float = sum(each_idle[i:q])
+    if w < 0:
+        return out + sum(c_m[i:q])
+    dw, pw, ctx = d_rows[w][i:q], p_rows[w], ctxs[w]
+    out += sum(c_u[i:q]) + sum(map(mul, dw, c_d[i:q])) + ctx * sum(map(mul, dw, c_g[i:q]))
+    if pw is not None:
+        out += sum(map(mul, pw[i:q], c_p[i:q]))
+    return out
+
+
+def _grid(per_gpu: list[list[Interval]], reqs: list[Request]) -> tuple[list[float], list[float]]:
+    """The row's pieces (starts, ends): every interval's ends, every crossing of a
+    GPU's baseline, every request start, first token and end inside the row."""
+    cuts: set[float] = set()
+    for ivs in per_gpu:
+        for t0, p0, t1, p1, idle_w in ivs:
+            cuts.add(t0)
+            cuts.add(t1)
+            if (p0 - idle_w) * (p1 - idle_w) < 0:
+                cuts.add(t0 + (idle_w - p0) / ((p1 - p0) / (t1 - t0)))
+    if not cuts:
+        return [], []
+    lo, hi = min(cuts), max(cuts)
+    for r in reqs:
+        for c in (r.start_s, r.first_token_s, r.end_s):
+            if c is not None and lo < c < hi:
+                cuts.add(c)
+    points = sorted(cuts)
+    starts: list[float] = []
+    ends: list[float] = []
+    for a, b in itertools.pairwise(points):
+        if b > a:
+            starts.append(a)
+            ends.append(b)
+    return starts, ends
+
+
+def _parts(
+    books: Books,
+    per_gpu: list[list[Interval]],
+    starts: list[float],
+    ends: list[float],
+    n_in: list[int],
+    energies: list[list[float]],
+) -> list[list[_Part]]:
+    """Each piece's parts on the GPUs that cover it; a piece nobody is in is standby."""
+    out: list[list[_Part]] = []
+    slopes = [[(p1 - p0) / (t1 - t0) for t0, p0, t1, p1, _ in ivs] for ivs in per_gpu]
+    at = [0] * len(per_gpu)
+    phase = books.phase_j
+    for a, b, n in zip(starts, ends, n_in, strict=True):
+        parts: list[_Part] = []
+        for g, ivs in enumerate(per_gpu):
+            k = at[g]
+            while k < len(ivs) and ivs[k][2] <= a:
+                k += 1
+            at[g] = k
+            if k == len(ivs) or ivs[k][0] > a:
+                continue  # this GPU has no interval here (it lags, or starts later)
+            t0, p0, _, _, idle_w = ivs[k]
+            slope = slopes[g][k]
+            pa = p0 + slope * (a - t0)
+            pb = p0 + slope * (b - t0)
+            energy = (pa + pb) / 2.0 * (b - a)
+            energies[g][k] += energy
+            if not n:
+                phase["idle_standby"] += energy
+                continue
+            above = pa + pb > 2.0 * idle_w
+            idle_part = idle_w * (b - a) if above else energy
+            parts.append((g, k, idle_part, energy - idle_part if above else 0.0))
+        out.append(parts)
+    return out
+
+
+def _coefficients(books: Books, x: list[float]) -> tuple[float, float, float, bool]:
+    """A piece's weight of a prompt token, of an output token, and of an output token
+    per token of context: :meth:`StepModel.weights` (or the prompt ratio) as linear
+    coefficients; whether the step model gave them."""
+    coef = books.step_model.coef
+    if coef is None:
+        return books.prefill_fit.ratio, 1.0, 0.0, False
+    a, b, c, f = coef
+    batched = books.paced or books.lockstep > 0.5
+    if x[1] <= 0:
+        s = 0.0
+    elif batched:
+        s = f * x[3] / (x[0] + x[1])
+    else:
+        s = f * x[3] / x[1]
+    return a + (s if batched else 0.0), b + s, c / CONTEXT_UNIT, True
