@@ -1,0 +1,188 @@
+"""The row-at-a-time assignment (:mod:`sidecar.ledger.rows`, the fast path) against the
+plain piece-at-a-time statement of the rule (:meth:`Books._assign_pieces`).
+
+The same seeded live traces run through two ledgers, one per path, and every figure
+must agree within 1e-9 relative: finished requests' dynamic, idle and prefill joules,
+phases, per-model totals, each GPU's energy, the unattributed bucket and the fits'
+state. The traces mix what the fast path handles apart: streamed requests (prompt
+still running, or over, in a row), replies not streamed (prefill and decode in one
+segment, some of zero duration), requests that tell nothing of their work, ones still
+waiting for a first token when time runs out, provisional labels, activity that is no
+request, and the step model and prefill rate in force or not.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+import random
+from typing import Any
+
+import pytest
+
+from sidecar.ledger import Ledger
+from sidecar.ledger.pieces import Books
+from sidecar.ledger.requests import Request
+
+GPUS = ("0", "1", "2", "3")
+FITTED = (0.02, 0.01, 0.05, 2.0)
+
+
+def trace(seed: int, *, fitted: bool, fast: bool) -> dict[str, Any]:
+    """One seeded live trace through a ledger on the fast path (``fast``) or the plain one."""
+    rnd = random.Random(seed)
+    ledger = Ledger(GPUS, sample_period_s=0.01)
+    books = ledger._books
+    if not fast:
+        books.assign_grid = books._assign_pieces  # type: ignore[method-assign]
+    if fitted:
+        books.step_model.coef = FITTED
+        books.prefill_rate.tokens_per_s = 4000.0
+    events: list[tuple[float, int, str, tuple[Any, ...]]] = []
+    order = 0
+
+    def push(t: float, kind: str, *args: Any) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (t, order, kind, args))
+
+    for i in range(80):
+        rid = f"r{i}"
+        start = rnd.uniform(0.1, 3.0)
+        kind = rnd.random()
+        prompt = rnd.choice((None, rnd.randint(10, 3000)))
+        push(start, "start", rid, rnd.choice(("a", "b")), prompt, rnd.random() < 0.1)
+        if kind < 0.15:  # not streamed, sometimes all at one instant
+            end = start + rnd.choice((0.0, rnd.uniform(0.01, 1.0)))
+            push(end, "finish", rid, prompt, rnd.choice((None, rnd.randint(1, 300))))
+            continue
+        if kind < 0.2:
+            continue  # still waiting for its first token at the end
+        t = start + rnd.uniform(0.005, 0.4)
+        if rnd.random() < 0.3:  # at a sample's time: a cut that ends a piece anyway
+            t = math.ceil(t / 0.01) * 0.01 + 0.001 * rnd.randrange(len(GPUS))
+        push(t, "first", rid)
+        n = rnd.randint(0, 40)
+        for _ in range(n):
+            t += rnd.choice((0.0, rnd.expovariate(30.0)))
+            push(t, "tokens", rid, rnd.choice((1, 1, 2, 4)))
+        push(t + rnd.uniform(0.0, 0.03), "finish", rid, prompt, n)
+    for i in range(6):  # late and sparse: a long quiet tail after the last token
+        rid = f"tail{i}"
+        start = 3.2 + 0.12 * i
+        push(start, "start", rid, "a", 100, False)
+        push(start + 0.01, "first", rid)
+        push(start + 0.02, "tokens", rid, 1)
+        push(start + 0.2, "finish", rid, 100, 1)
+    for k in range(400):
+        t = k * 0.01
+        for g in GPUS:
+            push(t + 0.001 * int(g), "sample", g, 70.0 + 260.0 * rnd.random())
+        if k % 50 == 0:
+            push(t, "relabel", f"r{rnd.randrange(80)}")
+    while events:
+        t, _, kind, args = heapq.heappop(events)
+        if kind == "start":
+            rid, model, prompt, other = args
+            ledger.start(
+                rid, t, model=model, prompt_tokens=prompt, provisional=rid.endswith("3"),
+                attributable=not other,
+            )  # fmt: skip
+        elif kind == "first":
+            ledger.first_token(args[0], t)
+        elif kind == "tokens":
+            ledger.tokens(args[0], t, args[1])
+        elif kind == "finish":
+            ledger.finish(args[0], t, prompt_tokens=args[1], completion_tokens=args[2])
+        elif kind == "relabel":
+            ledger.relabel(args[0], "c")
+        else:
+            ledger.sample(args[0], t, args[1])
+    ledger.flush()
+    return {
+        "requests": {
+            f.id: [f.dynamic_j, f.idle_j, f.prefill_j]
+            for f in sorted(ledger.pop_finished(), key=lambda f: f.id)
+        },
+        "phase_j": dict(ledger.phase_j),
+        "model_j": {f"{m}/{p}": v for (m, p), v in sorted(ledger.model_j.items())},
+        "gpu_j": {g: ledger.gpu_energy_j(g) for g in ledger.gpus},
+        "unattributed_j": ledger.unattributed_j,
+        "fits": [books.prefill_fit.ratio, books.lockstep, books.prefill_rate.tokens_per_s],
+    }
+
+
+def close(got: Any, want: Any, where: str) -> None:
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            close(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            close(g, w, f"{where}[{i}]")
+    elif want is None:
+        assert got is None, where
+    else:
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-9), where
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rows_match_the_piece_at_a_time_rule(seed: int, fitted: bool) -> None:
+    """The fast path books every figure the plain rule books, within 1e-9 relative."""
+    want = trace(seed, fitted=fitted, fast=False)
+    got = trace(seed, fitted=fitted, fast=True)
+    assert len(want["requests"]) >= 65  # most requests finish: the trace exercises them
+    assert sum(v[0] for v in want["requests"].values()) > 0.0
+    close(got, want, f"seed {seed}")
+    assert math.isfinite(got["unattributed_j"])
+
+
+def _request(rid: str, start: float, segments: list[tuple[float, float, float, float]]) -> Request:
+    r = Request(rid, "a", "chat", start, 100.0)
+    r.segments.extend(segments)
+    r.first_token_s = segments[0][1] if segments and segments[0][2] > 0.0 else start
+    r.streamed = sum(1 for s in segments if s[2] == 0.0)
+    return r
+
+
+def test_rows_match_on_edges_the_traces_rarely_hit() -> None:
+    """A first token that ends the row's first piece (that piece is prefill), a piece whose
+    requests did no work (equal shares), one that told nothing (the mean), on both paths."""
+    fast = Books()
+    fast.prefill_rate.tokens_per_s = 400.0
+    plain = copy.deepcopy(fast)
+    reqs = [
+        _request(
+            "first", -1.0, [(-1.0, 0.5, 100.0, 0.0), (0.5, 0.8, 0.0, 3.0), (0.8, 1.2, 0.0, 2.0)]
+        ),
+        _request("idle", -1.0, [(-1.0, -0.5, 0.0, 2.0)]),  # streamed, nothing in the row
+        _request("quiet", -1.0, []),
+        _request("done", -1.0, [(-1.0, 0.5, 0.0, 4.0)]),
+    ]
+    reqs[2].prompt_work = None  # tells nothing: it gets the others' mean
+    reqs[3].end_s = 0.5
+    rows = [[(0.0, 150.0, 1.0, 250.0, 80.0)], [(0.0, 200.0, 1.0, 120.0, 80.0)]]
+    twins = copy.deepcopy(reqs)
+    got = fast.assign_grid(rows, reqs, 2.0)
+    want = plain._assign_pieces(rows, twins, 2.0)
+    close(got, want, "energies")
+    for r, t in zip(reqs, twins, strict=True):
+        close([r.dynamic_j, r.idle_j, r.prefill_j], [t.dynamic_j, t.idle_j, t.prefill_j], r.id)
+    assert reqs[0].prefill_j > 0.0
+    quiet = [_request("q1", -1.0, [(-1.0, -0.5, 0.0, 1.0)]), _request("q2", -1.0, [])]
+    quiet[1].prompt_work = None
+    twins = copy.deepcopy(quiet)
+    late = [[(2.0, 300.0, 3.0, 300.0, 80.0)]]
+    close(fast.assign_grid(late, quiet, 4.0), plain._assign_pieces(late, twins, 4.0), "late")
+    for r, t in zip(quiet, twins, strict=True):
+        close([r.dynamic_j, r.idle_j, r.prefill_j], [t.dynamic_j, t.idle_j, t.prefill_j], r.id)
+    assert quiet[0].dynamic_j == pytest.approx(quiet[1].dynamic_j)
+    assert quiet[0].dynamic_j > 0.0
+    close(
+        [fast.phase_j, fast.unattributed_j, fast.prefill_fit._bin, fast.step_model._bin],
+        [plain.phase_j, plain.unattributed_j, plain.prefill_fit._bin, plain.step_model._bin],
+        "books",
+    )
