@@ -50,14 +50,14 @@ def trace(seed: int, *, fitted: bool, fast: bool) -> dict[str, Any]:
     for i in range(80):
         rid = f"r{i}"
         start = rnd.uniform(0.1, 3.0)
-        kind = rnd.random()
+        shape = rnd.random()
         prompt = rnd.choice((None, rnd.randint(10, 3000)))
         push(start, "start", rid, rnd.choice(("a", "b")), prompt, rnd.random() < 0.1)
-        if kind < 0.15:  # not streamed, sometimes all at one instant
+        if shape < 0.15:  # not streamed, sometimes all at one instant
             end = start + rnd.choice((0.0, rnd.uniform(0.01, 1.0)))
             push(end, "finish", rid, prompt, rnd.choice((None, rnd.randint(1, 300))))
             continue
-        if kind < 0.2:
+        if shape < 0.2:
             continue  # still waiting for its first token at the end
         t = start + rnd.uniform(0.005, 0.4)
         if rnd.random() < 0.3:  # at a sample's time: a cut that ends a piece anyway
