@@ -548,3 +548,30 @@ def test_power_rising_within_a_slot_goes_to_the_part_where_it_was_drawn() -> Non
     assert got["b"].dynamic_j == pytest.approx(800.0 * (0.25**2 - 0.125**2), rel=REL)
     assert got["a"].idle_j == pytest.approx(got["b"].idle_j, rel=REL)
     assert _books(ledger, list(got.values())) == pytest.approx(_measured(ledger), rel=REL)
+
+
+def test_a_slot_dynamic_energy_follows_the_step_models_work_within_it() -> None:
+    """Flat power over one slot, a 1,000-token prompt in its first half beside a decode:
+    where the step model is in force the slot's dynamic energy goes to its pieces by
+    their predicted work, as the live path reshapes an interval between readings (not
+    half to each half), its total kept."""
+    ledger = _ledger(hold_s=1.0)
+    ledger._books.step_model.coef = (0.01, 0.001, 0.0, 0.0)  # J per prompt / output token
+    for g in ledger.gpus:
+        ledger.sample(g, 0.0, 300.0)
+        ledger.sample(g, 0.25, 300.0)  # one slot: 50 J above the 100 W baseline
+    ledger.place(
+        "prompt", model="m", start_s=0.0, first_token_s=0.125, end_s=0.25,
+        prompt_tokens=1000, completion_tokens=1,
+    )  # fmt: skip
+    ledger.place(
+        "decode", model="m", start_s=0.0, first_token_s=0.0, end_s=0.25,
+        prompt_tokens=0, completion_tokens=100,
+    )  # fmt: skip
+    _samples(ledger, 0.25, 3.0, 100.0)
+    got = {f.id: f for f in ledger.pop_finished()}
+    first, second = 0.01 * 1000 + 0.001 * 50, 0.001 * (1 + 50)  # each half's predicted J
+    want = 50.0 * (0.01 * 1000 + 0.001 * 1) / (first + second)
+    assert got["prompt"].dynamic_j == pytest.approx(want, rel=REL)
+    assert got["prompt"].dynamic_j + got["decode"].dynamic_j == pytest.approx(50.0, rel=REL)
+    assert _books(ledger, list(got.values())) == pytest.approx(_measured(ledger), rel=REL)

@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from sidecar.ledger.held_grid import Profile, Report, Slot, absent_count, heard_in, window
+from sidecar.ledger.held_grid import Piece, Profile, Report, Slot, absent_count, heard_in, window
 from sidecar.ledger.held_request import HeldRequest, span_request, stand_in, weighs
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, Request
@@ -510,7 +510,11 @@ class HeldSlots:
 
     def _share_slot(self, slot: Slot, absent: list[Request]) -> None:
         """Share the slot among those placed and ``absent``, cut where any placed one
-        starts, reaches its first token or ends."""
+        starts, reaches its first token or ends, by the ledger's own rule; as the live
+        path does within an interval between readings (:meth:`Books._assign_pieces`),
+        the slot's dynamic energy is spread over its pieces by the step model's predicted
+        energy of each one's work (a prompt chunk draws more than the decode beside it),
+        its total kept: most of the gap to the live path on the serving bench."""
         t0, t1 = slot.k * self.slot_s, (slot.k + 1) * self.slot_s
         cuts = {t0, t1}
         for r in slot.placed:
@@ -519,9 +523,29 @@ class HeldSlots:
                     cuts.add(c)
         idle = Profile(slot.idle_j, slot.idle_m, t0, self.slot_s)
         dyn = Profile(slot.dyn_j, slot.dyn_m, t0, self.slot_s)
+        books = self.books
+        pieces: list[Piece] = []
         for a, b in itertools.pairwise(sorted(cuts)):
-            if b > a:
-                self._share_piece(slot, absent, a, b, idle.part(a, b), dyn.part(a, b))
+            if b <= a:
+                continue
+            idle_j, dyn_j = idle.part(a, b), dyn.part(a, b)
+            placed = [r.req for r in slot.placed if r.req.start_s <= a and r.req.end_s >= b]
+            if not placed and not absent:
+                if slot.phased:  # the count said it ran, but nothing placed covers this part
+                    books.unattributed_j += idle_j + dyn_j
+                else:
+                    books.phase_j["idle_standby"] += idle_j + dyn_j
+                continue
+            weights, predicted = books._weights(placed + absent, a, b, dyn_j, self._now_s)
+            pieces.append(Piece(b, placed, idle_j, dyn_j, weights, predicted))
+        shaped = [p for p in pieces if p.predicted is not None and p.dyn_j > 0.0]
+        total_pred = sum(p.predicted or 0.0 for p in shaped)
+        if len(shaped) > 1 and total_pred > 0.0 and not absent:  # stand-ins: by the line
+            total = sum(p.dyn_j for p in shaped)
+            for p in shaped:
+                p.dyn_j = total * (p.predicted or 0.0) / total_pred
+        for p in pieces:
+            self._share_piece(slot, absent, p)
 
     def _let_go(self, slot: Slot) -> None:
         """The requests placed in it have their share of it."""
@@ -530,26 +554,16 @@ class HeldSlots:
             self._release(r)
         slot.placed = []
 
-    def _share_piece(
-        self, slot: Slot, absent: list[Request], a: float, b: float, idle_j: float, dyn_j: float
-    ) -> None:
-        """One piece, by the ledger's own sharing rule; requests a count saw but that
-        did not report share as uninformed requests (into the unattributed bucket, or
-        onto stand-ins that keep it for their spans)."""
-        placed = [r.req for r in slot.placed if r.req.start_s <= a and r.req.end_s >= b]
-        inside = placed + absent
+    def _share_piece(self, slot: Slot, absent: list[Request], p: Piece) -> None:
+        """Book one piece; requests a count saw but that did not report share as
+        uninformed requests (into the unattributed bucket, or onto stand-ins that keep
+        it for their spans)."""
+        placed, weights, dyn_j = p.placed, p.weights, p.dyn_j
         books = self.books
-        if not inside:
-            if slot.phased:  # the count said it ran, but nothing placed covers this part
-                books.unattributed_j += idle_j + dyn_j
-            else:
-                books.phase_j["idle_standby"] += idle_j + dyn_j
-            return
         phases = books.phase_j
         saved = phases["idle_serving"], phases["dynamic"]
         given = sum(r.idle_j + r.dynamic_j for r in placed)
-        weights, predicted = books._weights(inside, a, b, dyn_j, self._now_s)  # the ledger's rule
-        if weights is not None and predicted is not None and placed and absent:
+        if weights is not None and p.predicted is not None and placed and absent:
             # the step model's weights are joules: a stand-in weighs as the lightest placed
             # one (a co-runner still to report is most likely decoding), and what the
             # placed ones' work does not explain is kept for the stand-ins
@@ -557,7 +571,7 @@ class HeldSlots:
             known = sum(weights[:n])
             each = max(min(weights[:n]), (dyn_j - known) / len(absent))
             weights = [*weights[:n], *([each] * len(absent))]
-        books._book(inside, b, idle_j, dyn_j, weights)
+        books._book(placed + absent, p.b, p.idle_j, dyn_j, weights)
         if slot.phased:  # booked already, as the server's count went
             phases["idle_serving"], phases["dynamic"] = saved
         self.open_j += sum(r.idle_j + r.dynamic_j for r in placed) - given

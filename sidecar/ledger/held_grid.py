@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 from sidecar.ledger.held_request import HeldRequest
+from sidecar.ledger.requests import Request
 
-__all__ = ["Profile", "Report", "Slot", "absent_count", "heard_in", "window"]
+__all__ = ["Piece", "Profile", "Report", "Slot", "absent_count", "heard_in", "window"]
 
 
 class Slot:
@@ -46,6 +47,18 @@ class Report:
     running: int
     through: int = 0
     heard: int = 0
+
+
+@dataclass(slots=True)
+class Piece:
+    """One piece of a slot between its cuts, weighed, waiting to be booked."""
+
+    b: float
+    placed: list[Request]
+    idle_j: float
+    dyn_j: float
+    weights: list[float] | None
+    predicted: float | None
 
 
 class Profile:
