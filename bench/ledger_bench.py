@@ -70,66 +70,40 @@ def run(
     rnd = random.Random(seed)
     gpus = [str(g) for g in range(GPUS)]
     ledger = Ledger(gpus)
-    # One queued event per request in flight, the next one it makes (time, order, name,
-    # kind, tokens, index of the one after): a queue of ~in_flight entries, not every
-    # future token of every request, so the harness costs little beside the ledger.
-    queue: list[tuple[float, int, str, int, int]] = []
-    plans: dict[str, list[tuple[float, int, int]]] = {}  # name -> [(time, kind, tokens)]
-    order = 0
-    next_id = 0
-    start, first, token, end = range(4)
-
-    def push(name: str, k: int) -> None:
-        nonlocal order
-        order += 1
-        t, _, n = plans[name][k]
-        heapq.heappush(queue, (t, order, name, k, n))
-
-    def schedule(at: float) -> None:
-        nonlocal next_id
-        name = f"r{next_id}"
-        next_id += 1
-        ft = at + TTFT_S
-        step = 1.0 / tokens_per_s
-        plan = [(at, start, 0), (ft, first, 0)]
-        plan.extend((ft + k * step, token, 1) for k in range(COMPLETION))
-        plan.append((ft + COMPLETION * step, end, 0))
-        plans[name] = plan
-        push(name, 0)
-
     duration = TTFT_S + COMPLETION / tokens_per_s
-    for _ in range(in_flight):  # staggered so ends and starts spread evenly
-        schedule(rnd.uniform(0.0, duration))
+    warm_s = duration  # one full request lifetime untimed: the steady state is timed
+    # every call the proxy makes, in time order, worked out before the clock runs: the
+    # harness's own bookkeeping is not the ledger's cost
+    timeline = _timeline(rnd, in_flight, tokens_per_s, warm_s + simulated_s)
+    start, first, token = range(3)
     t_sample = 0.0
     samples = events = finished = 0
-    warm_s = duration  # one full request lifetime untimed: the steady state is timed
     cpu0 = 0.0
     timing = False
+    at, n_events = 0, len(timeline)
+    tokens, begin, first_token, finish = (
+        ledger.tokens,
+        ledger.start,
+        ledger.first_token,
+        ledger.finish,
+    )
     while t_sample < warm_s + simulated_s:
         if not timing and t_sample >= warm_s:
             timing = True
-            samples = events = finished = 0
+            samples = finished = 0
+            events = -at
             cpu0 = time.process_time()
-        while queue and queue[0][0] <= t_sample:
-            t, _, name, k, n = queue[0]
-            plan = plans[name]
-            kind = plan[k][1]
-            events += 1
+        while at < n_events and timeline[at][0] <= t_sample:
+            t, kind, name, n = timeline[at]
+            at += 1
             if kind == token:
-                ledger.tokens(name, t, n)
+                tokens(name, t, n)
             elif kind == start:
-                ledger.start(name, t, model="m", prompt_tokens=PROMPT)
+                begin(name, t, model="m", prompt_tokens=PROMPT)
             elif kind == first:
-                ledger.first_token(name, t)
+                first_token(name, t)
             else:
-                ledger.finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
-                heapq.heappop(queue)
-                del plans[name]
-                schedule(t)
-                continue
-            order += 1
-            t_next, _, n_next = plan[k + 1]
-            heapq.heapreplace(queue, (t_next, order, name, k + 1, n_next))  # its next event
+                finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
         power = 70.0 + 180.0 * (0.5 + 0.5 * rnd.random())
         for g in gpus:
             ledger.sample(g, t_sample, power)
@@ -139,7 +113,51 @@ def run(
         finished += len(ledger.pop_finished())
         t_sample += 1.0 / hz
     cpu = time.process_time() - cpu0
-    return LedgerResult(samples, events, simulated_s, cpu, finished)
+    return LedgerResult(samples, events + at, simulated_s, cpu, finished)
+
+
+def _timeline(
+    rnd: random.Random, in_flight: int, tokens_per_s: float, until_s: float
+) -> list[tuple[float, int, str, int]]:
+    """Every request event up to ``until_s`` in time order, (time, kind, name, tokens):
+    ``in_flight`` requests always in flight (one ends, the next starts at once)."""
+    out: list[tuple[float, int, str, int]] = []
+    # one queued event per request, its next one: (time, order, name, index in its plan)
+    queue: list[tuple[float, int, str, int]] = []
+    plans: dict[str, list[tuple[float, int, int]]] = {}  # name -> [(time, kind, tokens)]
+    order = 0
+    next_id = 0
+    start, first, token, end = range(4)
+    step = 1.0 / tokens_per_s
+
+    def schedule(at: float) -> None:
+        nonlocal next_id, order
+        name = f"r{next_id}"
+        next_id += 1
+        ft = at + TTFT_S
+        plan = [(at, start, 0), (ft, first, 0)]
+        plan.extend((ft + k * step, token, 1) for k in range(COMPLETION))
+        plan.append((ft + COMPLETION * step, end, 0))
+        plans[name] = plan
+        order += 1
+        heapq.heappush(queue, (at, order, name, 0))
+
+    duration = TTFT_S + COMPLETION / tokens_per_s
+    for _ in range(in_flight):  # staggered so ends and starts spread evenly
+        schedule(rnd.uniform(0.0, duration))
+    while queue and queue[0][0] <= until_s:
+        t, _, name, k = queue[0]
+        plan = plans[name]
+        _, kind, n = plan[k]
+        out.append((t, kind, name, n))
+        if kind == end:
+            heapq.heappop(queue)
+            del plans[name]
+            schedule(t)
+            continue
+        order += 1
+        heapq.heapreplace(queue, (plan[k + 1][0], order, name, k + 1))  # its next event
+    return out
 
 
 def main() -> None:

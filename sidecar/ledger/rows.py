@@ -108,9 +108,21 @@ def assign_row(
                 continue
             span = t1 - t0
             k = i if t0 <= lo else bisect_right(ends, t0, i, j)
-            if p and pw is None:
-                pw = [0.0] * m
-            while k < j:
+            if p:
+                if pw is None:
+                    pw = [0.0] * m
+                while k < j:
+                    a = starts[k]
+                    if a >= t1:
+                        break
+                    b = ends[k]
+                    overlap = (t1 if t1 < b else b) - (t0 if t0 > a else a)
+                    if overlap > 0.0:
+                        dw[k] += d * (overlap / span)
+                        pw[k] += p * (overlap / span)
+                    k += 1
+                continue
+            while k < j:  # decode only: the hot loop
                 a = starts[k]
                 if a >= t1:
                     break
@@ -118,8 +130,6 @@ def assign_row(
                 overlap = (t1 if t1 < b else b) - (t0 if t0 > a else a)
                 if overlap > 0.0:
                     dw[k] += d * (overlap / span)
-                    if pw is not None:
-                        pw[k] += p * (overlap / span)
                 k += 1
         d_rows.append(dw)
         p_rows.append(pw)
@@ -201,6 +211,7 @@ def assign_row(
     # --- each request's shares over its run, then the books
     by_model: dict[str, list[float]] = {}
     idle_all, u_all, m_all = sum(each_idle), sum(c_u), sum(c_m)
+    contexts = any(c_g)  # the step model's context term (none before the fit)
     unattributed = 0.0
     for r, i, j, w in owners:
         whole_row = i == 0 and j == m
@@ -210,7 +221,7 @@ def assign_row(
         else:
             dw, pw, ctx = d_rows[w], p_rows[w], ctxs[w]
             dyn_r = (u_all if whole_row else sum(c_u[i:j])) + sum(map(mul, dw, c_d))
-            if ctx:
+            if ctx and contexts:
                 dyn_r += ctx * sum(map(mul, dw, c_g))
             if pw is not None:
                 dyn_r += sum(map(mul, pw, c_p))
