@@ -266,6 +266,11 @@ class Books:
                 most = max(most, mine)
                 if streams == PROBE_STREAMS:
                     break
+        self._vote(times, most, streams)
+
+    def _vote(self, times: list[float], most: int, streams: int) -> None:
+        """The probe's verdict from ``streams`` streams' token ``times`` (``most``: the
+        most one stream got)."""
         if streams < 3 or most < 2:
             return
         times.sort()

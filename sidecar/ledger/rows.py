@@ -44,7 +44,7 @@ def assign_row(
     books: Books, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float
 ) -> list[list[float]]:
     """:meth:`Books.assign_grid` for a server not known to batch (``paced`` off)."""
-    from sidecar.ledger.pieces import PROBE_EVERY, _context
+    from sidecar.ledger.pieces import PROBE_EVERY
 
     energies = [[0.0] * len(ivs) for ivs in per_gpu]
     starts, ends = _grid(per_gpu, reqs)
@@ -74,6 +74,16 @@ def assign_row(
     # per span: (request, i, j, index of its rows or -1 when uninformed)
     owners: list[tuple[Request, int, int, int]] = []
     slow: list[tuple[int, Request, int, int]] = []
+    # the pieces the lockstep probe looks at (every PROBE_EVERY-th piece with energy), and
+    # there each stream's token arrivals (:meth:`Books._probe`), gathered on the way
+    probe_at = [False] * m
+    seen = books._pieces
+    for k in range(m):
+        if active[k]:
+            seen += 1
+            probe_at[k] = seen % PROBE_EVERY == 0
+    probing = any(probe_at)
+    arrivals: list[tuple[int, int, float]] = []  # (piece, row, time)
     for r, i, j in spans:
         if not (r.segments or r.streamed or r.prompt_work is not None):  # not r.informed
             owners.append((r, i, j, -1))
@@ -82,13 +92,16 @@ def assign_row(
         informed_count[j] -= 1
         w = len(d_rows)
         owners.append((r, i, j, w))
-        ctxs.append(_context(r))
+        streamed = r.streamed  # _context(r), inlined (hot)
+        prompt = r.prompt_tokens if r.prompt_tokens is not None else (r.prompt_work or 0.0)
+        ctxs.append(prompt + (streamed if streamed else (r.completion_tokens or 0) / 2.0))
         first = r.first_token_s
         if (first is None and r.end_s == INF) or (first is not None and first > starts[i]):
             slow.append((w, r, i, j))  # its prompt reads the prefill rate here
             d_rows.append([0.0] * m)
             p_rows.append([0.0] * m)
             continue
+        probe = probing and streamed != 0 and first is not None
         # Books._work for a prompt over before the row: the same shares, in segment order
         dw = [0.0] * m
         pw: list[float] | None = None
@@ -131,6 +144,10 @@ def assign_row(
                 if overlap > 0.0:
                     dw[k] += d * (overlap / span)
                 k += 1
+            if probe and d > 0.0:  # a token arrived at t1: in piece k - 1, if any
+                k -= 1
+                if k >= i and probe_at[k] and t1 <= ends[k]:
+                    arrivals.append((k, w, t1))
         d_rows.append(dw)
         p_rows.append(pw)
     for k in range(m):  # piece-major, as the rate is read and fed
@@ -169,8 +186,8 @@ def assign_row(
                     fit.observe(p_k, d_k, dyn, b - a)
                     step.observe(x, dyn, b - a)
             books._pieces += 1
-            if books._pieces % PROBE_EVERY == 0:
-                books._probe((r for r, i, j in spans if i <= k < j), a, b)
+            if probe_at[k]:
+                _probe(books, k, a, b, arrivals, slow)
             alpha, beta, gamma, modelled = _coefficients(books, x)
             total = alpha * p_k + beta * d_k + gamma * x[2] * CONTEXT_UNIT
             inf = n_inf[k]
@@ -246,6 +263,43 @@ def assign_row(
     for model, (idle_j, dyn_j) in by_model.items():
         books._add_model(model, idle_j, dyn_j)
     return energies
+
+
+def _probe(
+    books: Books,
+    k: int,
+    a: float,
+    b: float,
+    arrivals: list[tuple[int, int, float]],
+    slow: list[tuple[int, Request, int, int]],
+) -> None:
+    """:meth:`Books._probe` of piece ``k`` from the arrivals the work pass gathered (and
+    the few requests whose prompt runs in the row, read as it reads them): the same
+    streams, in the same order, so the same vote."""
+    from sidecar.ledger.pieces import PROBE_STREAMS
+
+    mine = [(w, t1) for kk, w, t1 in arrivals if kk == k]
+    for w, r, i, j in slow:
+        if i <= k < j and r.streamed != 0 and r.first_token_s is not None:
+            for _, t1, p, d in r.segments:
+                if t1 > b:
+                    break
+                if t1 > a and d > 0.0 and p == 0.0:
+                    mine.append((w, t1))
+    mine.sort(key=lambda x: x[0])  # stable: each stream's arrivals in segment order
+    times: list[float] = []
+    most = streams = run = 0
+    last = -1
+    for w, t1 in mine:
+        if w != last:
+            if streams == PROBE_STREAMS:
+                break
+            streams += 1
+            last, run = w, 0
+        run += 1
+        most = max(most, run)
+        times.append(t1)
+    books._vote(times, most, streams)
 
 
 def _before(
