@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sidecar.ledger.prefill_fit import PrefillRate, StepModel
+from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
 
 
 def _bins(coef: tuple[float, float, float, float], n: int, seed: int = 1) -> StepModel:
@@ -70,3 +70,27 @@ def test_prefill_rate_is_a_high_quantile_of_unqueued_prompts() -> None:
     for k in range(100):
         r.observe(1000.0, 0.05 if k % 10 == 0 else 0.5)  # most waited in a queue
     assert r.tokens_per_s == pytest.approx(20_000.0)
+
+
+def test_observe_each_is_observe_per_positive_energy() -> None:
+    """One call for a piece's GPUs folds and fits exactly as one call per GPU did."""
+    one, each = StepModel(), StepModel()
+    fit_one, fit_each = PrefillFit(), PrefillFit()
+    for k in range(400):
+        x = [float(k % 7), 3.0 + k % 5, 0.5 * (k % 3), 1.0 + k % 2]
+        energies = [0.0 if g == k % 4 else 2.0 + g + 0.1 * (k % 9) for g in range(4)]
+        for e in energies:
+            if e > 0.0:
+                one.observe(x, e, 0.13)
+                fit_one.observe(x[0], x[1], e, 0.13)
+        each.observe_each(x, energies, 0.13)
+        fit_each.observe_each(x[0], x[1], energies, 0.13)
+    assert each.bins == one.bins > 30
+    assert each.coef == one.coef
+    assert each.coef is not None
+    assert each._bin == one._bin
+    assert (fit_each.ratio, fit_each.bins, fit_each._bin) == (
+        fit_one.ratio,
+        fit_one.bins,
+        fit_one._bin,
+    )

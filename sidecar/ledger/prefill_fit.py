@@ -41,6 +41,20 @@ class PrefillFit:
         if b[3] >= self.BIN_S:
             self._fold()
 
+    def observe_each(
+        self, prefill: float, decode: float, energies_j: list[float], seconds: float
+    ) -> None:
+        """:meth:`observe` once for each positive energy (one piece on several GPUs)."""
+        for energy_j in energies_j:
+            if energy_j > 0.0:
+                b = self._bin
+                b[0] += prefill
+                b[1] += decode
+                b[2] += energy_j
+                b[3] += seconds
+                if b[3] >= self.BIN_S:
+                    self._fold()
+
     def _fold(self) -> None:
         p, d, e, _ = self._bin
         self._bin = [0.0, 0.0, 0.0, 0.0]
@@ -150,6 +164,21 @@ class StepModel:
         b[-1] += seconds
         if b[-1] >= self.BIN_S:
             self._fold()
+
+    def observe_each(self, x: list[float], energies_j: list[float], seconds: float) -> None:
+        """:meth:`observe` once for each positive energy (one piece on several GPUs)."""
+        x0, x1, x2, x3 = x
+        for energy_j in energies_j:
+            if energy_j > 0.0:
+                b = self._bin
+                b[0] += x0
+                b[1] += x1
+                b[2] += x2
+                b[3] += x3
+                b[4] += energy_j
+                b[5] += seconds
+                if b[5] >= self.BIN_S:
+                    self._fold()
 
     def weights(
         self,

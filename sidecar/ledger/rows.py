@@ -181,10 +181,9 @@ def assign_row(
             a, b = starts[k], ends[k]
             p_k, d_k, dec = prefill[k], decode[k], decoding[k]
             x = [p_k, d_k, context[k], d_k / dec if dec else 0.0]
-            for _, _, _, dyn in ps:
-                if dyn > 0.0:
-                    fit.observe(p_k, d_k, dyn, b - a)
-                    step.observe(x, dyn, b - a)
+            dyns = [p[3] for p in ps]
+            fit.observe_each(p_k, d_k, dyns, b - a)
+            step.observe_each(x, dyns, b - a)
             books._pieces += 1
             if probe_at[k]:
                 _probe(books, k, a, b, arrivals, slow)
