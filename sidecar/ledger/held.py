@@ -6,7 +6,7 @@ x 8 GPUs x 15 minutes), so each GPU interval is integrated, exactly, onto a grid
 of time slots of ``slot_s`` summed over the GPUs: per slot its energy below the
 baseline, its energy above it, the running count a source reported over it, and
 the requests already placed in it. A slot's size does not depend on the number
-of GPUs or the sample rate (about 280 bytes, plus 8 per request placed in it).
+of GPUs or the sample rate (about 360 bytes, plus 8 per request placed in it).
 
 A slot settles (its energy is shared among the requests placed in it by the
 ledger's own rule, :class:`~sidecar.ledger.pieces.Books`) once every running
@@ -16,20 +16,20 @@ is a window's: the requests that ran in it (those still running at its end plus
 those that finished in it), so a short request between two scrapes is waited
 for too. Requests a count saw that never reported share as requests that weigh
 the mean of those placed: that energy goes to the unattributed bucket. Within a
-slot power is taken as constant, so a request that covers part of a slot takes
-its share of that part.
+slot the power's slope is kept (its first moment) and the dynamic energy goes to
+its pieces by the fitted work in each, as the live path does between readings.
 
 A long generation must not hold up the requests that ran beside it, so a counted
-slot is claimed once it is ``claim_s`` old (30 s) with co-runners still to report
-(the count says how many): those placed take their shares now, fixed, each
-co-runner still to come weighing as a stand-in (the lightest placed one, or what
-the placed ones' work leaves unexplained by the fitted costs, whichever is more);
-the stand-ins' energy stays in the slot. A later span takes one stand-in's share
-of it, its prompt weighed against a stand-in's decoding; what no span takes goes
-to unattributed at the hold's end, or, once every count is satisfied, where an
-uncovered part of a settled slot goes. Without a count (traces alone) nothing
-says how many ran beside a request, so an early split could hand a later span's
-share to those heard first: those slots wait for the hold, as before.
+slot is claimed once it is ``claim_s`` old (30 s) with co-runners still to report:
+those placed take their shares now, fixed, each co-runner likely to have run in
+it (:func:`~sidecar.ledger.held_grid.absent_count`) weighing as a stand-in (the
+lightest placed one, or what the fitted costs leave unexplained, the more); their
+energy stays in the slot. A later span takes one stand-in's share of it; what no
+span takes goes to unattributed at the hold's end, or, once every count is
+satisfied, to standby, or to the last co-runner that took where a count said the
+slot was serving. Without a count (traces alone) nothing says how many ran beside
+a request, so an early split could hand a later span's share to those heard
+first: those slots wait for the hold, as before.
 
 With the server's own count (``live_phases``), phases are booked once a slot is
 past the grace where the count shows a request ran through it (running at both
@@ -57,8 +57,9 @@ from sidecar.ledger.requests import INF, Request
 __all__ = ["GRACE_S", "HOLD_S", "SLOT_S", "HeldRequest", "HeldSlots", "span_request"]
 
 SLOT_S: Final = 0.1
-"""Default slot width: one sample period at the default 10 Hz (power is taken constant
-within a slot; 0.25 s cost a few points of per-request accuracy on the serving bench)."""
+"""Default slot width: one sample period at the default 10 Hz, where the live path too
+lets the fitted work, not the readings, place energy (wider scored better on a simulator
+whose power has the step model's form, so says nothing of real power)."""
 HOLD_S: Final = 900.0
 """Default hold (CONTRACT.md, "Late spans": 15 minutes)."""
 GRACE_S: Final = 6.0
