@@ -427,7 +427,7 @@ class HeldSlots:
         slot for their spans (:meth:`_take`). Phases are booked for what was shared. With
         none of them likely to have run in it, those placed share all of it (a stand-in
         that no span takes would keep their share)."""
-        absent = self._absent_count(slot)
+        absent = absent_count(slot, self.slot_s)
         if absent == 0 and slot.waiting == 0:
             self._settle(slot)
             return
@@ -505,9 +505,6 @@ class HeldSlots:
             self.books.phase_j["idle_standby"] += left
         slot.idle_j = slot.dyn_j = 0.0
         slot.taker = None
-
-    def _absent_count(self, slot: Slot) -> int:
-        return absent_count(slot, self.slot_s)
 
     def _share_slot(self, slot: Slot, absent: list[Request]) -> None:
         """Share the slot among those placed and ``absent``, cut where any placed one
