@@ -170,13 +170,12 @@ def assign_row(
     # --- the pieces in time order: fits, probe, each piece's coefficients
     c_p, c_d, c_g, c_u, c_m = [0.0] * m, [0.0] * m, [0.0] * m, [0.0] * m, [0.0] * m
     totals = [0.0] * m  # the weights' sum (0: equal shares)
-    predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
+    preds: list[float | None] = [None] * m  # the step model's prediction of each piece
     step, fit = books.step_model, books.prefill_fit
     for k in range(m):
         ps = parts[k]
         if not ps:
             continue
-        pred: float | None = None
         if active[k]:
             a, b = starts[k], ends[k]
             p_k, d_k, dec = prefill[k], decode[k], decoding[k]
@@ -197,13 +196,19 @@ def assign_row(
                 c_p[k], c_d[k], c_g[k] = alpha, beta, gamma
                 c_m[k] = mean
                 if modelled and inf:
-                    pred = whole
-        for g, i, _, dyn in ps:
-            predicted.setdefault((g, i), []).append((dyn, pred))
-    reshaped = {
-        key: iter(books._reshape([d for d, _ in dp], [w for _, w in dp]))
-        for key, dp in predicted.items()
-    }
+                    preds[k] = whole
+    if any(pred is not None for pred in preds):  # each interval reshaped by the predictions
+        predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
+        for ps, pred in zip(parts, preds, strict=True):
+            for g, i, _, dyn in ps:
+                predicted.setdefault((g, i), []).append((dyn, pred))
+        reshaped = {
+            key: iter(books._reshape([d for d, _ in dp], [w for _, w in dp]))
+            for key, dp in predicted.items()
+        }
+        dyns_j = [sum(next(reshaped[(g, i)]) for g, i, _, _ in ps) for ps in parts]
+    else:  # nothing to reshape by (Books._reshape would keep every interval as it is)
+        dyns_j = [sum(p[3] for p in ps) for ps in parts]
     each_idle = [0.0] * m
     phase = books.phase_j
     for k in range(m):
@@ -211,7 +216,7 @@ def assign_row(
         if not ps:
             continue
         idle = sum(p[2] for p in ps)
-        dyn = sum(next(reshaped[(g, i)]) for g, i, _, _ in ps)
+        dyn = dyns_j[k]
         phase["idle_serving"] += idle
         phase["dynamic"] += dyn
         each_idle[k] = idle / n_in[k]
