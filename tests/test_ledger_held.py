@@ -235,15 +235,17 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "dropped": draw(st.sets(st.integers(0, 20), max_size=6)),
         "hold_s": draw(st.sampled_from([0.5, 2.0, 30.0])),
         "idle": draw(st.floats(0.0, 400.0)),
+        # the step model in force (J per prompt token, output token, context, step)
+        "coef": draw(st.one_of(st.none(), st.tuples(*[st.floats(0.0, 1.0)] * 4))),
     }
 
 
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
 def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -> None:
-    """At every step Σ requests + standby + unattributed + held = measured; after the
-    flush nothing is held and the phases sum to the measured energy; each request is
-    handed out at most once."""
+    """At every step Σ requests + standby + unattributed + held = measured (the step model
+    in force or not); after the flush nothing is held and the phases sum to the measured
+    energy; each request is handed out at most once."""
     ledger = _ledger(
         int(sc["gpus"]),
         hold_s=float(sc["hold_s"]),
@@ -253,6 +255,7 @@ def test_conservation_whatever_arrives_late_twice_or_never(sc: dict[str, Any]) -
         idle=float(sc["idle"]),
         claim_s=float(sc["claim_s"]),
     )
+    ledger._books.step_model.coef = sc["coef"]
     watts: list[float] = sc["watts"]
     reqs: list[dict[str, Any]] = sc["reqs"]
     finished: list[FinishedRequest] = []
