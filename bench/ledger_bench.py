@@ -12,7 +12,9 @@ with a 1,000-token prompt and 200 completion tokens streamed one per chunk
 at 20 tokens/s. Per simulated second that is 80 samples and about 2,000
 token events. Every call the proxy and the sampler would make is made, in
 time order, and the whole is timed: the figure is samples absorbed per
-second of CPU, with the events between them included.
+second of CPU, with the events between them included (the timeline of
+request events is worked out before the clock starts: the harness's own
+queue is not the ledger's cost).
 """
 
 from __future__ import annotations
