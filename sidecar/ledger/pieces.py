@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
 from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
-from sidecar.ledger.rows import assign_row
+from sidecar.ledger.rows import _grid, _parts, assign_row
 
 MIN_DECODE_PACE = 0.2
 """A step that carries a full prompt chunk is several decode steps long (a 2,048-token
@@ -83,49 +83,17 @@ class Books:
         """:meth:`assign_grid` one piece at a time: the plain statement of the rule, kept
         for a server known to batch (its decode pace and lockstep read the whole piece)
         and as the reference :func:`assign_row` is tested against."""
-        cuts: set[float] = set()
-        slopes = [[(p1 - p0) / (t1 - t0) for t0, p0, t1, p1, _ in ivs] for ivs in per_gpu]
-        for ivs, sl in zip(per_gpu, slopes, strict=True):
-            for (t0, p0, t1, p1, idle_w), slope in zip(ivs, sl, strict=True):
-                cuts.add(t0)
-                cuts.add(t1)
-                if (p0 - idle_w) * (p1 - idle_w) < 0:
-                    cuts.add(t0 + (idle_w - p0) / slope)
-        lo, hi = min(cuts), max(cuts)
-        for r in reqs:
-            for c in (r.start_s, r.first_token_s, r.end_s):
-                if c is not None and lo < c < hi:
-                    cuts.add(c)
-        points = sorted(cuts)
+        starts, ends = _grid(per_gpu, reqs)
+        insides = [
+            [r for r in reqs if r.start_s <= a and r.end_s >= b]
+            for a, b in zip(starts, ends, strict=True)
+        ]
         energies = [[0.0] * len(ivs) for ivs in per_gpu]
-        at = [0] * len(per_gpu)
+        cut = _parts(self, per_gpu, starts, ends, [len(i) for i in insides], energies)
         # per piece: (b, inside, weights, each covering GPU's (gpu, interval, idle, dyn))
         pieces: list[tuple[float, list[Request], list[float] | None, list[_Part]]] = []
         predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
-        for a, b in itertools.pairwise(points):
-            if b <= a:
-                continue
-            inside = [r for r in reqs if r.start_s <= a and r.end_s >= b]
-            parts: list[_Part] = []
-            for g, ivs in enumerate(per_gpu):
-                k = at[g]
-                while k < len(ivs) and ivs[k][2] <= a:
-                    k += 1
-                at[g] = k
-                if k == len(ivs) or ivs[k][0] > a:
-                    continue  # this GPU has no interval here (it lags, or starts later)
-                t0, p0, _, _, idle_w = ivs[k]
-                slope = slopes[g][k]
-                pa = p0 + slope * (a - t0)
-                pb = p0 + slope * (b - t0)
-                energy = (pa + pb) / 2.0 * (b - a)
-                energies[g][k] += energy
-                if not inside:
-                    self.phase_j["idle_standby"] += energy
-                    continue
-                above = pa + pb > 2.0 * idle_w
-                idle_part = idle_w * (b - a) if above else energy
-                parts.append((g, k, idle_part, energy - idle_part if above else 0.0))
+        for a, b, inside, parts in zip(starts, ends, insides, cut, strict=True):
             if not parts:
                 continue
             weights, pred = self._weights_many(inside, a, b, [p[3] for p in parts], now_s)
