@@ -3,40 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_sources import HOLD_S, _meter, _run, _span
 
 from sidecar.ledger import FinishedRequest
-from sidecar.meter import FixedIntensity, Meter, RunningFrom
-from sidecar.power.base import GpuInfo, PowerSample
-from sidecar.traces.span import RequestSpan
-
-HOLD_S = 60.0
-
-
-def _meter(
-    clock: list[float], running_from: RunningFrom | None, done: list[FinishedRequest]
-) -> Meter:
-    return Meter(
-        [GpuInfo("0", "GPU-0", "sim")],
-        clock=lambda: clock[0],
-        idle_watts={"0": 50.0},
-        intensity=FixedIntensity(400.0, "xx", "fixed"),
-        traces_hold_s=HOLD_S,
-        running_from=running_from,
-        on_finished=done.append,
-    )
-
-
-def _run(meter: Meter, clock: list[float], until_s: float) -> None:
-    """150 W at 10 Hz and a tick each second, up to ``until_s``."""
-    while clock[0] < until_s - 1e-9:
-        clock[0] = round(clock[0] + 0.1, 6)
-        meter.on_samples([PowerSample(clock[0], "0", 150.0)])
-        if round(clock[0] * 10) % 10 == 0:
-            meter.tick()
-
-
-def _span(rid: str, sched: float, first: float, end: float) -> RequestSpan:
-    return RequestSpan(rid, "m", sched - 0.01, sched, first, end, 17, 20)
+from sidecar.meter import Meter
 
 
 def _proxied(

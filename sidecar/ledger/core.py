@@ -326,7 +326,8 @@ class Ledger:
         heard_s: tuple[float, float] | None = None,
     ) -> bool:
         """Traces mode: a request reported whole after it ended; its share is placed in
-        the held slots where it ran. False for a request id placed already.
+        the held slots where it ran. False for a request placed already (the same id and
+        start: a retried export), so a client's reused id is another request.
         ``heard_s``: a wider window over which a running count saw it (the proxy's)."""
         if self.held is None:
             raise RuntimeError("place() needs a ledger made with late_hold_s")
