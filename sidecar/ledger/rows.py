@@ -403,12 +403,7 @@ def _coefficients(books: Books, x: list[float]) -> tuple[float, float, float, bo
     coef = books.step_model.coef
     if coef is None:
         return books.prefill_fit.ratio, 1.0, 0.0, False
-    a, b, c, f = coef
+    a, b, c, _ = coef
     batched = books.paced or books.lockstep > 0.5
-    if x[1] <= 0:
-        s = 0.0
-    elif batched:
-        s = f * x[3] / (x[0] + x[1])
-    else:
-        s = f * x[3] / x[1]
+    s = books.step_model.step_share(x, batched=batched)
     return a + (s if batched else 0.0), b + s, c / CONTEXT_UNIT, True
