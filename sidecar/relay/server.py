@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.relay.streams import BodyStream
+from sidecar.relay.upstream import header_lines
 
 log = structlog.get_logger("sidecar.relay")
 
@@ -125,13 +126,7 @@ class RelayResponse(web.StreamResponse):
         if not request.keep_alive:
             conn.keep_alive = False
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason.encode("latin-1", "replace"))]
-        for name, value in headers.items():
-            lines.append(
-                name.encode("utf-8", "surrogateescape")
-                + b": "
-                + value.encode("utf-8", "surrogateescape")
-                + b"\r\n"
-            )
+        lines.extend(header_lines(headers.items()))
         if self._chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if not conn.keep_alive:

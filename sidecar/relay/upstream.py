@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Iterable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
@@ -378,17 +379,23 @@ class UpstreamPool:
         self._idle.clear()
 
 
+def header_lines(items: Iterable[tuple[str, str]]) -> list[bytes]:
+    """Each header as its line on the wire; undecodable bytes go back out as they came
+    (aiohttp's parsers hand them over surrogate-escaped)."""
+    return [
+        name.encode("utf-8", "surrogateescape")
+        + b": "
+        + value.encode("utf-8", "surrogateescape")
+        + b"\r\n"
+        for name, value in items
+    ]
+
+
 def _head(method: str, target: str, host: bytes, headers: CIMultiDict[str], chunked: bool) -> bytes:
     """The request line and headers, Host first (aiohttp's order), then framing for a streamed body."""
     lines = [method.encode("ascii"), b" ", target.encode("utf-8", "surrogateescape")]
     lines.append(b" HTTP/1.1\r\nHost: " + host + b"\r\n")
-    for name, value in headers.items():
-        lines.append(
-            name.encode("utf-8", "surrogateescape")
-            + b": "
-            + value.encode("utf-8", "surrogateescape")
-            + b"\r\n"
-        )
+    lines.extend(header_lines(headers.items()))
     if chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     lines.append(b"\r\n")
