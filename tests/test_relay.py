@@ -88,9 +88,8 @@ async def test_rig_runs_on_the_relay(relay: Rig) -> None:
     assert (await r.json())["usage"]["completion_tokens"] == 5
 
 
-async def test_keep_alive_reuses_one_upstream_connection(aiohttp_server: ServerFactory) -> None:
-    """Sequential requests from one client ride one upstream connection (the pool keeps it)."""
-    ports: list[int] = []
+def _peer_app(ports: list[int]) -> web.Application:
+    """An upstream whose ``/peer`` notes the client port each request came from."""
 
     async def peer(request: web.Request) -> web.Response:
         ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
@@ -98,7 +97,13 @@ async def test_keep_alive_reuses_one_upstream_connection(aiohttp_server: ServerF
 
     app = web.Application()
     app.router.add_get("/peer", peer)
-    server = await aiohttp_server(app)
+    return app
+
+
+async def test_keep_alive_reuses_one_upstream_connection(aiohttp_server: ServerFactory) -> None:
+    """Sequential requests from one client ride one upstream connection (the pool keeps it)."""
+    ports: list[int] = []
+    server = await aiohttp_server(_peer_app(ports))
     async with relay_to(str(server.make_url("/"))) as (_sidecar, client):
         for _ in range(5):
             r = await client.get("/peer")
@@ -110,14 +115,7 @@ async def test_keep_alive_reuses_one_upstream_connection(aiohttp_server: ServerF
 async def test_idle_upstream_connections_expire(aiohttp_server: ServerFactory) -> None:
     """An upstream connection idle past the keep-alive time is closed; the next request opens one."""
     ports: list[int] = []
-
-    async def peer(request: web.Request) -> web.Response:
-        ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/peer", peer)
-    server = await aiohttp_server(app)
+    server = await aiohttp_server(_peer_app(ports))
     async with relay_to(str(server.make_url("/"))) as (sidecar, client):
         assert (await (await client.get("/peer")).text()) == "ok"
         pool = cast(RelayProxy, sidecar.proxy)._pool
