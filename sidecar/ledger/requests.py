@@ -86,6 +86,8 @@ class Request:
     """A model's stretch of activity, not a request (observer mode)."""
     emitted: bool = False
     """Handed out already; a lagging GPU's late share can no longer reach it."""
+    queued: bool = False
+    """Its prompt is in the books' prefill queue (:mod:`sidecar.ledger.prefill_queue`)."""
 
     @property
     def informed(self) -> bool:

@@ -1,0 +1,99 @@
+"""The prefill queue: where a span's prompt ran inside its window (first come, first served)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.ledger.pieces import Books
+from sidecar.ledger.prefill_queue import PrefillQueue
+from sidecar.ledger.requests import Request
+
+
+def span(rid: str, start: float, first: float, prompt: float, end: float = 10.0) -> Request:
+    """A request as a span gives it: window, prompt as a total, output as a total."""
+    r = Request(rid, "m", "unknown", start, prompt, end_s=end)
+    r.first_token_s = first
+    r.segments.append((start, first, prompt, 0.0))
+    r.segments.append((first, end, 0.0, 10.0))
+    return r
+
+
+def test_a_prompt_alone_runs_from_its_scheduling_at_the_servers_capacity() -> None:
+    """Alone, its tokens are worked from its scheduling at the capacity, not spread to the end."""
+    q = PrefillQueue()
+    q.capacity_tps = 1000.0
+    r = span("a", 0.0, 2.0, 1000.0)
+    q.note([r])
+    assert q.share(r, 0.0, 1.0, 1000.0) == pytest.approx(1.0, rel=0.02)
+    assert q.share(r, 1.0, 2.0, 1000.0) == pytest.approx(0.0, abs=0.02)
+
+
+def test_a_prompt_behind_another_gets_what_that_one_leaves() -> None:
+    """Scheduled while an earlier prompt still runs, it takes the leftover, then all of it."""
+    q = PrefillQueue()
+    q.capacity_tps = 1000.0
+    ahead = span("a", 0.0, 1.0, 900.0)
+    behind = span("b", 0.5, 2.0, 1000.0)
+    q.note([ahead, behind])
+    early = q.share(behind, 0.5, 1.0, 1000.0)
+    late = q.share(behind, 1.0, 2.0, 1000.0)
+    assert early is not None
+    assert late is not None
+    assert early + late == pytest.approx(1.0)
+    assert early < 0.25  # evenly spread it would have had a third of its tokens here
+    ahead_early = q.share(ahead, 0.0, 0.5, 1000.0)
+    assert ahead_early == pytest.approx(0.5 / 0.9, rel=0.05)
+
+
+def test_identical_windows_share_equally() -> None:
+    """Prompts with the same window are served as one group and split by their tokens."""
+    q = PrefillQueue()
+    q.capacity_tps = 500.0
+    a, b = span("a", 0.0, 1.0, 400.0), span("b", 0.0, 1.0, 400.0)
+    q.note([a, b])
+    assert q.share(a, 0.0, 0.5, 500.0) == pytest.approx(q.share(b, 0.0, 0.5, 500.0))
+
+
+def test_registration_order_changes_nothing() -> None:
+    """The same prompts registered in another order are placed the same way."""
+    reqs = [span(f"r{i}", 0.1 * i, 0.1 * i + 0.35, 300.0 + 50 * i) for i in range(6)]
+    got = []
+    for order in (reqs, list(reversed(reqs))):
+        q = PrefillQueue()
+        fresh = [span(r.id, r.start_s, r.first_token_s or 0.0, r.prompt_work or 0.0) for r in order]
+        q.note(fresh)
+        by_id = {r.id: r for r in fresh}
+        got.append(
+            [
+                q.share(by_id[f"r{i}"], 0.1 * k, 0.1 * k + 0.1, 2000.0)
+                for i in range(6)
+                for k in range(9)
+            ]
+        )
+    assert got[0] == pytest.approx(got[1])
+
+
+def test_the_capacity_follows_prompts_that_do_not_fit() -> None:
+    """Prompts that cannot be done in their window at the capacity raise it."""
+    q = PrefillQueue()
+    reqs = [span(f"r{i}", float(i), i + 0.5, 1000.0) for i in range(20)]
+    q.note(reqs)
+    for r in reqs:
+        q.share(r, r.start_s, r.start_s + 0.1, 1000.0)  # 1000 tokens in 0.5 s: 2000/s needed
+    assert q.capacity_tps is not None
+    assert q.capacity_tps > 1000.0
+
+
+def test_books_place_a_queued_prompt_by_the_queue_in_traces_mode() -> None:
+    """With the server known to batch (spans), a queued prompt's work follows the queue."""
+    books = Books()
+    books.paced = True
+    books.prefill_rate.tokens_per_s = 1000.0
+    ahead = span("a", 0.0, 1.0, 900.0)
+    behind = span("b", 0.5, 2.0, 1000.0)
+    books._weights_many([ahead, behind], 0.5, 1.0, [1.0], 3.0)
+    p, _, _ = books._work(behind, 0.5, 1.0, 3.0)
+    assert p < 250.0
+    books.paced = False
+    p_even, _, _ = books._work(span("c", 0.5, 2.0, 1000.0), 0.5, 1.0, 3.0)
+    assert p_even == pytest.approx(1000.0 / 3.0)
