@@ -143,18 +143,24 @@ def start_sidecar(
     name: str = "sidecar",
     uvloop: bool = False,
     data_plane: str | None = None,
+    lag_out: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """The real sidecar process, simulated power source, in front of the upstream.
 
     ``data_plane``: ``--data-plane`` (``aiohttp`` or ``relay``); ``None``, the default's.
+    ``lag_out``: run it under ``bench.lag_sidecar``'s event-loop lag probe, writing there.
     """
     port, mport = free_port(), free_port()
     module = "bench.uvloop_sidecar" if uvloop else "sidecar"
+    probe: list[str] = []
+    if lag_out is not None:
+        module, probe = "bench.lag_sidecar", [str(lag_out)]
     proc = subprocess.Popen(
         [
             python(),
             "-m",
             module,
+            *probe,
             "run",
             "--upstream",
             f"http://127.0.0.1:{upstream_port}",
