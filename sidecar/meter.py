@@ -17,6 +17,7 @@ request naming it did not fail, so failures cannot use up the label budget.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ from sidecar.sources.traces import TraceSource
 from sidecar.traces.span import RequestSpan
 
 log = structlog.get_logger("sidecar.meter")
+
+
+def _debug_enabled() -> bool:
+    """Whether debug lines are written (asked of the configured logger, as configured now)."""
+    try:
+        return bool(log.bind().is_enabled_for(logging.DEBUG))
+    except AttributeError:  # a logger without level filtering: it writes everything
+        return True
+
 
 __all__ = ["BOUNDARY", "ENDPOINTS", "Endpoint", "FixedIntensity", "IntensitySource", "Meter"]
 
@@ -370,6 +380,7 @@ class Meter:
                 grams = operational_grams(joules - seen, intensity, self.pue)
                 self.model_g[model] = self.model_g.get(model, 0.0) + grams
                 self._model_assigned_j[key] = joules
+        debug: bool | None = None  # asked once per call, only if a request finished
         for f in self.ledger.pop_finished():
             if f.activity:  # a model's stretch of activity, not a request
                 continue
@@ -379,19 +390,22 @@ class Meter:
             waiter = self._receipts.pop(f.id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(f)
-            log.debug(
-                "request.finished",
-                request_id=f.id,
-                model=f.model,
-                endpoint=f.endpoint,
-                status=f.status,
-                duration_s=round(f.end_s - f.start_s, 4),
-                prompt_tokens=f.prompt_tokens,
-                completion_tokens=f.completion_tokens,
-                dynamic_j=round(f.dynamic_j, 4),
-                idle_j=round(f.idle_j, 4),
-                prefill_j=round(f.prefill_j, 4),
-            )
+            if debug is None:
+                debug = _debug_enabled()
+            if debug:  # at info level the line's keyword data is not even built
+                log.debug(
+                    "request.finished",
+                    request_id=f.id,
+                    model=f.model,
+                    endpoint=f.endpoint,
+                    status=f.status,
+                    duration_s=round(f.end_s - f.start_s, 4),
+                    prompt_tokens=f.prompt_tokens,
+                    completion_tokens=f.completion_tokens,
+                    dynamic_j=round(f.dynamic_j, 4),
+                    idle_j=round(f.idle_j, 4),
+                    prefill_j=round(f.prefill_j, 4),
+                )
             if self._on_finished is not None:
                 try:
                     self._on_finished(f)
