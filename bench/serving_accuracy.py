@@ -87,7 +87,8 @@ class TraceResult:
     traces_unpaced: Errors
     """Traces view with output spread at a steady rate (the ledger's ``paced`` off)."""
     proxy_exact_prompt: Errors
-    """Proxy view with the exact prompt count at the start (no ±25 % estimate)."""
+    """Proxy view with the exact prompt count at the start (no ±25 % estimate) and with the
+    first chunk (a server reporting usage in every chunk)."""
 
 
 def _view(r: SyntheticRequest, mode: Mode) -> tuple[float, float, float]:
@@ -102,10 +103,13 @@ def replay(
     seed: int = 3,
     paced: bool = True,
     prompt_spread: float = PROMPT_ESTIMATE_SPREAD,
+    first_chunk_usage: bool = False,
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
     """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them.
     ``prompt_spread``: how far the proxy's prompt estimate strays (0: the exact count at
-    the start, the what-if of a server that reports prompt tokens in its first chunk)."""
+    the start). ``first_chunk_usage``: the proxy also hands the ledger the exact prompt
+    count with the first token (a server that reports usage in every chunk, vLLM's
+    ``continuous_usage_stats``)."""
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
     ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else 0.0)
@@ -138,7 +142,8 @@ def replay(
         if kind == 0:
             ledger.start(rid, t, model="sim", prompt_tokens=arg)
         elif kind == 1:
-            ledger.first_token(rid, t)
+            counted = r.prompt_tokens if first_chunk_usage and mode == "proxy" else None
+            ledger.first_token(rid, t, prompt_tokens=counted)
         elif kind == 2:
             ledger.tokens(rid, t, int(arg))
         else:
@@ -376,7 +381,7 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
             req[rule], pre[rule], dec[rule] = Errors.of(e_req), Errors.of(e_pre), Errors.of(e_dec)
         modes[name_] = ModeResult(req, pre, dec)
     unpaced, _ = replay(wl, "traces", paced=False)
-    exact, _ = replay(wl, "proxy", prompt_spread=0.0)
+    exact, _ = replay(wl, "proxy", prompt_spread=0.0, first_chunk_usage=True)
     return TraceResult(
         name,
         len(scored),

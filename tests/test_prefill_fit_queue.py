@@ -97,3 +97,32 @@ def test_books_place_a_queued_prompt_by_the_queue_in_traces_mode() -> None:
     books.paced = False
     p_even, _, _ = books._work(span("c", 0.5, 2.0, 1000.0), 0.5, 1.0, 3.0)
     assert p_even == pytest.approx(1000.0 / 3.0)
+
+
+def streamed(rid: str, start: float, first: float, prompt: float, *, counted: bool) -> Request:
+    """A proxied streamed request: prompt up to the first token, then one streamed token."""
+    r = Request(rid, "m", "chat", start, prompt)
+    r.first_token_s = first
+    r.counted = counted
+    r.prompt_tokens = round(prompt) if counted else None
+    r.segments.append((start, first, prompt, 0.0))
+    r.segments.append((first, first + 0.1, 0.0, 1.0))
+    r.streamed = 1
+    return r
+
+
+def test_a_prompt_counted_at_its_first_token_is_queued_and_an_estimate_is_not() -> None:
+    """The exact count from the first chunk puts a streamed prompt in the queue; an estimate
+    keeps the proxy's placement before the first token."""
+    books = Books()
+    books.prefill_rate.tokens_per_s = 1000.0
+    ahead = streamed("a", 0.0, 1.0, 900.0, counted=True)
+    behind = streamed("b", 0.5, 2.0, 1000.0, counted=True)
+    books._work(ahead, 0.0, 0.5, 3.0)
+    p_early, _, _ = books._work(behind, 0.5, 1.0, 3.0)
+    assert behind.queued
+    assert p_early < 250.0
+    guess = streamed("c", 0.5, 2.0, 1000.0, counted=False)
+    p_guess, _, _ = books._work(guess, 0.5, 1.0, 3.0)
+    assert not guess.queued
+    assert p_guess == pytest.approx(1000.0 / 3.0)  # 2 x tokens / rate covers its 1.5 s wait

@@ -206,9 +206,14 @@ class Ledger:
         for state in self._gpus.values():
             state.baseline.upstream_ready(time_s)
 
-    def first_token(self, request_id: str, time_s: float) -> None:
+    def first_token(
+        self, request_id: str, time_s: float, *, prompt_tokens: int | None = None
+    ) -> None:
         """The first response bytes of a streamed request: prefill is over.
 
+        ``prompt_tokens``: the exact prompt count, where the first chunk carried it (a
+        server sending usage in every chunk); its prompt is then placed where the prompts
+        ahead of it left the server room (:class:`~sidecar.ledger.prefill_queue.PrefillQueue`).
         Token events only record; the next sample or :meth:`advance` assigns what
         they unblocked, so a busy stream costs O(1) per chunk, not O(in flight).
         """
@@ -218,6 +223,10 @@ class Ledger:
         t = max(self._clamp(time_s), req.start_s)
         req.first_token_s = t
         req.last_chunk_s = t
+        if prompt_tokens is not None and prompt_tokens >= 0:
+            req.prompt_work = float(prompt_tokens)
+            req.prompt_tokens = prompt_tokens
+            req.counted = True
         if req.prompt_work:
             req.segments.append((req.start_s, t, req.prompt_work, 0.0))
         req.known_s = t

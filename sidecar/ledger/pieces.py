@@ -288,6 +288,13 @@ class Books:
                     p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
                 if a < t1 <= b:  # seen once per GPU: where the prompt ends
                     self.prefill_rate.observe(p, t1 - t0)
+                if rate is not None and r.counted:  # exact from the first chunk: queued
+                    if not r.queued:
+                        self.prefill_queue.add(r, t1, p)
+                    part = self.prefill_queue.share(r, a, b, rate)
+                    if part is not None:
+                        prefill += p * part
+                        continue
                 if rate is not None and not (scheduled and totals_only):
                     t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
                 elif rate is not None and scheduled:  # a span: first come, first served

@@ -88,22 +88,26 @@ class PrefillQueue:
         for r in reqs:
             if r.queued or r.streamed or r.first_token_s is None or not r.prompt_work:
                 continue
-            r.queued = True
-            key = (r.start_s, r.first_token_s)
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group(r.start_s, r.first_token_s)
-                bisect.insort(self._keys, key)
-                bisect.insort(self._pending, key)
-                self._longest_s = max(self._longest_s, r.first_token_s - r.start_s)
-                self._latest_s = max(self._latest_s, r.start_s)
-            elif group.profile is not None:  # a member reported after the group was placed
-                group.profile = None
-                bisect.insort(self._pending, key)
-            group.tokens += r.prompt_work
-            self._adds += 1
-            if self._adds % self.PRUNE_EVERY == 0:
-                self._prune()
+            self.add(r, r.first_token_s, r.prompt_work)
+
+    def add(self, r: Request, first_s: float, tokens: float) -> None:
+        """Register ``r``'s prompt of ``tokens`` with its window up to ``first_s``."""
+        r.queued = True
+        key = (r.start_s, first_s)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(r.start_s, first_s)
+            bisect.insort(self._keys, key)
+            bisect.insort(self._pending, key)
+            self._longest_s = max(self._longest_s, first_s - r.start_s)
+            self._latest_s = max(self._latest_s, r.start_s)
+        elif group.profile is not None:  # a member reported after the group was placed
+            group.profile = None
+            bisect.insort(self._pending, key)
+        group.tokens += tokens
+        self._adds += 1
+        if self._adds % self.PRUNE_EVERY == 0:
+            self._prune()
 
     def share(self, r: Request, a: float, b: float, rate_tps: float) -> float | None:
         """The part of ``r``'s prompt worked in [a, b]; ``None`` if ``r`` is not queued."""

@@ -88,6 +88,9 @@ class Request:
     """Handed out already; a lagging GPU's late share can no longer reach it."""
     queued: bool = False
     """Its prompt is in the books' prefill queue (:mod:`sidecar.ledger.prefill_queue`)."""
+    counted: bool = False
+    """Its exact prompt count came with its first token (a server reporting usage in
+    every chunk), before any of its prompt's energy was booked."""
 
     @property
     def informed(self) -> bool:
