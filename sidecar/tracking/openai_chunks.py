@@ -32,7 +32,8 @@ _TEXT_KEYS: Final = (b'"content"', b'"text"', b'"reasoning_content"', b'"reasoni
 _BLANKS: Final = b" \t"  # the patterns also cut blanks before the comma: leave those to them
 _SEPARATORS: Final = {b':"': 2, b': "': 3}  # after a key: where its string value starts
 _TERMINAL: Final = re.compile(rb'"finish_reason"\s*:\s*"')
-_COMPLEX_KEYS: Final = (b'"tool_calls"', b'"function_call"', b'"token"', b'"details"', b'"error"')
+_COMPLEX: Final = re.compile(rb'"(?:tool_calls|function_call|token|details|error)"')
+"""Keys that send a chunk to the full parse: one search, not one ``in`` per key (half the cost)."""
 
 
 def plain_chunk(data: bytes) -> tuple[int, Edit] | None:
@@ -45,14 +46,12 @@ def plain_chunk(data: bytes) -> tuple[int, Edit] | None:
     Anything that might carry usage, tool calls, TGI fields, errors or several
     choices takes the full parse.
     """
-    if data.count(b'"index"') != 1 or b'"choices"' not in data:
+    if data.count(b'"index"') != 1 or b'"choices"' not in data or _COMPLEX.search(data):
         return None
-    for key in _COMPLEX_KEYS:
-        if key in data:
-            return None
     edit: Edit = "keep"
-    if b'"usage"' in data:
-        if data.count(b'"usage"') != 1 or not _null_usage(data):
+    at = data.find(b'"usage"')
+    if at >= 0:
+        if data.find(b'"usage"', at + 7) >= 0 or not _null_usage(data, at + 7):
             return None
         edit = "null_usage"
     return (1 if _has_text(data) else 0), edit
@@ -78,12 +77,13 @@ def _has_text(data: bytes) -> bool:
     return spaced and _TEXT.search(data) is not None
 
 
-def _null_usage(data: bytes) -> bool:
-    """``"usage": null`` (one ``"usage"`` key in ``data``), compact or Python-spaced first."""
-    for form in (b'"usage":null', b'"usage": null'):
-        at = data.find(form)
-        if at >= 0:
-            return data[at + len(form) : at + len(form) + 1] in (b",", b"}")
+def _null_usage(data: bytes, after: int) -> bool:
+    """Whether the one ``"usage"`` key, ending at ``after``, is ``null``: compact or
+    Python-spaced read in place, other spacing by the pattern."""
+    for form in (b":null", b": null"):
+        end = after + len(form)
+        if data[after:end] == form:
+            return data[end : end + 1] in (b",", b"}")
     return _NULL_USAGE.search(data) is not None
 
 

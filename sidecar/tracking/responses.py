@@ -191,7 +191,8 @@ class ResponseTracker:
     def held_bytes(self) -> int:
         """Bytes of the body kept right now; never more than ``max_buffer`` (+1 pending CR)."""
         if self._events is not None:
-            return self._events.held_bytes + sum(len(raw) for raw in self._terminal)
+            held = self._events.held_bytes
+            return held + sum(len(raw) for raw in self._terminal) if self._terminal else held
         if self._lines is not None:
             return self._lines.held_bytes
         return self._json_size if self._tail is None else len(self._tail)
@@ -306,6 +307,8 @@ class ResponseTracker:
         The splitter would cut it at the same ``\\n\\n`` boundaries; without it there
         is no held state to join and no piece records, only one ``split``.
         """
+        if chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2:
+            return self._on_data(chunk[6:-2])[0]  # one event of one line: most chunks
         tokens = 0
         for raw in chunk[:-2].split(b"\n\n"):
             if raw.startswith(b"data: ") and b"\n" not in raw:
