@@ -197,11 +197,13 @@ class Meter:
     def model_learned(self, rid: str, model: str) -> None:
         self.proxy.model_learned(rid, model)
 
-    def first_token(self, rid: str) -> None:
-        self.proxy.first_token(rid)
+    def first_token(self, rid: str, time_s: float | None = None) -> None:
+        """The first token streamed, at ``time_s`` (default now): the proxy tells it once
+        the chunk is on its way to the client, with the time it arrived."""
+        self.proxy.first_token(rid, time_s)
 
-    def tokens_streamed(self, rid: str, count: int) -> None:
-        self.proxy.tokens_streamed(rid, count)
+    def tokens_streamed(self, rid: str, count: int, time_s: float | None = None) -> None:
+        self.proxy.tokens_streamed(rid, count, time_s)
 
     def request_finished(
         self,

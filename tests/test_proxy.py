@@ -473,3 +473,42 @@ async def test_stream_tokens_reach_the_ledger_once_a_period(
     assert sum(calls) == 6
     assert len(calls) == hand_overs
     assert await rig.value("llm_energy_tokens_total", model="b", kind="completion") == 6
+
+
+async def test_a_chunk_goes_out_before_the_meter_hears_of_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first token's chunk is written before the meter is told, with the time it arrived."""
+    meter, proxy = rig.sidecar.meter, rig.sidecar.proxy
+    assert meter is not None
+    assert proxy is not None
+    events: list[tuple[str, float | None]] = []
+    base, clock = proxy.response_class, proxy._clock
+
+    class Logged(base):  # type: ignore[misc, valid-type]
+        async def write(self, data: bytes | bytearray | memoryview) -> None:
+            events.append(("write", clock()))
+            await super().write(data)
+
+    first_token = meter.first_token
+
+    def told(rid: str, time_s: float | None = None) -> None:
+        events.append(("first_token", time_s))
+        first_token(rid, time_s)
+
+    monkeypatch.setattr(proxy, "response_class", Logged)
+    monkeypatch.setattr(meter, "first_token", told)
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    direct, proxied, resp = await both(
+        rig, "POST", "/v1/chat/completions", json={**body, "max_tokens": 3, "delay": 0.01}
+    )
+    assert resp.status == 200
+    assert proxied == direct
+    kinds = [k for k, _ in events]
+    assert kinds.count("first_token") == 1
+    at = kinds.index("first_token")
+    assert kinds[:at] == ["write"]  # told right after its chunk was written, not before
+    arrived, written = events[at][1], events[at - 1][1]
+    assert arrived is not None
+    assert written is not None
+    assert arrived <= written  # the time is the chunk's arrival, not the hand-over's

@@ -111,8 +111,8 @@ class ProxySource:
         if req is not None:
             req.response_model = model
 
-    def first_token(self, rid: str) -> None:
-        now = self._acc.clock()
+    def first_token(self, rid: str, time_s: float | None = None) -> None:
+        now = self._acc.clock() if time_s is None else time_s
         req = self._open.get(rid)
         if req is not None and req.first_token_s is None:
             req.first_token_s = now
@@ -121,9 +121,9 @@ class ProxySource:
         if self.listener is not None:
             self.listener.streaming(rid)
 
-    def tokens_streamed(self, rid: str, count: int) -> None:
+    def tokens_streamed(self, rid: str, count: int, time_s: float | None = None) -> None:
         if count > 0:
-            now = self._acc.clock()
+            now = self._acc.clock() if time_s is None else time_s
             req = self._open.get(rid)
             if req is not None and req.first_token_s is None:
                 req.first_token_s = now

@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.ledger import Status
 from sidecar.meter import Meter
 from sidecar.tracking.budget import ParseBudget
+from sidecar.tracking.held_body import Held, OneShot
 from sidecar.tracking.protocols import (
     RequestInfo,
     ResponseTracker,
@@ -97,68 +98,6 @@ def _forwardable(
             continue
         out.add(key, value)
     return out
-
-
-class _Held:
-    """A request's parsed body bytes and their budget; both let go as early as possible.
-
-    Only this object refers to the bodies, so once :meth:`sent` or
-    :meth:`release` drops them they are freed, not kept alive by a frame
-    waiting for the upstream's answer.
-    """
-
-    __slots__ = ("_budget", "body", "n_bytes", "original")
-
-    def __init__(self, budget: ParseBudget) -> None:
-        self._budget = budget
-        self.n_bytes = 0
-        self.body: bytes | None = None  # what goes upstream
-        self.original: bytes | None = None  # the client's own body, while a resend may need it
-
-    def take(self, n_bytes: int) -> bool:
-        if self._budget.take(n_bytes):
-            self.n_bytes += n_bytes
-            return True
-        return False
-
-    def payload(self) -> _OneShot | None:
-        """The body as an upload that drops it once handed to the transport."""
-        if self.body is None:
-            return None
-        body, self.body = self.body, None
-        return _OneShot(body, self)
-
-    def sent(self, n_bytes: int) -> None:
-        """The injected body is on the wire: its share of the budget goes back."""
-        keep = len(self.original) if self.original is not None else 0
-        give = min(n_bytes, max(self.n_bytes - keep, 0))
-        self._budget.give(give)
-        self.n_bytes -= give
-
-    def release(self) -> None:
-        self.body = self.original = None
-        self._budget.give(self.n_bytes)
-        self.n_bytes = 0
-
-
-class _OneShot:
-    """An upload of one bytes object that forgets it once written (aiohttp reads it once)."""
-
-    __slots__ = ("_data", "_held")
-
-    def __init__(self, data: bytes, held: _Held) -> None:
-        self._data: bytes | None = data
-        self._held = held
-
-    def __aiter__(self) -> _OneShot:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._data is None:
-            raise StopAsyncIteration
-        data, self._data = self._data, None
-        self._held.sent(len(data))
-        return data
 
 
 class Proxy:
@@ -247,7 +186,7 @@ class Proxy:
         arrived = self._clock()
         endpoint, api = classify(request.method, request.path)
         inference = endpoint != "other"
-        held = _Held(self.budget)
+        held = Held(self.budget)
         try:
             body: bytes | None = None
             length = request.content_length
@@ -320,7 +259,7 @@ class Proxy:
     async def _send(
         self,
         request: web.Request,
-        body: _OneShot | None,
+        body: OneShot | None,
         length: int | None,
         headers: CIMultiDict[str],
     ) -> aiohttp.ClientResponse:
@@ -354,7 +293,7 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
-        held: _Held,
+        held: Held,
         rid: str | None,
         info: Any,
         tenant: str | None,
@@ -368,6 +307,8 @@ class Proxy:
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
         pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
+        first_at: float | None = None  # the first token's time, told once its chunk is out
+        hand_at: float | None = None  # a period's hand-over is due, at this time
         prefix, metered = b"", rid is not None
         try:
             try:
@@ -440,14 +381,13 @@ class Proxy:
                         if fed is not None:
                             out = fed.out
                             if first and streamed:
-                                self._safe("first_token", self._meter.first_token, rid)
+                                first_at = clock()
                             if fed.tokens and streamed:
                                 counted += fed.tokens
                                 pending += fed.tokens
                                 now = clock()
                                 if now >= due:  # once a period: the count, at the period's time
-                                    self._safe("tokens", self._meter.tokens_streamed, rid, pending)
-                                    pending, due = 0, now + period
+                                    hand_at, due = now, now + period
                         elif strip_usage:
                             tracker, out = None, chunk  # tracker broke: pass raw bytes from now on
                     first = False
@@ -455,6 +395,13 @@ class Proxy:
                         out = hold.feed(out)
                     if out:
                         await response.write(out)
+                    # the meter hears of a chunk once it is on its way: its calls never hold it
+                    if first_at is not None:
+                        self._safe("first_token", self._meter.first_token, rid, first_at)
+                        first_at = None
+                    if hand_at is not None:
+                        self._safe("tokens", self._meter.tokens_streamed, rid, pending, hand_at)
+                        pending, hand_at = 0, None
                     chunk = await content.readany()
                 if pending:
                     self._safe("tokens", self._meter.tokens_streamed, rid, pending)
@@ -500,6 +447,8 @@ class Proxy:
             log.warning("proxy.upstream_failed", error=type(e).__name__, path=request.path)
             raise
         finally:
+            if first_at is not None and rid is not None:  # its chunk's write failed
+                self._safe("first_token", self._meter.first_token, rid, first_at)
             if pending and rid is not None:  # cut short: the tokens that did stream
                 self._safe("tokens", self._meter.tokens_streamed, rid, pending)
             if usage_tokens == (None, None) and counted:  # cut short: what did stream counts
