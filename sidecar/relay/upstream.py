@@ -380,14 +380,12 @@ class UpstreamPool:
 
 
 def header_lines(items: Iterable[tuple[str, str]]) -> list[bytes]:
-    """Each header as its line on the wire; undecodable bytes go back out as they came
-    (aiohttp's parsers hand them over surrogate-escaped)."""
+    """The headers' lines on the wire, as one piece (one encode for all, not two a header);
+    undecodable bytes go back out as they came (the parsers hand them over surrogate-escaped)."""
     return [
-        name.encode("utf-8", "surrogateescape")
-        + b": "
-        + value.encode("utf-8", "surrogateescape")
-        + b"\r\n"
-        for name, value in items
+        "".join([f"{name}: {value}\r\n" for name, value in items]).encode(
+            "utf-8", "surrogateescape"
+        )
     ]
 
 
