@@ -144,17 +144,21 @@ def start_sidecar(
     uvloop: bool = False,
     data_plane: str | None = None,
     lag_out: Path | None = None,
+    variant: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """The real sidecar process, simulated power source, in front of the upstream.
 
     ``data_plane``: ``--data-plane`` (``aiohttp`` or ``relay``); ``None``, the default's.
     ``lag_out``: run it under ``bench.lag_sidecar``'s event-loop lag probe, writing there.
+    ``variant``: run it as ``bench.variant_sidecar`` with that part of its work off.
     """
     port, mport = free_port(), free_port()
     module = "bench.uvloop_sidecar" if uvloop else "sidecar"
     probe: list[str] = []
     if lag_out is not None:
         module, probe = "bench.lag_sidecar", [str(lag_out)]
+    elif variant is not None:
+        module, probe = "bench.variant_sidecar", [variant]
     proc = subprocess.Popen(
         [
             python(),
