@@ -151,7 +151,11 @@ class RelayResponse(web.StreamResponse):
             out = b"%x\r\n%b\r\n" % (len(out), out)
         if self._head:
             out, self._head = self._head + out, b""
-        conn.send(out)
+        transport = conn.transport  # conn.send, inline: this runs for every chunk
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection lost")
+        conn.wrote = True
+        transport.write(out)
         if conn.paused:
             await conn.drain()
 

@@ -71,7 +71,9 @@ class BodyStream:
         if self._size > HIGH_BYTES and not self._paused:
             self._paused = True
             self._pause()
-        self._wake()
+        waiter = self._waiter  # _wake, inline: this runs for every chunk
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -100,18 +102,33 @@ class BodyStream:
         return self._eof and not self._chunks
 
     async def readany(self) -> bytes:
-        """Everything buffered (at least one byte), or ``b""`` at the end."""
-        while not self._chunks:
+        """Everything buffered (at least one byte), or ``b""`` at the end.
+
+        The wait and the flow control are written out here, not called: this
+        runs for every chunk, and every call level costs on each one.
+        """
+        chunks = self._chunks
+        while not chunks:
             if self._exc is not None:
                 raise self._exc
             if self._eof:
                 return b""
-            await self._wait()
-        chunks = self._chunks
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            if self._timeout_s is not None and self._timer is None:
+                self._fed_at = self._loop.time()
+                self._timer = self._loop.call_at(self._fed_at + self._timeout_s, self._check)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        if len(chunks):
+        if chunks:
             chunks.clear()
-        self._consumed(len(data))
+        self._size -= len(data)
+        if self._paused and self._size <= LOW_BYTES:
+            self._paused = False
+            self._resume()
         return data
 
     async def read(self, n: int) -> bytes:
@@ -129,23 +146,6 @@ class BodyStream:
             if not data:
                 return
             yield data
-
-    def _consumed(self, n_bytes: int) -> None:
-        self._size -= n_bytes
-        if self._paused and self._size <= LOW_BYTES:
-            self._paused = False
-            self._resume()
-
-    async def _wait(self) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        if self._timeout_s is not None and self._timer is None:
-            self._fed_at = self._loop.time()
-            self._timer = self._loop.call_at(self._fed_at + self._timeout_s, self._check)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
 
     def _check(self) -> None:
         """The timer fired: expire a wait that saw no bytes for the timeout, else look again later."""

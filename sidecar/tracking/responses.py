@@ -179,12 +179,9 @@ class ResponseTracker:
 
     @property
     def streaming(self) -> bool:
-        """Whether the response is a token stream (SSE or NDJSON), whatever the request said.
-
-        Read from the response's content type, so TGI's ``/generate_stream``
-        and servers that stream by default count as streams even when the
-        request body did not say so.
-        """
+        """Whether the response is a token stream (SSE or NDJSON), whatever the request said:
+        read from the content type, so TGI's ``/generate_stream`` and servers that stream by
+        default count as streams even when the request body did not say so."""
         return self._streaming
 
     @property
@@ -203,6 +200,8 @@ class ResponseTracker:
             return Fed(0, chunk)
         if self._events is not None:
             fed = self._feed_sse(chunk)
+            if not self._reserved and self._events.idle and not self._terminal:
+                return fed  # nothing held, nothing reserved: the budget has nothing to settle
         elif self._lines is not None:
             fed = Fed(sum(self._on_ndjson(line) for line in self._lines.feed(chunk)), chunk)
         else:
