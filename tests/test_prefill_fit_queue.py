@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.ledger import Ledger
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.prefill_queue import PrefillQueue
 from sidecar.ledger.requests import Request
@@ -126,3 +127,61 @@ def test_a_prompt_counted_at_its_first_token_is_queued_and_an_estimate_is_not() 
     p_guess, _, _ = books._work(guess, 0.5, 1.0, 3.0)
     assert not guess.queued
     assert p_guess == pytest.approx(1000.0 / 3.0)  # 2 x tokens / rate covers its 1.5 s wait
+
+
+def proxied_run(n: int, *, counted: bool) -> tuple[Ledger, dict[str, float]]:
+    """``n`` proxied requests two at a time (200-token prompts, the count with the first
+    token where ``counted``), a reading of each of two GPUs every 0.1 s, the second one's
+    arriving 0.3 s late; the ledger and each request's energy."""
+    ledger = Ledger(["0", "1"], idle_watts={"0": 50.0, "1": 50.0})
+    t = 0.0
+    for i in range(n):
+        rid = f"r{i}"
+        ledger.start(rid, t, model="m", prompt_tokens=200.0)
+        if i % 2:  # its neighbour overlaps it: the queue places one behind the other
+            ledger.first_token(rid, t + 0.05, prompt_tokens=200 if counted else None)
+            ledger.first_token(f"r{i - 1}", t + 0.1, prompt_tokens=200 if counted else None)
+            for rr in (f"r{i - 1}", rid):
+                ledger.tokens(rr, t + 0.15)
+                ledger.finish(rr, t + 0.2, prompt_tokens=200, completion_tokens=1)
+            for dt, watts in ((0.1, 150.0), (0.2, 250.0), (0.3, 100.0)):
+                ledger.sample("0", t + dt, watts)
+                ledger.sample("1", t + dt - 0.3, watts + 20.0)  # a cycle behind
+            t += 0.3
+    ledger.flush()
+    return ledger, {f.id: f.energy_j for f in ledger.pop_finished()}
+
+
+def test_counted_prompts_leave_the_queue_once_done_with() -> None:
+    """Prompts counted at their first token (proxy) do not pile up for KEEP_S: the queue
+    holds about what is in flight, and the shares are those the unbounded queue gave."""
+    ledger, got = proxied_run(600, counted=True)
+    queue = ledger._books.prefill_queue
+    assert ledger._books.prefill_rate.tokens_per_s is not None  # the queue was in use
+    assert queue.counted == len(queue) <= 4
+    unbounded = PrefillQueue.release
+    try:
+        PrefillQueue.release = lambda self, horizon_s: None  # type: ignore[method-assign]
+        ledger_all, want = proxied_run(600, counted=True)
+    finally:
+        PrefillQueue.release = unbounded  # type: ignore[method-assign]
+    assert len(ledger_all._books.prefill_queue) > 200
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_release_keeps_spans_and_prompts_still_ahead() -> None:
+    """Spans (they report late) stay for KEEP_S; a counted prompt whose first token is after
+    the horizon stays: a prompt still to come may have it ahead."""
+    q = PrefillQueue()
+    late = span("span", 0.0, 1.0, 100.0)
+    q.note([late])
+    done = streamed("done", 0.0, 1.5, 100.0, counted=True)
+    q.add(done, 1.5, 100.0)
+    ahead = streamed("ahead", 1.0, 3.0, 100.0, counted=True)
+    q.add(ahead, 3.0, 100.0)
+    q.release(2.0)
+    assert len(q) == 2
+    assert q.share(late, 0.0, 1.0, 1000.0) is not None
+    assert q.share(ahead, 1.0, 3.0, 1000.0) is not None
+    assert q.share(done, 0.0, 1.5, 1000.0) is None
+    assert q.counted == 1

@@ -53,6 +53,8 @@ class Books:
         """How often (moving average of probes, 0..1) the streams in a piece got their
         tokens together, one per engine step: a continuous batcher (:meth:`_probe`)."""
         self._pieces = 0
+        self._assigned_to: list[float] = []
+        """Per GPU, the end of its last interval seen while counted prompts were queued."""
 
     def assign_interval(
         self,
@@ -77,8 +79,28 @@ class Books:
         each piece is booked once with all GPUs' parts (8 GPUs cost about what one does).
         Returns each interval's energy, in the shape of ``per_gpu``."""
         if not self.paced:
-            return assign_row(self, per_gpu, reqs, now_s)
-        return self._assign_pieces(per_gpu, reqs, now_s)
+            out = assign_row(self, per_gpu, reqs, now_s)
+        else:
+            out = self._assign_pieces(per_gpu, reqs, now_s)
+        if self.prefill_queue.counted:  # proxied prompts counted at their first token
+            self.prefill_queue.release(self._released_s(per_gpu, reqs))
+        return out
+
+    def _released_s(self, per_gpu: list[list[Interval]], reqs: list[Request]) -> float:
+        """Before when a counted prompt is done with, once this grid is assigned: where
+        every GPU has assigned to (a GPU not in this grid may still bring pieces of that
+        time; one never seen holds it all), and no later than the start of any request in
+        flight (every live one overlaps the grid or starts after it)."""
+        upto = self._assigned_to
+        upto.extend([-INF] * (len(per_gpu) - len(upto)))
+        for g, ivs in enumerate(per_gpu):
+            if ivs and ivs[-1][2] > upto[g]:
+                upto[g] = ivs[-1][2]
+        horizon = min(upto)
+        for r in reqs:
+            if r.end_s == INF and r.start_s < horizon:
+                horizon = r.start_s
+        return horizon
 
     def _assign_pieces(
         self, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float

@@ -51,6 +51,8 @@ class _Group:
     first_s: float
     tokens: float = 0.0
     profile: list[Segment] | None = None
+    counted: bool = True
+    """Every member came live with its first token (:meth:`PrefillQueue.release`)."""
 
 
 class PrefillQueue:
@@ -77,6 +79,8 @@ class PrefillQueue:
         self._longest_s = 0.0
         self._latest_s = -INF
         self._adds = 0
+        self.counted = 0
+        """Groups of counted members only, that :meth:`release` may drop."""
         self.capacity_tps: float | None = None
         """Prefill tokens a second the server gets through (``None`` until first used)."""
 
@@ -96,14 +100,19 @@ class PrefillQueue:
         key = (r.start_s, first_s)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(r.start_s, first_s)
+            group = self._groups[key] = _Group(r.start_s, first_s, counted=r.counted)
             bisect.insort(self._keys, key)
             bisect.insort(self._pending, key)
             self._longest_s = max(self._longest_s, first_s - r.start_s)
             self._latest_s = max(self._latest_s, r.start_s)
-        elif group.profile is not None:  # a member reported after the group was placed
-            group.profile = None
-            bisect.insort(self._pending, key)
+            self.counted += r.counted
+        else:
+            if group.counted and not r.counted:  # a span joined: it keeps to KEEP_S
+                group.counted = False
+                self.counted -= 1
+            if group.profile is not None:  # a member reported after the group was placed
+                group.profile = None
+                bisect.insort(self._pending, key)
         group.tokens += tokens
         self._adds += 1
         if self._adds % self.PRUNE_EVERY == 0:
@@ -206,13 +215,29 @@ class PrefillQueue:
         out = [(a, b, x) for (a, b), x in zip(cells, got, strict=True) if x > 0.0]
         return out or [(s, f, tokens)]
 
+    def release(self, horizon_s: float) -> None:
+        """Drop the counted groups whose first token is before ``horizon_s``: up to where
+        the ledger has assigned every piece and before the start of every request still
+        in flight. Counted prompts come live, with their first token (the proxy), never
+        late like spans: no piece will ask for such a group's share again and no prompt
+        still to come can have it ahead (those start later), so it need not wait out
+        ``KEEP_S`` (900 s of every proxied request held: 7.8 MB per 100k requests)."""
+        if not self.counted:
+            return
+        hi = bisect.bisect_left(self._keys, (horizon_s, -INF))  # only these start before it
+        drop = [k for k in self._keys[:hi] if k[1] < horizon_s and self._groups[k].counted]
+        if drop:
+            self._drop(drop)
+
     def _prune(self) -> None:
         horizon = self._latest_s - self.KEEP_S
         drop = [k for k, g in self._groups.items() if g.first_s < horizon]
-        if not drop:
-            return
+        if drop:
+            self._drop(drop)
+
+    def _drop(self, drop: list[tuple[float, float]]) -> None:
         for k in drop:
-            del self._groups[k]
+            self.counted -= self._groups.pop(k).counted
         gone = set(drop)
         self._keys = [k for k in self._keys if k not in gone]
         self._pending = [k for k in self._pending if k not in gone]
