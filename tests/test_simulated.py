@@ -40,3 +40,37 @@ def test_source_is_deterministic_for_a_seed() -> None:
     rb = [b.read() for _ in range(10)]
     assert ra == rb
     assert [g.gpu for g in a.open()] == ["0", "1"]
+
+
+def test_counter_matches_power_and_truth_under_many_overlapping_loads() -> None:
+    """With dozens of overlapping ramping, falling and ending loads, the counter is the
+    integral of the power line and idle plus every request's truth (the running sums that
+    keep a load change O(1) lose nothing)."""
+    import random
+
+    rnd = random.Random(7)
+    gpu = SimulatedGpus(gpus=2, idle_w=60.0, ramp_s=0.03)
+    gpu.energy_j(0.0)
+    live: list[str] = []
+    ended_truth = 0.0
+    t, dt, integral = 0.0, 0.0005, 0.0
+    for step in range(8000):
+        if step % 20 == 0:  # a load change every 10 ms
+            r = rnd.random()
+            if r < 0.4 or not live:
+                live.append(f"r{step}")
+                gpu.set_load(live[-1], t, rnd.uniform(20.0, 300.0))
+            elif r < 0.7:
+                gpu.set_load(rnd.choice(live), t, rnd.uniform(0.0, 300.0))
+            else:
+                rid = live.pop(rnd.randrange(len(live)))
+                gpu.set_load(rid, t, 0.0)
+                ended_truth += gpu.forget(rid)
+        integral += (gpu.power_w(t) + gpu.power_w(t + dt)) / 2.0 * dt  # trapezoid per 0.5 ms
+        t += dt
+    for rid in live:
+        gpu.set_load(rid, t, 0.0)
+        ended_truth += gpu.forget(rid)
+    assert gpu.energy_j(t) == pytest.approx(60.0 * t + ended_truth / 2, rel=1e-9)
+    assert gpu.energy_j(t) == pytest.approx(integral, rel=2e-3)  # ramps cut by the grid
+    assert gpu.power_w(t) == pytest.approx(60.0)
