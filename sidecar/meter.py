@@ -197,10 +197,13 @@ class Meter:
     def model_learned(self, rid: str, model: str) -> None:
         self.proxy.model_learned(rid, model)
 
-    def first_token(self, rid: str, time_s: float | None = None) -> None:
+    def first_token(
+        self, rid: str, time_s: float | None = None, prompt_tokens: int | None = None
+    ) -> None:
         """The first token streamed, at ``time_s`` (default now): the proxy tells it once
-        the chunk is on its way to the client, with the time it arrived."""
-        self.proxy.first_token(rid, time_s)
+        the chunk is on its way to the client, with the time it arrived, and the prompt's
+        exact count where the response had reported it by then."""
+        self.proxy.first_token(rid, time_s, prompt_tokens)
 
     def tokens_streamed(self, rid: str, count: int, time_s: float | None = None) -> None:
         self.proxy.tokens_streamed(rid, count, time_s)

@@ -492,9 +492,9 @@ async def test_a_chunk_goes_out_before_the_meter_hears_of_it(
 
     first_token = meter.first_token
 
-    def told(rid: str, time_s: float | None = None) -> None:
+    def told(rid: str, time_s: float | None = None, prompt_tokens: int | None = None) -> None:
         events.append(("first_token", time_s))
-        first_token(rid, time_s)
+        first_token(rid, time_s, prompt_tokens)
 
     monkeypatch.setattr(proxy, "response_class", Logged)
     monkeypatch.setattr(meter, "first_token", told)
@@ -512,3 +512,32 @@ async def test_a_chunk_goes_out_before_the_meter_hears_of_it(
     assert arrived is not None
     assert written is not None
     assert arrived <= written  # the time is the chunk's arrival, not the hand-over's
+
+
+async def test_first_token_brings_the_prompt_count_the_stream_reported(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream whose first chunk reports the prompt (Messages' message_start) hands the ledger
+    that exact count with the first token; one that does not, none."""
+    meter = rig.sidecar.meter
+    assert meter is not None
+    got: list[int | None] = []
+    first_token = meter.ledger.first_token
+
+    def record(rid: str, t: float, *, prompt_tokens: int | None = None) -> None:
+        got.append(prompt_tokens)
+        first_token(rid, t, prompt_tokens=prompt_tokens)
+
+    monkeypatch.setattr(meter.ledger, "first_token", record)
+    msg = {"model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user"}]}
+    direct, proxied, resp = await both(rig, "POST", "/v1/messages", json=msg)
+    assert resp.status == 200
+    assert proxied == direct
+    start = json.loads(direct.split(b"data: ", 2)[1].split(b"\n", 1)[0])
+    assert start["type"] == "message_start"
+    assert got == [start["message"]["usage"]["input_tokens"]]
+    chat = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    paced = {**chat, "max_tokens": 3, "delay": 0.01}  # the usage chunk comes 30 ms after the first
+    _, proxied, resp = await both(rig, "POST", "/v1/chat/completions", json=paced)
+    assert resp.status == 200
+    assert got[1:] == [None]

@@ -111,13 +111,15 @@ class ProxySource:
         if req is not None:
             req.response_model = model
 
-    def first_token(self, rid: str, time_s: float | None = None) -> None:
+    def first_token(
+        self, rid: str, time_s: float | None = None, prompt_tokens: int | None = None
+    ) -> None:
         now = self._acc.clock() if time_s is None else time_s
         req = self._open.get(rid)
         if req is not None and req.first_token_s is None:
             req.first_token_s = now
         if self._join is None:
-            self._acc.ledger.first_token(rid, now)
+            self._acc.ledger.first_token(rid, now, prompt_tokens=prompt_tokens)
         if self.listener is not None:
             self.listener.streaming(rid)
 

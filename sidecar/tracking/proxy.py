@@ -308,6 +308,7 @@ class Proxy:
         counted = 0
         pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
         first_at: float | None = None  # the first token's time, told once its chunk is out
+        first_prompt: int | None = None
         hand_at: float | None = None  # a period's hand-over is due, at this time
         prefix, metered = b"", rid is not None
         try:
@@ -380,8 +381,8 @@ class Proxy:
                             log.exception("proxy.tracking_failed", step="feed")
                         if fed is not None:
                             out = fed.out
-                            if first and streamed:
-                                first_at = clock()
+                            if first and streamed:  # the prompt's exact count, if it came
+                                first_at, first_prompt = clock(), tracker.prompt_tokens
                             if fed.tokens and streamed:
                                 counted += fed.tokens
                                 pending += fed.tokens
@@ -397,7 +398,9 @@ class Proxy:
                         await response.write(out)
                     # the meter hears of a chunk once it is on its way: its calls never hold it
                     if first_at is not None:
-                        self._safe("first_token", self._meter.first_token, rid, first_at)
+                        self._safe(
+                            "first_token", self._meter.first_token, rid, first_at, first_prompt
+                        )
                         first_at = None
                     if hand_at is not None:
                         self._safe("tokens", self._meter.tokens_streamed, rid, pending, hand_at)
@@ -448,7 +451,7 @@ class Proxy:
             raise
         finally:
             if first_at is not None and rid is not None:  # its chunk's write failed
-                self._safe("first_token", self._meter.first_token, rid, first_at)
+                self._safe("first_token", self._meter.first_token, rid, first_at, first_prompt)
             if pending and rid is not None:  # cut short: the tokens that did stream
                 self._safe("tokens", self._meter.tokens_streamed, rid, pending)
             if usage_tokens == (None, None) and counted:  # cut short: what did stream counts

@@ -37,6 +37,7 @@ from sidecar.tracking.wire import (
     json_mime,
     loads,
     model_name,
+    usage_counts,
 )
 
 __all__ = ["Fed", "ResponseTracker", "Usage"]
@@ -183,6 +184,11 @@ class ResponseTracker:
         read from the content type, so TGI's ``/generate_stream`` and servers that stream by
         default count as streams even when the request body did not say so."""
         return self._streaming
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The prompt count the response reported so far (a usage member, TGI's header)."""
+        return self._prompt
 
     @property
     def held_bytes(self) -> int:
@@ -528,7 +534,7 @@ class ResponseTracker:
                 self._absorb(inner)
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._take(*_usage_counts(usage))
+            self._take(*usage_counts(usage))
         details = obj.get("details")
         if isinstance(details, dict):
             self._take(count(details.get("input_length")), count(details.get("generated_tokens")))
@@ -556,25 +562,6 @@ class ResponseTracker:
         models = [m for m in _MODEL_PAIR.finditer(tail) if not escaped(tail, m.start())]
         if models:
             self._absorb({"model": loads(models[-1].group(1))})
-
-
-def _usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
-    """(prompt, completion) from a ``usage`` object of any dialect.
-
-    Anthropic's ``input_tokens`` leaves out cached input (``cache_read_input_tokens``,
-    ``cache_creation_input_tokens``; vLLM follows it): the model still saw it, so
-    it is added back. Responses' ``input_tokens`` already includes cached tokens.
-    """
-    prompt = count(usage.get("prompt_tokens"))
-    completion = count(usage.get("completion_tokens"))
-    if prompt is None:
-        prompt = count(usage.get("input_tokens"))
-        if prompt is not None:
-            for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
-                prompt += count(usage.get(key)) or 0
-    if completion is None:
-        completion = count(usage.get("output_tokens"))
-    return prompt, completion
 
 
 def _choose_mode(info: RequestInfo, content_type: str | None, encoding: str | None) -> _Mode:

@@ -18,6 +18,7 @@ __all__ = [
     "loads",
     "model_name",
     "tokens_for",
+    "usage_counts",
 ]
 
 Endpoint = Literal[
@@ -99,3 +100,22 @@ def escaped(data: bytes, index: int) -> bool:
     while index - backslashes - 1 >= 0 and data[index - backslashes - 1] == 0x5C:
         backslashes += 1
     return backslashes % 2 == 1
+
+
+def usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
+    """(prompt, completion) from a ``usage`` object of any dialect.
+
+    Anthropic's ``input_tokens`` leaves out cached input (``cache_read_input_tokens``,
+    ``cache_creation_input_tokens``; vLLM follows it): the model still saw it, so
+    it is added back. Responses' ``input_tokens`` already includes cached tokens.
+    """
+    prompt = count(usage.get("prompt_tokens"))
+    completion = count(usage.get("completion_tokens"))
+    if prompt is None:
+        prompt = count(usage.get("input_tokens"))
+        if prompt is not None:
+            for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                prompt += count(usage.get(key)) or 0
+    if completion is None:
+        completion = count(usage.get("output_tokens"))
+    return prompt, completion
