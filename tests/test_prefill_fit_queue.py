@@ -185,3 +185,22 @@ def test_release_keeps_spans_and_prompts_still_ahead() -> None:
     assert q.share(ahead, 1.0, 3.0, 1000.0) is not None
     assert q.share(done, 0.0, 1.5, 1000.0) is None
     assert q.counted == 1
+
+
+def test_prompts_under_the_rates_floor_never_queue() -> None:
+    """Prompts counted at their first token but too short to read the prefill rate (the
+    proxy bench's 11 tokens) leave no state behind: no rate, so no group is ever queued."""
+    ledger = Ledger(["0"], idle_watts={"0": 50.0})
+    t = 0.0
+    for i in range(400):
+        rid = f"r{i}"
+        ledger.start(rid, t, model="m", prompt_tokens=11.0)
+        ledger.first_token(rid, t + 0.02, prompt_tokens=11)
+        ledger.tokens(rid, t + 0.03, 5)
+        ledger.finish(rid, t + 0.04, prompt_tokens=11, completion_tokens=5)
+        ledger.sample("0", t + 0.05, 150.0)
+        t += 0.05
+    ledger.flush()
+    assert len(ledger.pop_finished()) == 400
+    assert ledger._books.prefill_rate.tokens_per_s is None
+    assert len(ledger._books.prefill_queue) == 0
