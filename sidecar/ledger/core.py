@@ -587,18 +587,10 @@ class Ledger:
             self._books.book(r)
         self._finished.append(
             FinishedRequest(
-                id=r.id,
-                model=r.model,
-                endpoint=r.endpoint,
-                status=r.status,
-                start_s=r.start_s,
-                end_s=r.end_s,
-                first_token_s=r.first_token_s,
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                dynamic_j=r.dynamic_j,
-                idle_j=r.idle_j,
-                prefill_j=prefill_j(r, self.prefill_fit.ratio),
-                activity=r.activity,
+                id=r.id, model=r.model, endpoint=r.endpoint, status=r.status,
+                start_s=r.start_s, end_s=r.end_s, first_token_s=r.first_token_s,
+                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                dynamic_j=r.dynamic_j, idle_j=r.idle_j,
+                prefill_j=prefill_j(r, self.prefill_fit.ratio), activity=r.activity,
             )
-        )
+        )  # fmt: skip
