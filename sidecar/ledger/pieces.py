@@ -310,20 +310,16 @@ class Books:
                     p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
                 if a < t1 <= b:  # seen once per GPU: where the prompt ends
                     self.prefill_rate.observe(p, t1 - t0)
-                if rate is not None and r.counted:  # exact from the first chunk: queued
-                    if not r.queued:
+                span = scheduled and totals_only
+                if rate is not None and (r.counted or span):  # first come, first served
+                    if r.counted and not r.queued:  # exact from the first chunk
                         self.prefill_queue.add(r, t1, p)
                     part = self.prefill_queue.share(r, a, b, rate)
                     if part is not None:
                         prefill += p * part
                         continue
-                if rate is not None and not (scheduled and totals_only):
+                if rate is not None and not span:
                     t0 = max(t0, t1 - PLACE_FACTOR * p / rate)
-                elif rate is not None and scheduled:  # a span: first come, first served
-                    part = self.prefill_queue.share(r, a, b, rate)
-                    if part is not None:
-                        prefill += p * part
-                        continue
             if t1 <= t0:  # all at one instant (spread()'s rule, inlined: this is the hot loop)
                 share = 1.0 if a < t0 <= b else 0.0
             else:
