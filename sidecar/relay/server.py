@@ -126,7 +126,7 @@ class RelayResponse(web.StreamResponse):
         if not request.keep_alive:
             conn.keep_alive = False
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason.encode("latin-1", "replace"))]
-        lines.extend(header_lines(headers.items()))
+        lines.append(header_lines(headers.items()))
         if self._chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if not conn.keep_alive:

@@ -379,21 +379,19 @@ class UpstreamPool:
         self._idle.clear()
 
 
-def header_lines(items: Iterable[tuple[str, str]]) -> list[bytes]:
+def header_lines(items: Iterable[tuple[str, str]]) -> bytes:
     """The headers' lines on the wire, as one piece (one encode for all, not two a header);
     undecodable bytes go back out as they came (the parsers hand them over surrogate-escaped)."""
-    return [
-        "".join([f"{name}: {value}\r\n" for name, value in items]).encode(
-            "utf-8", "surrogateescape"
-        )
-    ]
+    return "".join([f"{name}: {value}\r\n" for name, value in items]).encode(
+        "utf-8", "surrogateescape"
+    )
 
 
 def _head(method: str, target: str, host: bytes, headers: CIMultiDict[str], chunked: bool) -> bytes:
     """The request line and headers, Host first (aiohttp's order), then framing for a streamed body."""
     lines = [method.encode("ascii"), b" ", target.encode("utf-8", "surrogateescape")]
     lines.append(b" HTTP/1.1\r\nHost: " + host + b"\r\n")
-    lines.extend(header_lines(headers.items()))
+    lines.append(header_lines(headers.items()))
     if chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     lines.append(b"\r\n")
