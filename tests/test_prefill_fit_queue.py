@@ -204,3 +204,25 @@ def test_prompts_under_the_rates_floor_never_queue() -> None:
     assert len(ledger.pop_finished()) == 400
     assert ledger._books.prefill_rate.tokens_per_s is None
     assert len(ledger._books.prefill_queue) == 0
+
+
+def test_a_crowd_of_prompts_too_long_for_their_windows_stays_a_segment_each() -> None:
+    """What does not fit is one spread over the window, not a piece in every cell.
+
+    300 concurrent ~1 MiB prompts through the proxy took the old cell-by-cell
+    placement half a minute of loop time (the relay's shutdown outran its 30 s wait in
+    CI); kept as one spread each, the work ahead of the next prompt stays small.
+    """
+    q = PrefillQueue()
+    q.capacity_tps = 1.0
+    reqs = [span(f"r{i}", 0.01 * i, 5.0 + 0.013 * i, 1e6) for i in range(80)]
+    q.note(reqs)
+    shares = [q.share(r, 0.0, 100.0, 1.0) for r in reqs]
+    assert shares == pytest.approx([1.0] * len(reqs))
+    for r in reqs:  # evenly over its window: nothing had room ahead of it
+        first = r.first_token_s
+        assert first is not None
+        mid = (r.start_s + first) / 2
+        assert q.share(r, r.start_s, mid, 1.0) == pytest.approx(0.5, rel=0.01)
+    groups = q._groups.values()
+    assert max(len(g.profile or ()) for g in groups) <= 2
