@@ -211,6 +211,7 @@ class Sidecar:
             traces_hold_s=TRACES_HOLD_S if s.otlp_listen is not None else None,
             running_from=_running_from(s),
         )
+        self.meter.slice_work()
         if s.otlp_listen is not None:  # stops (last energy spans out) after the final flush
             self._stack.push_async_callback(self._traces_service(self.meter).stop)
         self._stack.callback(self._final_flush)
@@ -547,11 +548,8 @@ async def serve(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info(
-            "sidecar.listening",
-            proxy=settings.listen if sidecar.proxy else None,
-            metrics=settings.metrics_listen,
-        )
+        proxy = settings.listen if sidecar.proxy else None
+        log.info("sidecar.listening", proxy=proxy, metrics=settings.metrics_listen)
         await stop.wait()
         log.info(
             "sidecar.draining",

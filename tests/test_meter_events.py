@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,36 @@ def test_silent_gpu_request_reaches_histogram_whole_and_energy_balances() -> Non
     accounted = hist.total + ledger.phase_j["idle_standby"] + ledger.unattributed_j
     assert accounted == pytest.approx(ledger.total_j, rel=1e-9)
     assert ledger.unattributed_j == pytest.approx(100.0)  # GPU 1 over the request's 1 s
+
+
+async def test_a_backlog_of_held_intervals_is_worked_off_a_turn_at_a_time() -> None:
+    """A reply not streamed holds the intervals it spans until it ends (its work is unknown
+    until then); on the loop (:meth:`Meter.slice_work`) they then go an interval a turn,
+    not all in the sample's call, and end as the meter without slices books them."""
+    figures = []
+    for sliced in (False, True):
+        clock = [0.0]
+        meter = _meter(clock)
+        if sliced:
+            meter.slice_work()
+        _samples(meter, clock, 1.0)
+        rid = meter.request_started("chat", "m", 10.0)
+        _samples(meter, clock, 3.0)
+        meter.request_finished(rid, "ok", 10, 50)
+        before = meter.ledger.gpu_energy_j("0")
+        _samples(meter, clock, 3.1)  # one sample frees the 2 s the reply held
+        if sliced:
+            assert meter.ledger.backlog
+            assert meter.ledger.gpu_energy_j("0") - before < 20.0  # an interval, not 2 s
+            for _ in range(40):
+                await asyncio.sleep(0)
+            assert not meter.ledger.backlog
+        _samples(meter, clock, 4.0)
+        meter.flush()
+        figures.append(
+            (meter.ledger.gpu_energy_j("0"), sum(h.total for h in meter.request_j.values()))
+        )
+    (gpu_a, req_a), (gpu_b, req_b) = figures
+    assert gpu_b == pytest.approx(gpu_a, rel=1e-12)
+    assert req_b == pytest.approx(req_a, rel=1e-9)
+    assert req_a > 0.0

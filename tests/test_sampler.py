@@ -111,3 +111,39 @@ async def test_a_hung_source_is_counted_and_not_stacked() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_reconciled_window_reaches_the_sink_a_reading_per_loop_turn() -> None:
+    """The reconciler lets a second of readings go at once; on the loop they go to the sink
+    a reading (as many samples as GPUs) per turn, each GPU's in order, so other callbacks (the proxy's
+    chunks) run between them; a flush hands over whatever is still queued."""
+    gpus = [GpuInfo("0", "GPU-a", "fake"), GpuInfo("1", "GPU-b", "fake")]
+    calls: list[list[PowerSample]] = []
+    turns: list[int] = []
+    turn = 0
+
+    def sink(samples: list[PowerSample]) -> None:
+        calls.append(samples)
+        turns.append(turn)
+
+    sampler = Sampler(ThreadRecordingSource(), gpus, hz=100, sink=sink)
+    energy = 0.0
+    for k in range(1, 151):  # 1.5 s at 100 Hz, 100 W on both GPUs: the first window closes
+        energy += 1.0
+        batch: list[PowerSample | ReadError] = [
+            PowerSample(0.01 * k + 0.001 * int(g.gpu), g.gpu, 100.0, energy) for g in gpus
+        ]
+        sampler.ingest(batch, sliced=True)
+    assert not calls  # nothing before the loop turns
+    for turn in range(1, 400):
+        await asyncio.sleep(0)
+        if turn == 50:
+            break
+    assert len(calls) >= 40
+    assert all(len(c) == 2 for c in calls)  # a reading of both GPUs each time
+    assert turns == sorted(set(turns))  # one hand-over per turn, never two in one
+    sampler.flush()  # shutdown: the rest at once, nothing lost, nothing twice
+    for g in ("0", "1"):
+        times = [s.time_s for c in calls for s in c if s.gpu == g]
+        assert times == sorted(times)  # each GPU's readings in time order
+        assert len(times) == len(set(times)) == 150

@@ -27,13 +27,12 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.ledger.baseline import BASELINE_WINDOW_S, BASES, SETTLE_S, BaselineEstimator, Basis
 from sidecar.ledger.frontier import Frontier
+from sidecar.ledger.gpu_state import GpuState as _Gpu
 from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
 from sidecar.ledger.requests import INF, FinishedRequest, Request, Status, prefill_j
@@ -44,29 +43,6 @@ SILENT_AFTER_S: Final = 30.0
 than the reconciler holds samples of a slow counter, so a dcgm GPU is not "silent")."""
 GAP_PERIODS: Final = 3.0
 """A silence longer than this many sample periods is a gap (CONTRACT.md)."""
-
-
-@dataclass(slots=True)
-class _Gpu:
-    baseline: BaselineEstimator
-    fixed_idle_w: float | None
-    last: tuple[float, float] | None = None  # (time_s, power_w)
-    last_counter_j: float | None = None
-    pending: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
-    assigned_s: float = -INF
-    energy_j: float = 0.0
-    gap_s: float = 0.0
-
-    @property
-    def basis(self) -> Basis:
-        return "configured" if self.fixed_idle_w is not None else self.baseline.basis
-
-    @property
-    def idle_w(self) -> float:
-        if self.fixed_idle_w is not None:
-            return self.fixed_idle_w
-        value = self.baseline.value_w
-        return 0.0 if value is None else value
 
 
 class Ledger:
@@ -139,6 +115,11 @@ class Ledger:
         self.model_j = self._books.model_j
         self.prefill_fit = self._books.prefill_fit
         self._books.paced = paced_decode
+        self.intervals_per_call: int | None = None
+        """At most this many intervals of a GPU assigned per call (``None``: all that may
+        go); the rest waits for :meth:`work`, so one call's work stays short (the loop's)."""
+        self.backlog = False
+        """Intervals free to go were left for :meth:`work` by :attr:`intervals_per_call`."""
         self.held: HeldSlots | None = None
         if late_hold_s is not None:
             self.held = HeldSlots(
@@ -394,6 +375,12 @@ class Ledger:
         """Let time pass without events: intervals that waited too long are assigned."""
         self._tick(now_s)
 
+    def work(self) -> None:
+        """The next :attr:`intervals_per_call` of the :attr:`backlog` (same figures as all at
+        once: a grid cut at an interval's end assigns as the whole one does, within rounding)."""
+        if self.backlog:
+            self._process()
+
     def flush(self) -> None:
         """Assign everything now (end of a trace, or shutdown): no more waiting."""
         self._assign(force=True)
@@ -505,12 +492,18 @@ class Ledger:
         ready: list[list[tuple[float, float, float, float, float]]] = [[] for _ in self._gpus]
         now, hold_s, wait_s, held = self._now_s, self._hold_s, self._max_wait_s, self.held
         known_s = INF if force else self._frontier.earliest_s()
+        limit = -1 if force or self.intervals_per_call is None else self.intervals_per_call
+        self.backlog = False
         for g, state in enumerate(self._gpus.values()):
-            pending = state.pending
+            pending, left = state.pending, limit
             while pending:
                 t1 = pending[0][2]
                 if not force and (now - t1 < hold_s or (known_s < t1 and now - t1 < wait_s)):
                     break  # observer mode: activity is learned up to a scrape late
+                if left == 0:  # the rest on the next call (:meth:`work`)
+                    self.backlog = True
+                    break
+                left -= 1
                 iv = pending.popleft()
                 if held is not None and not self._overlaps_any(iv[0], t1):
                     state.energy_j += held.add_interval(*iv)

@@ -308,7 +308,8 @@ class Books:
             if p > 0.0 and t1 == first:  # a streamed prompt (and its first token)
                 if r.prompt_tokens is not None and r.prompt_work:
                     p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
-                if a < t1 <= b:  # seen once per GPU: where the prompt ends
+                if a < t1 <= b and not r.rate_seen:  # where the prompt ends
+                    r.rate_seen = True
                     self.prefill_rate.observe(p, t1 - t0)
                 span = scheduled and totals_only
                 if rate is not None and (r.counted or span):  # first come, first served

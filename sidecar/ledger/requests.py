@@ -91,6 +91,9 @@ class Request:
     counted: bool = False
     """Its exact prompt count came with its first token (a server reporting usage in
     every chunk), before any of its prompt's energy was booked."""
+    rate_seen: bool = False
+    """Its prompt fed the server's prefill rate (once: a piece at its first token comes
+    again from a GPU that lags, or in the next slice from a GPU read later)."""
 
     @property
     def informed(self) -> bool:

@@ -44,7 +44,7 @@ def assign_row(
     books: Books, per_gpu: list[list[Interval]], reqs: list[Request], now_s: float
 ) -> list[list[float]]:
     """:meth:`Books.assign_grid` for a server not known to batch (``paced`` off)."""
-    from sidecar.ledger.pieces import PROBE_EVERY
+    from sidecar.ledger.pieces import PLACE_FACTOR, PROBE_EVERY
 
     energies = [[0.0] * len(ivs) for ivs in per_gpu]
     starts, ends = _grid(per_gpu, reqs)
@@ -96,17 +96,24 @@ def assign_row(
         prompt = r.prompt_tokens if r.prompt_tokens is not None else (r.prompt_work or 0.0)
         ctxs.append(prompt + (streamed if streamed else (r.completion_tokens or 0) / 2.0))
         first = r.first_token_s
-        if (first is None and r.end_s == INF) or (first is not None and first > starts[i]):
-            slow.append((w, r, i, j))  # its prompt reads the prefill rate here
-            d_rows.append([0.0] * m)
-            p_rows.append([0.0] * m)
-            continue
-        probe = probing and streamed != 0 and first is not None
-        # Books._work for a prompt over before the row: the same shares, in segment order
         dw = [0.0] * m
         pw: list[float] | None = None
+        if (first is None and r.end_s == INF) or (first is not None and first > starts[i]):
+            # its prompt reads the prefill rate up to its first token: those pieces go
+            # through Books._work; the pieces after it are decode only (below)
+            q = j if first is None else bisect_left(starts, first, i, j)
+            slow.append((w, r, i, q))
+            pw = [0.0] * m
+            if q == j:
+                d_rows.append(dw)
+                p_rows.append(pw)
+                continue
+            i = q
+        probe = probing and streamed != 0 and first is not None
+        # Books._work for a prompt over before these pieces: the same shares, in segment order
+        lo_i = starts[i]
         for t0, t1, p, d in r.segments:
-            if t1 <= lo:
+            if t1 <= lo_i:
                 continue
             if t0 >= hi:
                 break
@@ -120,7 +127,7 @@ def assign_row(
                         pw[k] += p
                 continue
             span = t1 - t0
-            k = i if t0 <= lo else bisect_right(ends, t0, i, j)
+            k = i if t0 <= lo_i else bisect_right(ends, t0, i, j)
             if p:
                 if pw is None:
                     pw = [0.0] * m
@@ -150,12 +157,30 @@ def assign_row(
                     arrivals.append((k, w, t1))
         d_rows.append(dw)
         p_rows.append(pw)
+    # a streamed prompt placed by the rate alone (not counted) does nothing in a piece that
+    # ends before its placement starts: Books._work would return zeros there (a burst of
+    # 100 streams: most of its pieces, 15k calls of a row)
+    placed: dict[int, tuple[float, float]] = {}
+    for w, r, _, _ in slow:
+        first = r.first_token_s
+        if first is not None and not r.counted and r.segments:
+            _, t1, p, _ = r.segments[0]
+            if p > 0.0 and t1 == first:
+                if r.prompt_tokens is not None and r.prompt_work:
+                    p *= r.prompt_tokens / r.prompt_work
+                placed[w] = (first, PLACE_FACTOR * p)
+    rate_of = books.prefill_rate
     for k in range(m):  # piece-major, as the rate is read and fed
         if not active[k]:
             continue
         a, b = starts[k], ends[k]
         for w, r, i, j in slow:
             if i <= k < j:
+                at = placed.get(w)
+                if at is not None:
+                    rate = rate_of.tokens_per_s  # fed by the requests before it
+                    if rate is not None and b <= at[0] - at[1] / rate:
+                        continue
                 p, d, s = books._work(r, a, b, now_s)
                 d_rows[w][k] = d + s
                 p_rows[w][k] = p  # type: ignore[index]
