@@ -74,3 +74,28 @@ def test_counter_matches_power_and_truth_under_many_overlapping_loads() -> None:
     assert gpu.energy_j(t) == pytest.approx(60.0 * t + ended_truth / 2, rel=1e-9)
     assert gpu.energy_j(t) == pytest.approx(integral, rel=2e-3)  # ramps cut by the grid
     assert gpu.power_w(t) == pytest.approx(60.0)
+
+
+def test_a_burst_of_starts_within_one_ramp_keeps_power_counter_and_truth() -> None:
+    """200 requests start 0.1 ms apart (all ramping at once) and half change load mid-ramp:
+    the power line is every contribution's level summed, the counter idle plus every
+    truth, with the ramping ones kept as one summed line (each change O(log n))."""
+    gpu = SimulatedGpus(gpus=1, idle_w=70.0, ramp_s=0.03)
+    gpu.energy_j(100.0)
+    t = 100.0
+    for i in range(200):
+        t += 0.0001
+        gpu.set_load(f"b{i}", t, 150.0)
+        if i % 2 and i > 50:
+            gpu.set_load(f"b{i - 50}", t, 60.0)  # a first token, mid-ramp or after
+        if i % 10 == 0:
+            each = sum(c.level(t, gpu.ramp_s) for c in gpu._loads.values())
+            assert gpu.power_w(t) == pytest.approx(70.0 + each, rel=1e-12)
+    t_end = t + 0.1
+    truth = 0.0
+    for i in range(200):
+        gpu.set_load(f"b{i}", t_end, 0.0)
+        truth += gpu.forget(f"b{i}")
+    assert gpu.energy_j(t_end) == pytest.approx(70.0 * (t_end - 100.0) + truth, rel=1e-9)
+    assert gpu.power_w(t_end) == pytest.approx(70.0)
+    assert truth > 0.0

@@ -11,6 +11,7 @@ counter integrates the noiseless power, as a real counter would.
 
 from __future__ import annotations
 
+import heapq
 import random
 import threading
 import time
@@ -72,23 +73,56 @@ class SimulatedGpus:
     _loads: dict[str, _Contribution] = field(default_factory=dict)
     _ramping: dict[str, _Contribution] = field(default_factory=dict)
     """The contributions still ramping up at ``_energy_at_s``; every other one draws its
-    ``to_w`` from then on, and their sum is ``_flat_w``: a load change costs the ramping
-    few, not every request in flight (100 in flight made each change 0.1 ms)."""
+    ``to_w`` from then on, and their sum is ``_flat_w``. The ramping ones are summed too,
+    as one line (``_ramp_sums``: their from-levels, slopes and slope x start), and leave
+    by their ramp's end (``_ends``, a heap): a load change costs O(log n), not a pass over
+    every request in flight or still ramping (a burst of 100 made each change 0.1 ms)."""
     _flat_w: float = 0.0
+    _ramp_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    _ramp_t0: float = 0.0
+    _ends: list[tuple[float, int, str, _Contribution]] = field(default_factory=list)
+    _seq: int = 0
     _energy_j: float = 0.0  # per GPU, noiseless
     _energy_at_s: float | None = None
+
+    def _ramp(self, c: _Contribution, sign: float) -> None:
+        """Add ``c`` to the summed line (``sign`` 1) or take it out (-1), with times from
+        ``_ramp_t0`` (a clock months up is 1e7 s: slope x time would cancel away watts)."""
+        sums = self._ramp_sums
+        if not self._ramping or (sign > 0 and len(self._ramping) == 1):
+            sums[0] = sums[1] = sums[2] = 0.0  # none left, or c alone: no rounding kept
+            self._ramp_t0 = c.since_s
+            if sign < 0:
+                return
+        slope = (c.to_w - c.from_w) / self.ramp_s
+        sums[0] += sign * c.from_w
+        sums[1] += sign * slope
+        sums[2] += sign * slope * (c.since_s - self._ramp_t0)
+
+    def _ramped_w(self, t: float) -> float:
+        """What the ramping contributions draw at ``t``, all still ramping then."""
+        a, b, c = self._ramp_sums
+        return a + b * (t - self._ramp_t0) - c
+
+    def _ramped_j(self, x: float, y: float) -> float:
+        """What the ramping contributions draw in [x, y], all still ramping there."""
+        return (y - x) * (self._ramped_w(x) + self._ramped_w(y)) / 2.0
 
     def _advance(self, t: float) -> None:
         a = self._energy_at_s
         if a is not None and t > a:
-            dynamic = self._flat_w * (t - a)
-            ended: list[str] = []
-            for rid, c in self._ramping.items():
-                dynamic += c.integral(max(a, c.since_s), t, self.ramp_s)
-                if t - c.since_s >= self.ramp_s:
-                    ended.append(rid)
-            for rid in ended:
-                self._flat_w += self._ramping.pop(rid).to_w
+            x, dynamic, ends = a, 0.0, self._ends
+            while ends and ends[0][0] <= t:
+                end, _, rid, c = heapq.heappop(ends)
+                if self._ramping.get(rid) is not c or c.since_s + self.ramp_s != end:
+                    continue  # its load changed since: a later entry stands for it
+                if end > x:
+                    dynamic += self._flat_w * (end - x) + self._ramped_j(x, end)
+                    x = end
+                del self._ramping[rid]
+                self._ramp(c, -1.0)
+                self._flat_w += c.to_w
+            dynamic += self._flat_w * (t - x) + self._ramped_j(x, t)
             self._energy_j += self.idle_w * (t - a) + dynamic / self.gpus
         if a is None or t > a:
             self._energy_at_s = t
@@ -97,11 +131,15 @@ class SimulatedGpus:
         """Take ``c`` out of the ramping ones or the flat sum, before its level changes."""
         if self._ramping.pop(request_id, None) is None:
             self._flat_w -= c.to_w
+        else:
+            self._ramp(c, -1.0)
 
     def set_load(self, request_id: str, time_s: float, watts: float) -> None:
         """From ``time_s`` on, ``request_id`` draws ``watts`` (0 ends its contribution)."""
         with self._lock:
             self._advance(time_s)
+            if self._energy_at_s is not None:  # a reader already counted past it: from then
+                time_s = max(time_s, self._energy_at_s)
             c = self._loads.get(request_id)
             if c is None:
                 c = self._loads[request_id] = _Contribution(since_s=time_s, counted_s=time_s)
@@ -113,6 +151,9 @@ class SimulatedGpus:
             c.since_s = c.counted_s = time_s
             if c.to_w > c.from_w and self.ramp_s > 0:
                 self._ramping[request_id] = c
+                self._ramp(c, 1.0)
+                self._seq += 1
+                heapq.heappush(self._ends, (time_s + self.ramp_s, self._seq, request_id, c))
             else:
                 self._flat_w += c.to_w
 
@@ -129,8 +170,10 @@ class SimulatedGpus:
             if c is None:
                 return 0.0
             self._unplace(request_id, c)
-            if not self._loads:
-                self._flat_w = 0.0  # no rounding left over once nothing draws
+            if not self._loads:  # no rounding left over once nothing draws
+                self._flat_w = 0.0
+                self._ramping.clear()
+                self._ends.clear()
             return c.truth_j
 
     def power_w(self, time_s: float) -> float:
@@ -140,9 +183,8 @@ class SimulatedGpus:
             if self._energy_at_s is not None and time_s < self._energy_at_s:  # a look back
                 drawn = sum(c.level(time_s, self.ramp_s) for c in self._loads.values())
             else:
-                drawn = self._flat_w + sum(
-                    c.level(time_s, self.ramp_s) for c in self._ramping.values()
-                )
+                ramped = self._ramped_w(time_s) if self._ramping else 0.0  # all still ramping
+                drawn = self._flat_w + ramped
             return self.idle_w + drawn / self.gpus
 
     def energy_j(self, time_s: float) -> float:
