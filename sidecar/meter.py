@@ -366,8 +366,12 @@ class Meter:
 
     def _work(self) -> None:
         self._working = None
-        self.ledger.work()
-        self.collect()
+        try:
+            self.ledger.work()
+            self.collect()
+        except Exception:  # as the sampler's sink: a bug here must not stop metering
+            log.exception("meter.work_failed")
+            return
         self._go_on()
 
     def tick(self) -> None:

@@ -376,8 +376,9 @@ class Ledger:
         self._tick(now_s)
 
     def work(self) -> None:
-        """The next :attr:`intervals_per_call` of the :attr:`backlog` (same figures as all at
-        once: a grid cut at an interval's end assigns as the whole one does, within rounding)."""
+        """The next :attr:`intervals_per_call` of the :attr:`backlog`. One GPU's figures equal
+        all at once within rounding (a grid cut at an interval's end); GPUs read in turn
+        keep each GPU's energy and the phases, requests within 0.14 % in the tests."""
         if self.backlog:
             self._process()
 
