@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import aiohttp  # noqa: E402
 
 from bench.common import median  # noqa: E402
 from bench.loadgen import body  # noqa: E402
-from bench.procs import start_relay, start_sidecar, start_upstream, stop  # noqa: E402
+from bench.procs import Harness, start_relay, start_sidecar, start_upstream  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -83,24 +82,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--streams", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="burst-probe-") as name:
-        tmp = Path(name)
-        procs: list[Any] = []
-        try:
-            up, up_port = start_upstream(tmp)
-            procs.append(up)
-            urls = {"direct": f"http://127.0.0.1:{up_port}{CHAT}"}
-            for plane in ("aiohttp", "relay"):
-                proc, port, _ = start_sidecar(tmp, up_port, name=plane, data_plane=plane)
-                procs.append(proc)
-                urls[plane] = f"http://127.0.0.1:{port}{CHAT}"
-            bare, bare_port = start_relay(tmp, up_port)
-            procs.append(bare)
-            urls["bare_relay"] = f"http://127.0.0.1:{bare_port}{CHAT}"
-            added = asyncio.run(probe(urls, args.rounds, args.streams))
-        finally:
-            for p in reversed(procs):
-                stop(p)
+    with Harness("burst-probe-") as h:
+        tmp, procs = h.tmp, h.procs
+        up, up_port = start_upstream(tmp)
+        procs.append(up)
+        urls = {"direct": f"http://127.0.0.1:{up_port}{CHAT}"}
+        for plane in ("aiohttp", "relay"):
+            proc, port, _ = start_sidecar(tmp, up_port, name=plane, data_plane=plane)
+            procs.append(proc)
+            urls[plane] = f"http://127.0.0.1:{port}{CHAT}"
+        bare, bare_port = start_relay(tmp, up_port)
+        procs.append(bare)
+        urls["bare_relay"] = f"http://127.0.0.1:{bare_port}{CHAT}"
+        added = asyncio.run(probe(urls, args.rounds, args.streams))
     print(
         f"burst of {args.streams}, added over direct (ms), {args.rounds} rounds:"
         " median [lowest, highest]"

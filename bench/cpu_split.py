@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,13 +30,13 @@ if str(ROOT) not in sys.path:
 
 from bench.common import cpu_s_many, median  # noqa: E402
 from bench.procs import (  # noqa: E402
+    Harness,
     LoadGen,
     nginx_pids,
     start_nginx,
     start_relay,
     start_sidecar,
     start_upstream,
-    stop,
 )
 from bench.proxy_bench import ProxyPlan, Target, cpu_figures  # noqa: E402
 from bench.variant_sidecar import VARIANTS  # noqa: E402
@@ -50,60 +48,50 @@ PACED_PER_WORKER = 3
 
 def run(reps: int, data_plane: str) -> dict[str, dict[str, float]]:
     """µs of CPU per request by path, for each kind of load."""
-    with tempfile.TemporaryDirectory(prefix="cpu-split-") as name:
-        tmp = Path(name)
-        procs: list[Any] = []
-        gen: LoadGen | None = None
-        try:
-            up, up_port = start_upstream(tmp)
-            procs.append(up)
-            ng, ng_port = start_nginx(tmp, up_port)
-            procs.append(ng)
-            targets = [Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(ng))]
-            for variant in VARIANTS:
-                proc, port, _ = start_sidecar(
-                    tmp, up_port, name=variant, data_plane=data_plane, variant=variant
-                )
-                procs.append(proc)
-                targets.append(
-                    Target(
-                        variant, f"http://127.0.0.1:{port}{CHAT}", (lambda p: lambda: [p])(proc.pid)
-                    )
-                )
-            bare, bare_port = start_relay(tmp, up_port)
-            procs.append(bare)
-            targets.append(
-                Target("bare_relay", f"http://127.0.0.1:{bare_port}{CHAT}", lambda: [bare.pid])
+    with Harness("cpu-split-") as h:
+        tmp, procs = h.tmp, h.procs
+        up, up_port = start_upstream(tmp)
+        procs.append(up)
+        ng, ng_port = start_nginx(tmp, up_port)
+        procs.append(ng)
+        targets = [Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(ng))]
+        for variant in VARIANTS:
+            proc, port, _ = start_sidecar(
+                tmp, up_port, name=variant, data_plane=data_plane, variant=variant
             )
-            gen = LoadGen(tmp)
-            plan = ProxyPlan(
-                streams=1200, plain=1600, reps=reps, concurrency=32, latency_rounds=1,
-                latency_concurrency=PACED_STREAMS, latency_delay_s=0.03, latency_per_worker=2,
-                latency_burst_rounds=1, rss_requests=0, rss_warmup=0, uvloop=False, bare=False,
-            )  # fmt: skip
-            out: dict[str, dict[str, float]] = {}
-            for kind, stream in (("batched_stream", True), ("plain_request", False)):
-                r = cpu_figures(gen, targets, plan, stream=stream)
-                out[kind] = {k: v["cpu_us_per_request"] for k, v in r.items()}
-            paced: dict[str, list[float]] = {t.name: [] for t in targets}
-            n = PACED_STREAMS * PACED_PER_WORKER  # the ramp's streams are served too
-            for rep in range(reps + 1):  # the first round warms every pool
-                for t in targets:
-                    before = cpu_s_many(t.pids())
-                    gen.call(
-                        cmd="latency", targets={t.name: t.url}, concurrency=PACED_STREAMS,
-                        delay=0.03, max_tokens=20, rounds=1, per_worker=PACED_PER_WORKER,
-                        stagger_s=22 * 0.03,
-                    )  # fmt: skip
-                    if rep:
-                        paced[t.name].append((cpu_s_many(t.pids()) - before) / n * 1e6)
-            out["paced_stream"] = {k: median(v) for k, v in paced.items()}
-            return out
-        finally:
-            if gen is not None:
-                gen.close()
-            for p in reversed(procs):
-                stop(p)
+            procs.append(proc)
+            targets.append(
+                Target(variant, f"http://127.0.0.1:{port}{CHAT}", (lambda p: lambda: [p])(proc.pid))
+            )
+        bare, bare_port = start_relay(tmp, up_port)
+        procs.append(bare)
+        targets.append(
+            Target("bare_relay", f"http://127.0.0.1:{bare_port}{CHAT}", lambda: [bare.pid])
+        )
+        gen = h.gen = LoadGen(tmp)
+        plan = ProxyPlan(
+            streams=1200, plain=1600, reps=reps, concurrency=32, latency_rounds=1,
+            latency_concurrency=PACED_STREAMS, latency_delay_s=0.03, latency_per_worker=2,
+            latency_burst_rounds=1, rss_requests=0, rss_warmup=0, uvloop=False, bare=False,
+        )  # fmt: skip
+        out: dict[str, dict[str, float]] = {}
+        for kind, stream in (("batched_stream", True), ("plain_request", False)):
+            r = cpu_figures(gen, targets, plan, stream=stream)
+            out[kind] = {k: v["cpu_us_per_request"] for k, v in r.items()}
+        paced: dict[str, list[float]] = {t.name: [] for t in targets}
+        n = PACED_STREAMS * PACED_PER_WORKER  # the ramp's streams are served too
+        for rep in range(reps + 1):  # the first round warms every pool
+            for t in targets:
+                before = cpu_s_many(t.pids())
+                gen.call(
+                    cmd="latency", targets={t.name: t.url}, concurrency=PACED_STREAMS,
+                    delay=0.03, max_tokens=20, rounds=1, per_worker=PACED_PER_WORKER,
+                    stagger_s=22 * 0.03,
+                )  # fmt: skip
+                if rep:
+                    paced[t.name].append((cpu_s_many(t.pids()) - before) / n * 1e6)
+        out["paced_stream"] = {k: median(v) for k, v in paced.items()}
+        return out
 
 
 def report(out: dict[str, dict[str, float]]) -> str:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ if str(ROOT) not in sys.path:
 
 from bench.common import median  # noqa: E402
 from bench.procs import (  # noqa: E402
+    Harness,
     LoadGen,
     start_nginx,
     start_relay,
     start_sidecar,
     start_upstream,
-    stop,
 )
 
 CHAT = "/v1/chat/completions"
@@ -48,61 +47,53 @@ TOKENS = 20
 
 def run(rounds: int, streams: int) -> dict[str, Any]:
     """Per path and kind (steady, burst): added p50 of every round, and the sidecars' stalls."""
-    with tempfile.TemporaryDirectory(prefix="latency-ab-") as name:
-        tmp = Path(name)
-        procs: list[Any] = []
-        gen: LoadGen | None = None
-        try:
-            up, up_port = start_upstream(tmp)
-            procs.append(up)
-            ng, ng_port = start_nginx(tmp, up_port)
-            procs.append(ng)
-            urls = {"direct": up_port, "nginx": ng_port}
-            lag: dict[str, Path] = {}
-            for plane in ("aiohttp", "relay"):
-                lag[plane] = tmp / f"lag-{plane}.json"
-                proc, port, _ = start_sidecar(
-                    tmp, up_port, name=plane, data_plane=plane, lag_out=lag[plane]
-                )
-                procs.append(proc)
-                urls[plane] = port
-            bare, bare_port = start_relay(tmp, up_port)
-            procs.append(bare)
-            urls["bare_relay"] = bare_port
-            targets = {k: f"http://127.0.0.1:{p}{CHAT}" for k, p in urls.items()}
-            gen = LoadGen(tmp)
-            common = {
-                "cmd": "latency",
-                "targets": targets,
-                "concurrency": streams,
-                "delay": DELAY_S,
-                "max_tokens": TOKENS,
-            }
-            gen.call(**common, rounds=1)  # warm: every path's connection pool filled
-            for path in lag.values():
-                path.with_suffix(".reset").touch()
-            time.sleep(1.2)
-            added: dict[str, dict[str, list[float]]] = {"steady": {}, "burst": {}}
-            stream_s = (TOKENS + 2) * DELAY_S
-            for _ in range(rounds):
-                for kind in ("steady", "burst"):
-                    extra = {"per_worker": 2, "stagger_s": stream_s} if kind == "steady" else {}
-                    r = gen.call(**common, rounds=1, **extra)
-                    times: dict[str, list[float]] = r["times_s"]
-                    if any(r["errors"].values()):
-                        raise RuntimeError(f"streams failed: {r['errors']}")
-                    base = median(times["direct"])
-                    for target, ts in times.items():
-                        if target != "direct":
-                            added[kind].setdefault(target, []).append((median(ts) - base) * 1e3)
-            time.sleep(1.2)  # the probes write once a second
-            stalls = {k: json.loads(p.read_text()) for k, p in lag.items()}
-            return {"added_ms": added, "stalls": stalls, "rounds": rounds, "streams": streams}
-        finally:
-            if gen is not None:
-                gen.close()
-            for p in reversed(procs):
-                stop(p)
+    with Harness("latency-ab-") as h:
+        tmp, procs = h.tmp, h.procs
+        up, up_port = start_upstream(tmp)
+        procs.append(up)
+        ng, ng_port = start_nginx(tmp, up_port)
+        procs.append(ng)
+        urls = {"direct": up_port, "nginx": ng_port}
+        lag: dict[str, Path] = {}
+        for plane in ("aiohttp", "relay"):
+            lag[plane] = tmp / f"lag-{plane}.json"
+            proc, port, _ = start_sidecar(
+                tmp, up_port, name=plane, data_plane=plane, lag_out=lag[plane]
+            )
+            procs.append(proc)
+            urls[plane] = port
+        bare, bare_port = start_relay(tmp, up_port)
+        procs.append(bare)
+        urls["bare_relay"] = bare_port
+        targets = {k: f"http://127.0.0.1:{p}{CHAT}" for k, p in urls.items()}
+        gen = h.gen = LoadGen(tmp)
+        common = {
+            "cmd": "latency",
+            "targets": targets,
+            "concurrency": streams,
+            "delay": DELAY_S,
+            "max_tokens": TOKENS,
+        }
+        gen.call(**common, rounds=1)  # warm: every path's connection pool filled
+        for path in lag.values():
+            path.with_suffix(".reset").touch()
+        time.sleep(1.2)
+        added: dict[str, dict[str, list[float]]] = {"steady": {}, "burst": {}}
+        stream_s = (TOKENS + 2) * DELAY_S
+        for _ in range(rounds):
+            for kind in ("steady", "burst"):
+                extra = {"per_worker": 2, "stagger_s": stream_s} if kind == "steady" else {}
+                r = gen.call(**common, rounds=1, **extra)
+                times: dict[str, list[float]] = r["times_s"]
+                if any(r["errors"].values()):
+                    raise RuntimeError(f"streams failed: {r['errors']}")
+                base = median(times["direct"])
+                for target, ts in times.items():
+                    if target != "direct":
+                        added[kind].setdefault(target, []).append((median(ts) - base) * 1e3)
+        time.sleep(1.2)  # the probes write once a second
+        stalls = {k: json.loads(p.read_text()) for k, p in lag.items()}
+        return {"added_ms": added, "stalls": stalls, "rounds": rounds, "streams": streams}
 
 
 def report(result: dict[str, Any]) -> str:

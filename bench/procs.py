@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -269,3 +270,30 @@ def _start_floor(
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc, f"the {name} proxy")
     return proc, port
+
+
+class Harness:
+    """A benchmark's scratch directory and what it started there, torn down as one.
+
+    ``with Harness("prefix-") as h``: processes appended to ``h.procs`` are stopped
+    last started first, and ``h.gen`` (the load generator, once set) is closed before
+    them, whatever the run raised: every harness here had its own copy of that.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.tmp = Path(self._dir.name)
+        self.procs: list[Any] = []
+        self.gen: LoadGen | None = None
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.gen is not None:
+                self.gen.close()
+            for p in reversed(self.procs):
+                stop(p)
+        finally:
+            self._dir.cleanup()

@@ -10,15 +10,14 @@ load generator's wall time per request.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, cpu_s, cpu_s_many, median, percentile, rss_mb
 from bench.procs import (
+    Harness,
     LoadGen,
     nginx_pids,
     start_bare,
@@ -26,7 +25,6 @@ from bench.procs import (
     start_relay,
     start_sidecar,
     start_upstream,
-    stop,
 )
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -280,98 +278,90 @@ def rss_figures(gen: LoadGen, pid: int, url: str, n: int, warmup: int) -> dict[s
 
 def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
     """Every proxy figure, from one set of processes started and stopped here."""
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        procs: list[Any] = []
-        gen: LoadGen | None = None
-        try:
-            upstream, up_port = start_upstream(tmp)
-            procs.append(upstream)
-            nginx, ng_port = start_nginx(tmp, up_port)
-            procs.append(nginx)
-            # "proxy": the sidecar on aiohttp's data plane, as in every earlier run
-            sidecar, sc_port, _sc_mport = start_sidecar(tmp, up_port, data_plane="aiohttp")
-            procs.append(sidecar)
-            targets = [
-                Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(nginx)),
-                Target("proxy", f"http://127.0.0.1:{sc_port}{CHAT}", lambda: [sidecar.pid]),
-            ]
-            relayed: Any = None
-            if plan.relay_sidecar:  # the same sidecar on the relay data plane (sidecar/relay)
-                relayed, rs_port, _ = start_sidecar(
-                    tmp, up_port, name="sidecar-relay", data_plane="relay"
+    with Harness("sidecar-bench-") as h:
+        tmp, procs = h.tmp, h.procs
+        upstream, up_port = start_upstream(tmp)
+        procs.append(upstream)
+        nginx, ng_port = start_nginx(tmp, up_port)
+        procs.append(nginx)
+        # "proxy": the sidecar on aiohttp's data plane, as in every earlier run
+        sidecar, sc_port, _sc_mport = start_sidecar(tmp, up_port, data_plane="aiohttp")
+        procs.append(sidecar)
+        targets = [
+            Target("nginx", f"http://127.0.0.1:{ng_port}{CHAT}", lambda: nginx_pids(nginx)),
+            Target("proxy", f"http://127.0.0.1:{sc_port}{CHAT}", lambda: [sidecar.pid]),
+        ]
+        relayed: Any = None
+        if plan.relay_sidecar:  # the same sidecar on the relay data plane (sidecar/relay)
+            relayed, rs_port, _ = start_sidecar(
+                tmp, up_port, name="sidecar-relay", data_plane="relay"
+            )
+            procs.append(relayed)
+            targets.append(
+                Target(
+                    "relay",
+                    f"http://127.0.0.1:{rs_port}{CHAT}",
+                    (lambda p: lambda: [p])(relayed.pid),
                 )
-                procs.append(relayed)
+            )
+        if plan.uvloop:
+            uv, uv_port, _ = start_sidecar(tmp, up_port, name="sidecar-uvloop", uvloop=True)
+            procs.append(uv)
+            targets.append(
+                Target("proxy_uvloop", f"http://127.0.0.1:{uv_port}{CHAT}", lambda: [uv.pid])
+            )
+        if plan.bare:
+            for uvl in (False, True) if plan.uvloop else (False,):
+                bare, bare_port = start_bare(tmp, up_port, uvloop=uvl)
+                procs.append(bare)
                 targets.append(
                     Target(
-                        "relay",
-                        f"http://127.0.0.1:{rs_port}{CHAT}",
-                        (lambda p: lambda: [p])(relayed.pid),
+                        "bare_aiohttp_uvloop" if uvl else "bare_aiohttp",
+                        f"http://127.0.0.1:{bare_port}{CHAT}",
+                        (lambda p: lambda: [p])(bare.pid),
                     )
                 )
-            if plan.uvloop:
-                uv, uv_port, _ = start_sidecar(tmp, up_port, name="sidecar-uvloop", uvloop=True)
-                procs.append(uv)
-                targets.append(
-                    Target("proxy_uvloop", f"http://127.0.0.1:{uv_port}{CHAT}", lambda: [uv.pid])
+        if plan.relay:
+            relay, relay_port = start_relay(tmp, up_port)
+            procs.append(relay)
+            targets.append(
+                Target(
+                    "bare_httptools",
+                    f"http://127.0.0.1:{relay_port}{CHAT}",
+                    (lambda p: lambda: [p])(relay.pid),
                 )
-            if plan.bare:
-                for uvl in (False, True) if plan.uvloop else (False,):
-                    bare, bare_port = start_bare(tmp, up_port, uvloop=uvl)
-                    procs.append(bare)
-                    targets.append(
-                        Target(
-                            "bare_aiohttp_uvloop" if uvl else "bare_aiohttp",
-                            f"http://127.0.0.1:{bare_port}{CHAT}",
-                            (lambda p: lambda: [p])(bare.pid),
-                        )
-                    )
-            if plan.relay:
-                relay, relay_port = start_relay(tmp, up_port)
-                procs.append(relay)
-                targets.append(
-                    Target(
-                        "bare_httptools",
-                        f"http://127.0.0.1:{relay_port}{CHAT}",
-                        (lambda p: lambda: [p])(relay.pid),
-                    )
-                )
-            gen = LoadGen(tmp)
-            time.sleep(1.0)
-            idle0 = cpu_s(sidecar.pid)
-            t0 = time.monotonic()
-            time.sleep(3.0)
-            idle_pct = (cpu_s(sidecar.pid) - idle0) / (time.monotonic() - t0) * 100
-            log(f"sidecar idle CPU (sampler 10 Hz + ticker): {idle_pct:.2f} % of a core")
-            log("CPU per streamed request ...")
-            stream = cpu_figures(gen, targets, plan, stream=True)
-            log("CPU per plain request ...")
-            plain = cpu_figures(gen, targets, plan, stream=False)
-            log("added latency, 100 concurrent streams, interleaved rounds ...")
-            direct = f"http://127.0.0.1:{up_port}{CHAT}"
-            latency = latency_figures(gen, direct, targets, plan)
-            log(f"chunk ceiling, {'/'.join(map(str, plan.ceiling_steps))} streams in flight ...")
-            ceiling = ceiling_figures(gen, direct, targets[1].url, plan, sidecar.pid)
-            relay_ceiling: dict[str, float] = {}
-            if relayed is not None:
-                log("chunk ceiling of the relay sidecar ...")
-                relay_ceiling = ceiling_figures(gen, direct, targets[2].url, plan, relayed.pid)
-            log(f"memory over {plan.rss_requests} short requests ...")
-            rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
-            log(f"memory with {plan.inflight_streams} streams in flight ...")
-            inflight = inflight_rss_figures(gen, sidecar.pid, targets[1].url, plan)
-            return {
-                "sidecar_idle_cpu_percent": idle_pct,
-                "stream": stream,
-                "plain": plain,
-                "latency": latency,
-                "ceiling": ceiling,
-                "relay_ceiling": relay_ceiling,
-                "rss": rss,
-                "inflight_rss": inflight,
-            }
-        finally:
-            if gen is not None:
-                gen.close()
-            for p in reversed(procs):
-                stop(p)
+            )
+        gen = h.gen = LoadGen(tmp)
+        time.sleep(1.0)
+        idle0 = cpu_s(sidecar.pid)
+        t0 = time.monotonic()
+        time.sleep(3.0)
+        idle_pct = (cpu_s(sidecar.pid) - idle0) / (time.monotonic() - t0) * 100
+        log(f"sidecar idle CPU (sampler 10 Hz + ticker): {idle_pct:.2f} % of a core")
+        log("CPU per streamed request ...")
+        stream = cpu_figures(gen, targets, plan, stream=True)
+        log("CPU per plain request ...")
+        plain = cpu_figures(gen, targets, plan, stream=False)
+        log("added latency, 100 concurrent streams, interleaved rounds ...")
+        direct = f"http://127.0.0.1:{up_port}{CHAT}"
+        latency = latency_figures(gen, direct, targets, plan)
+        log(f"chunk ceiling, {'/'.join(map(str, plan.ceiling_steps))} streams in flight ...")
+        ceiling = ceiling_figures(gen, direct, targets[1].url, plan, sidecar.pid)
+        relay_ceiling: dict[str, float] = {}
+        if relayed is not None:
+            log("chunk ceiling of the relay sidecar ...")
+            relay_ceiling = ceiling_figures(gen, direct, targets[2].url, plan, relayed.pid)
+        log(f"memory over {plan.rss_requests} short requests ...")
+        rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
+        log(f"memory with {plan.inflight_streams} streams in flight ...")
+        inflight = inflight_rss_figures(gen, sidecar.pid, targets[1].url, plan)
+        return {
+            "sidecar_idle_cpu_percent": idle_pct,
+            "stream": stream,
+            "plain": plain,
+            "latency": latency,
+            "ceiling": ceiling,
+            "relay_ceiling": relay_ceiling,
+            "rss": rss,
+            "inflight_rss": inflight,
+        }

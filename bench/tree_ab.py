@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, median, python  # noqa: E402
-from bench.procs import LoadGen, start_upstream, stop, wait_http  # noqa: E402
+from bench.procs import Harness, LoadGen, start_upstream, wait_http  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -62,56 +61,48 @@ def start(tree: Path, tag: str, tmp: Path, up_port: int, plane: str) -> tuple[An
 
 
 def run(old: Path, rounds: int, plane: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="tree-ab-") as name:
-        tmp = Path(name)
-        procs: list[Any] = []
-        gen: LoadGen | None = None
-        try:
-            up, up_port = start_upstream(tmp)
-            procs.append(up)
-            side = {}
-            for tag, tree in (("old", old), ("new", ROOT)):
-                proc, port = start(tree, tag, tmp, up_port, plane)
-                procs.append(proc)
-                side[tag] = (proc, port)
-            targets = {"direct": f"http://127.0.0.1:{up_port}{CHAT}"}
-            targets |= {t: f"http://127.0.0.1:{port}{CHAT}" for t, (_, port) in side.items()}
-            gen = LoadGen(tmp)
-            common = {"cmd": "latency", "targets": targets, "concurrency": 100,
-                      "delay": 0.03, "max_tokens": 20}  # fmt: skip
-            gen.call(**common, rounds=1)  # warm
-            for t in side:
-                (tmp / f"lag-{t}.reset").touch()
-            time.sleep(1.2)
-            cpu0 = {t: cpu_s(p.pid) for t, (p, _) in side.items()}
-            added: dict[str, dict[str, list[float]]] = {"steady": {}, "burst": {}}
-            streams = 0
-            for _ in range(rounds):
-                for kind in ("steady", "burst"):
-                    extra = {"per_worker": 2, "stagger_s": 0.66} if kind == "steady" else {}
-                    times = gen.call(**common, rounds=1, **extra)["times_s"]
-                    base = median(times["direct"])
-                    for t in side:
-                        added[kind].setdefault(t, []).append((median(times[t]) - base) * 1e3)
-                    streams += len(times["old"])
-            time.sleep(1.3)  # the probes write once a second
-            out: dict[str, Any] = {}
-            for t, (p, _) in side.items():
-                lag = json.loads((tmp / f"lag-{t}.json").read_text())
-                out[t] = {
-                    "cpu_us_per_stream": 1e6 * (cpu_s(p.pid) - cpu0[t]) / streams,
-                    "added_p50_ms": {k: median(v[t]) for k, v in added.items()},
-                    "busy_max_ms": lag["busy_max_ms"],
-                    "busy_over_5ms": lag["busy_over_5ms"],
-                    "gc_max_ms": max(g["max_ms"] for g in lag["gc"].values()),
-                    "slowest": lag["slow_callbacks"][:5],
-                }
-            return {"rounds": rounds, "plane": plane, "streams": streams, "trees": out}
-        finally:
-            if gen is not None:
-                gen.close()
-            for p in reversed(procs):
-                stop(p)
+    with Harness("tree-ab-") as h:
+        tmp, procs = h.tmp, h.procs
+        up, up_port = start_upstream(tmp)
+        procs.append(up)
+        side = {}
+        for tag, tree in (("old", old), ("new", ROOT)):
+            proc, port = start(tree, tag, tmp, up_port, plane)
+            procs.append(proc)
+            side[tag] = (proc, port)
+        targets = {"direct": f"http://127.0.0.1:{up_port}{CHAT}"}
+        targets |= {t: f"http://127.0.0.1:{port}{CHAT}" for t, (_, port) in side.items()}
+        gen = h.gen = LoadGen(tmp)
+        common = {"cmd": "latency", "targets": targets, "concurrency": 100,
+                  "delay": 0.03, "max_tokens": 20}  # fmt: skip
+        gen.call(**common, rounds=1)  # warm
+        for t in side:
+            (tmp / f"lag-{t}.reset").touch()
+        time.sleep(1.2)
+        cpu0 = {t: cpu_s(p.pid) for t, (p, _) in side.items()}
+        added: dict[str, dict[str, list[float]]] = {"steady": {}, "burst": {}}
+        streams = 0
+        for _ in range(rounds):
+            for kind in ("steady", "burst"):
+                extra = {"per_worker": 2, "stagger_s": 0.66} if kind == "steady" else {}
+                times = gen.call(**common, rounds=1, **extra)["times_s"]
+                base = median(times["direct"])
+                for t in side:
+                    added[kind].setdefault(t, []).append((median(times[t]) - base) * 1e3)
+                streams += len(times["old"])
+        time.sleep(1.3)  # the probes write once a second
+        out: dict[str, Any] = {}
+        for t, (p, _) in side.items():
+            lag = json.loads((tmp / f"lag-{t}.json").read_text())
+            out[t] = {
+                "cpu_us_per_stream": 1e6 * (cpu_s(p.pid) - cpu0[t]) / streams,
+                "added_p50_ms": {k: median(v[t]) for k, v in added.items()},
+                "busy_max_ms": lag["busy_max_ms"],
+                "busy_over_5ms": lag["busy_over_5ms"],
+                "gc_max_ms": max(g["max_ms"] for g in lag["gc"].values()),
+                "slowest": lag["slow_callbacks"][:5],
+            }
+        return {"rounds": rounds, "plane": plane, "streams": streams, "trees": out}
 
 
 def main() -> None:
