@@ -248,21 +248,23 @@ class Sampler:
             ready.extend(rec.push(item))
         if not ready:
             return
-        if not sliced and not self._queued:
+        if not sliced:
+            self._drain()  # anything queued goes first
             self._sink(ready)
             return
         ready.sort(key=lambda s: s.time_s)  # stable: a reading's GPUs together, in time order
         self._queued.extend(ready)
-        if not sliced:
-            self._drain()
-        elif self._feeding is None:
+        if self._feeding is None:
             self._feeding = asyncio.get_running_loop().call_soon(self._feed)
 
-    def _drain(self) -> None:
-        """Everything still queued to the sink now, in order."""
+    def _stop_feeding(self) -> None:
         if self._feeding is not None:
             self._feeding.cancel()
             self._feeding = None
+
+    def _drain(self) -> None:
+        """Everything still queued to the sink now, in order."""
+        self._stop_feeding()
         if self._queued:
             queued, self._queued = list(self._queued), deque()
             self._sink(queued)
@@ -288,8 +290,6 @@ class Sampler:
             log.warning("sampler.read_error", gpu=err.gpu, reason=err.reason)
 
     def close(self) -> None:
-        if self._feeding is not None:
-            self._feeding.cancel()
-            self._feeding = None
+        self._stop_feeding()
         with contextlib.suppress(Exception):
             self._stop_pollers()

@@ -306,8 +306,7 @@ class Books:
             if t0 >= b:
                 break
             if p > 0.0 and t1 == first:  # a streamed prompt (and its first token)
-                if r.prompt_tokens is not None and r.prompt_work:
-                    p *= r.prompt_tokens / r.prompt_work  # the usage came: the exact count
+                p = r.exact_prompt(p)
                 if a < t1 <= b and not r.rate_seen:  # where the prompt ends
                     r.rate_seen = True
                     self.prefill_rate.observe(p, t1 - t0)

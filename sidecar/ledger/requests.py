@@ -95,6 +95,13 @@ class Request:
     """Its prompt fed the server's prefill rate (once: a piece at its first token comes
     again from a GPU that lags, or in the next slice from a GPU read later)."""
 
+    def exact_prompt(self, tokens: float) -> float:
+        """A streamed prompt's ``tokens`` (its segment holds the body's estimate) in the
+        exact count, once the usage brought it."""
+        if self.prompt_tokens is not None and self.prompt_work:
+            return tokens * (self.prompt_tokens / self.prompt_work)
+        return tokens
+
     @property
     def informed(self) -> bool:
         """Whether anything tells how much work this request does (prompt or tokens)."""

@@ -165,10 +165,8 @@ def assign_row(
         first = r.first_token_s
         if first is not None and not r.counted and r.segments:
             _, t1, p, _ = r.segments[0]
-            if p > 0.0 and t1 == first:
-                if r.prompt_tokens is not None and r.prompt_work:
-                    p *= r.prompt_tokens / r.prompt_work
-                placed[w] = (first, PLACE_FACTOR * p)
+            if p > 0.0 and t1 == first:  # Books._work's placement, up to the rate
+                placed[w] = (first, PLACE_FACTOR * r.exact_prompt(p))
     rate_of = books.prefill_rate
     for k in range(m):  # piece-major, as the rate is read and fed
         if not active[k]:
