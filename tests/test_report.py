@@ -440,23 +440,39 @@ class RecordedRun:
 
 
 async def _fresh_summary(session: aiohttp.ClientSession, url: str) -> tuple[dict[str, Any], float]:
-    """``/summary`` just after the meter booked a new reconciled window, with its wall time.
+    """``/summary`` once the meter has booked a whole new reconciled window, with the wall
+    time that window came free.
 
-    The meter books energy a reconciliation window (about a second) behind the samples; read
-    right after its total moves, it has booked everything up to about one sample ago.
+    The meter books energy a reconciliation window (about a second) behind the samples, and
+    the sampler hands a window's readings over one per loop turn: the total first moves when
+    the window comes free, moves for a few more turns, then stays until the next window. Read
+    once it has stopped moving, the document has booked everything up to about one sample
+    before the moment it first moved. (Read at the first move, it may hold only the window's
+    first reading: a second of energy short.)
     """
     import time
 
-    async with session.get(url) as r:
-        before = (await r.json())["since_start"]["energy_joules"]["total"]
-    for _ in range(400):
-        await asyncio.sleep(0.01)
+    async def total() -> tuple[dict[str, Any], float]:
         async with session.get(url) as r:
             doc = await r.json()
-        at = time.time()
-        if doc["since_start"]["energy_joules"]["total"] != before:
-            return doc, at
-    raise AssertionError("the meter's total did not move within 4 s")
+        return doc, doc["since_start"]["energy_joules"]["total"]
+
+    _, before = await total()
+    moved_at: float | None = None
+    last, still = before, 0
+    for _ in range(400):
+        await asyncio.sleep(0.01)
+        doc, now = await total()
+        if moved_at is None:
+            if now != before:
+                moved_at, last = time.time(), now
+        elif now == last:
+            still += 1
+            if still == 3:  # 30 ms unchanged: the window is in, the next is a second away
+                return doc, moved_at
+        else:
+            last, still = now, 0
+    raise AssertionError("the meter's total did not move and settle within 4 s")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
