@@ -1,10 +1,18 @@
 """Ledger throughput with requests in flight: pure, in-process, synthetic.
 
 ``python -m bench.ledger_bench [SECONDS] [--hz HZ] [--in-flight N] [--tokens-per-s R]
-[--repeat K]`` prints one JSON line: the realtime factor of each of ``K`` runs,
-their median, and the samples and events absorbed. Defaults are issue 12's
-load (8 GPUs at 100 Hz, 256 streams at 30 tokens/s, 3 simulated seconds, 3 runs);
-``bench/run.py`` also runs the 10 Hz, 100-stream load below.
+[--repeat K] [--late S] [--stagger S] [--row S]`` prints one JSON line: the realtime
+factor of each of ``K`` runs, their median, and the samples and events absorbed.
+Defaults are issue 12's load (8 GPUs at 100 Hz, 256 streams at 30 tokens/s, 3
+simulated seconds, 3 runs); ``bench/run.py`` also runs the 10 Hz, 100-stream load below.
+
+The samples reach the ledger as they do in the live sidecar: a reconciliation window
+(``--late``, 1 s) after they were taken, each GPU read in turn (``--stagger``, 100 us
+apart, so the GPUs' intervals share no ends), a reading at a time through
+:meth:`Ledger.samples`, with the rows the app sets (:meth:`Ledger.gather`, ``--row``).
+``--late 0 --stagger 0 --row 0`` is the pattern this bench timed before 2026-12-01:
+samples on time and all GPUs at one instant, each interval waiting for its requests'
+next tokens, which the live path never sees.
 
 A steady state the live sidecar sees under load: 8 GPUs sampled at 10 Hz,
 100 streaming requests always in flight (one ends, the next starts), each
@@ -28,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 from sidecar.ledger import Ledger
+from sidecar.ledger.core import ROW_S
 
 GPUS = 8
 HZ = 10.0
@@ -36,6 +45,9 @@ TOKENS_PER_S = 20.0
 COMPLETION = 200
 PROMPT = 1000
 TTFT_S = 0.15
+LATE_S = 1.0
+"""The reconciler lets a window of about a second go at once (:mod:`sidecar.reconcile`)."""
+STAGGER_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,35 +79,42 @@ def run(
     hz: float = HZ,
     in_flight: int = IN_FLIGHT,
     tokens_per_s: float = TOKENS_PER_S,
+    late_s: float = LATE_S,
+    stagger_s: float = STAGGER_S,
+    row_s: float = ROW_S,
 ) -> LedgerResult:
     """Defaults: the 10 Hz, 100-stream load; issue 12's key runs 100 Hz, 256 at 30 tokens/s."""
     rnd = random.Random(seed)
     gpus = [str(g) for g in range(GPUS)]
-    ledger = Ledger(gpus)
+    ledger = Ledger(gpus, sample_period_s=1.0 / hz)
+    if row_s:
+        ledger.gather(row_s)
     duration = TTFT_S + COMPLETION / tokens_per_s
     warm_s = duration  # one full request lifetime untimed: the steady state is timed
     # every call the proxy makes, in time order, worked out before the clock runs: the
     # harness's own bookkeeping is not the ledger's cost
-    timeline = _timeline(rnd, in_flight, tokens_per_s, warm_s + simulated_s)
+    timeline = _timeline(rnd, in_flight, tokens_per_s, warm_s + simulated_s + late_s)
     start, first, token = range(3)
     t_sample = 0.0
     samples = events = finished = 0
     cpu0 = 0.0
     timing = False
     at, n_events = 0, len(timeline)
-    tokens, begin, first_token, finish = (
+    tokens, begin, first_token, finish, take = (
         ledger.tokens,
         ledger.start,
         ledger.first_token,
         ledger.finish,
+        ledger.samples,
     )
+    offsets = [g * stagger_s for g in range(GPUS)]
     while t_sample < warm_s + simulated_s:
         if not timing and t_sample >= warm_s:
             timing = True
             samples = finished = 0
             events = -at
             cpu0 = time.process_time()
-        while at < n_events and timeline[at][0] <= t_sample:
+        while at < n_events and timeline[at][0] <= t_sample + late_s:  # what came meanwhile
             t, kind, name, n = timeline[at]
             at += 1
             if kind == token:
@@ -107,11 +126,12 @@ def run(
             else:
                 finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
         power = 70.0 + 180.0 * (0.5 + 0.5 * rnd.random())
-        for g in gpus:
-            ledger.sample(g, t_sample, power)
-            samples += 1
+        take([(g, t_sample + dt, power, None) for g, dt in zip(gpus, offsets, strict=True)])
+        samples += GPUS
         if samples % int(GPUS * hz / 2.0) == 0:
-            ledger.advance(t_sample)  # the sidecar's ticker, every 0.5 s
+            ledger.advance(t_sample + late_s)  # the sidecar's ticker, every 0.5 s
+        while ledger.backlog:
+            ledger.work()  # the meter's next loop turns
         finished += len(ledger.pop_finished())
         t_sample += 1.0 / hz
     cpu = time.process_time() - cpu0
@@ -169,9 +189,20 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--tokens-per-s", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--late", type=float, default=LATE_S, help="samples' delay, s")
+    parser.add_argument("--stagger", type=float, default=STAGGER_S, help="between GPUs, s")
+    parser.add_argument("--row", type=float, default=ROW_S, help="Ledger.gather (0: off)")
     args = parser.parse_args()
     runs = [
-        run(args.seconds, hz=args.hz, in_flight=args.in_flight, tokens_per_s=args.tokens_per_s)
+        run(
+            args.seconds,
+            hz=args.hz,
+            in_flight=args.in_flight,
+            tokens_per_s=args.tokens_per_s,
+            late_s=args.late,
+            stagger_s=args.stagger,
+            row_s=args.row,
+        )
         for _ in range(max(1, args.repeat))
     ]
     factors = [r.realtime_factor for r in runs]
@@ -181,6 +212,9 @@ def main() -> None:
         "in_flight": args.in_flight,
         "tokens_per_s": args.tokens_per_s,
         "simulated_s": args.seconds,
+        "late_s": args.late,
+        "stagger_s": args.stagger,
+        "row_s": args.row,
         "realtime_factors": [round(f, 3) for f in factors],
         "realtime_factor_median": round(statistics.median(factors), 3),
         "samples": runs[0].samples,

@@ -33,6 +33,7 @@ from sidecar.figures import (
     window,
 )
 from sidecar.ledger import PHASES, FinishedRequest, Ledger, Phase, Status
+from sidecar.ledger.core import ROW_S
 from sidecar.power.base import GpuInfo, PowerSample
 from sidecar.sources.base import ENDPOINTS, ActivitySource, Endpoint
 from sidecar.sources.join import ProxySpanJoin
@@ -347,17 +348,17 @@ class Meter:
     # --------------------------------------------------------------- power, time
     def on_samples(self, samples: Iterable[PowerSample]) -> None:
         gpus = self.ledger.gpus
-        for s in samples:
-            if s.gpu in gpus:
-                self.ledger.sample(s.gpu, s.time_s, s.power_w, s.energy_j)
+        self.ledger.samples(
+            (s.gpu, s.time_s, s.power_w, s.energy_j) for s in samples if s.gpu in gpus
+        )
         self.collect()
         self._go_on()
 
-    def slice_work(self, intervals: int = 1) -> None:
-        """On the loop: the ledger assigns ``intervals`` per GPU a loop turn, not a
-        backlog at once (requests still unknown hold intervals, then free them
+    def slice_work(self, row_s: float = ROW_S) -> None:
+        """On the loop: the ledger assigns rows of ``row_s`` of samples, a row per GPU a loop
+        turn, not a backlog at once (requests still unknown hold intervals, then free them
         together: 40-60 ms of one call with 100 streams, every chunk waiting)."""
-        self.ledger.intervals_per_call = intervals
+        self.ledger.gather(row_s)
         self._loop = asyncio.get_running_loop()
 
     def _go_on(self) -> None:
