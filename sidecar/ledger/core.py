@@ -234,6 +234,8 @@ class Ledger:
         elif req.segments and req.segments[-1][1] >= t:
             t0, t1, p, d = req.segments[-1]
             req.segments[-1] = (t0, t1, p, d + count)
+        elif req.segments:  # at the instant of a chunk without tokens (touch): no time left
+            req.segments.append((t, t, 0.0, float(count)))
         else:
             req.segments.append((req.start_s, t, 0.0, float(count)))
         req.last_chunk_s = t
