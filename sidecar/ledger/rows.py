@@ -98,9 +98,13 @@ def assign_row(
         prompt = r.prompt_tokens if r.prompt_tokens is not None else (r.prompt_work or 0.0)
         ctxs.append(prompt + (streamed if streamed else (r.completion_tokens or 0) / 2.0))
         first = r.first_token_s
-        if first is not None and first <= starts[i] and sparse.add(r, w, i, j, ctxs[-1]):
-            if probing and streamed != 0:
-                sparse.arrivals(w, i, j, probe_at, arrivals)
+        if (
+            first is not None
+            and first <= starts[i]
+            and sparse.add(
+                r, w, i, j, ctxs[-1], probe_at if probing and streamed else None, arrivals
+            )
+        ):
             d_rows.append(None)
             p_rows.append(None)
             continue
@@ -376,8 +380,8 @@ def _before(
 
 
 # one decode segment of a stream in a row: (from, to, tokens per second, its first and last
-# piece), clipped to the stream's pieces, and its end unclipped (a token arrived then)
-_Seg = tuple[float, float, float, int, int, float]
+# piece), clipped to the stream's pieces
+_Seg = tuple[float, float, float, int, int]
 
 
 class _Sparse:
@@ -408,27 +412,45 @@ class _Sparse:
         self._c_d: list[float] = []
         self._c_g: list[float] | None = None
 
-    def add(self, r: Request, w: int, i: int, j: int, ctx: float) -> bool:
+    def add(
+        self,
+        r: Request,
+        w: int,
+        i: int,
+        j: int,
+        ctx: float,
+        probe_at: list[bool] | None,
+        arrivals: list[tuple[int, int, float]],
+    ) -> bool:
         """Keep stream ``r``'s work in pieces [i, j) as row ``w``, when every segment there
-        is decode spread over time; else keep nothing (the dense pass takes it)."""
+        is decode spread over time; else keep nothing (the dense pass takes it). With
+        ``probe_at``, its token arrivals in the pieces the lockstep probe looks at go to
+        ``arrivals``."""
         starts, ends = self._starts, self._ends
         lo, hi = starts[i], ends[j - 1]
-        kept: list[tuple[float, float, float, float]] = []
-        for t0, t1, p, d in r.segments:
+        for t0, t1, p, d in r.segments:  # first, whether it can go as segments at all
             if t1 <= lo:
                 continue
             if t0 >= hi:
                 break
             if p or not t1 > t0 or not d > 0.0:
                 return False
-            kept.append((t0 if t0 > lo else lo, t1 if t1 < hi else hi, d / (t1 - t0), t1))
-        dec, dec_diff, cx, cx_diff = self._dec, self._dec_diff, self._ctx, self._ctx_diff
+        dec, dec_diff, cx, cx_diff, cov = (
+            self._dec, self._dec_diff, self._ctx, self._ctx_diff, self._cov
+        )  # fmt: skip
         segs: list[_Seg] = []
         cov_lo = cov_hi = -2  # the pieces with work so far, one run (segments in order)
-        for a0, a1, dens, t1 in kept:
+        for t0, t1, _, d in r.segments:
+            if t1 <= lo:
+                continue
+            if t0 >= hi:
+                break
+            dens = d / (t1 - t0)
+            a0 = t0 if t0 > lo else lo
+            a1 = t1 if t1 < hi else hi
             k0 = bisect_right(starts, a0, i, j) - 1
             k1 = bisect_left(ends, a1, i, j)
-            segs.append((a0, a1, dens, k0, k1, t1))
+            segs.append((a0, a1, dens, k0, k1))
             dctx = dens * ctx
             if k0 == k1:
                 dec[k0] += dens * (a1 - a0)
@@ -445,27 +467,22 @@ class _Sparse:
                     cx_diff[k0 + 1] += dctx
                     cx_diff[k1] -= dctx
             if k0 <= cov_hi + 1:
-                cov_hi = max(cov_hi, k1)
+                if k1 > cov_hi:
+                    cov_hi = k1
             else:
                 if cov_hi >= 0:
-                    self._cov[cov_lo] += 1
-                    self._cov[cov_hi + 1] -= 1
+                    cov[cov_lo] += 1
+                    cov[cov_hi + 1] -= 1
                 cov_lo, cov_hi = k0, k1
+            # a token arrived at t1, in piece k1 (the last that starts before it), if the
+            # segment ends inside the stream's pieces
+            if probe_at is not None and a1 == t1 and probe_at[k1]:
+                arrivals.append((k1, w, t1))
         if cov_hi >= 0:
-            self._cov[cov_lo] += 1
-            self._cov[cov_hi + 1] -= 1
+            cov[cov_lo] += 1
+            cov[cov_hi + 1] -= 1
         self._segs[w] = segs
         return True
-
-    def arrivals(
-        self, w: int, i: int, j: int, probe_at: list[bool], out: list[tuple[int, int, float]]
-    ) -> None:
-        """Row ``w``'s token arrivals in the pieces the lockstep probe looks at."""
-        starts, ends = self._starts, self._ends
-        for _, _, _, _, _, t1 in self._segs[w]:
-            k = bisect_left(starts, t1, i, j) - 1
-            if k >= i and probe_at[k] and t1 <= ends[k]:
-                out.append((k, w, t1))
 
     def columns(self, ctxs: list[float]) -> tuple[list[float], list[float], list[int]]:
         """Per piece: the kept streams' decode tokens, their context-weighted tokens and
@@ -498,7 +515,7 @@ class _Sparse:
         starts, ends = self._starts, self._ends
         cd, c_d, cg, c_g = self._cd, self._c_d, self._cg, self._c_g
         out = 0.0
-        for a0, a1, dens, k0, k1, _ in self._segs[w]:
+        for a0, a1, dens, k0, k1 in self._segs[w]:
             if k0 == k1:
                 out += dens * c_d[k0] * (a1 - a0)
                 if cg is not None and ctx:
