@@ -565,33 +565,40 @@ def _parts(
     n_in: list[int],
     energies: list[list[float]],
 ) -> list[list[_Part]]:
-    """Each piece's parts on the GPUs that cover it; a piece nobody is in is standby."""
-    out: list[list[_Part]] = []
-    slopes = [[(p1 - p0) / (t1 - t0) for t0, p0, t1, p1, _ in ivs] for ivs in per_gpu]
-    at = [0] * len(per_gpu)
-    phase = books.phase_j
-    for a, b, n in zip(starts, ends, n_in, strict=True):
-        parts: list[_Part] = []
-        for g, ivs in enumerate(per_gpu):
-            k = at[g]
-            while k < len(ivs) and ivs[k][2] <= a:
-                k += 1
-            at[g] = k
-            if k == len(ivs) or ivs[k][0] > a:
-                continue  # this GPU has no interval here (it lags, or starts later)
-            t0, p0, _, _, idle_w = ivs[k]
-            slope = slopes[g][k]
-            pa = p0 + slope * (a - t0)
-            pb = p0 + slope * (b - t0)
-            energy = (pa + pb) / 2.0 * (b - a)
-            energies[g][k] += energy
-            if not n:
-                phase["idle_standby"] += energy
-                continue
-            above = pa + pb > 2.0 * idle_w
-            idle_part = idle_w * (b - a) if above else energy
-            parts.append((g, k, idle_part, energy - idle_part if above else 0.0))
-        out.append(parts)
+    """Each piece's parts on the GPUs that cover it, in GPU order; a piece nobody is in is
+    standby. Each interval's ends are cuts of the grid, so its pieces follow each other
+    from the first that starts at its start, and each piece's power at its start is the
+    last one's at its end."""
+    m = len(starts)
+    out: list[list[_Part]] = [[] for _ in range(m)]
+    standby = 0.0
+    for g, ivs in enumerate(per_gpu):
+        e_g = energies[g]
+        for k, (t0, p0, t1, p1, idle_w) in enumerate(ivs):
+            q = bisect_left(starts, t0)
+            slope = (p1 - p0) / (t1 - t0)
+            twice_idle = 2.0 * idle_w
+            pa = p0 + slope * (starts[q] - t0) if q < m else p0
+            total = 0.0
+            while q < m:
+                a = starts[q]
+                if a >= t1:
+                    break
+                b = ends[q]
+                pb = p0 + slope * (b - t0)
+                energy = (pa + pb) / 2.0 * (b - a)
+                total += energy
+                if not n_in[q]:
+                    standby += energy
+                elif pa + pb > twice_idle:
+                    idle_part = idle_w * (b - a)
+                    out[q].append((g, k, idle_part, energy - idle_part))
+                else:
+                    out[q].append((g, k, energy, 0.0))
+                pa = pb
+                q += 1
+            e_g[k] += total
+    books.phase_j["idle_standby"] += standby
     return out
 
 
