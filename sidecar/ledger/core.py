@@ -225,7 +225,9 @@ class Ledger:
         req = self._live.get(request_id)
         if req is None or req.end_s != INF or count <= 0:
             return
-        t = max(self._clamp(time_s), req.start_s)
+        t = time_s if time_s > self._assigned_s else self._assigned_s  # _clamp, inlined (hot)
+        if t < req.start_s:
+            t = req.start_s
         if req.first_token_s is None:
             self.first_token(request_id, t)
         prev = req.last_chunk_s if req.last_chunk_s is not None else t
@@ -240,7 +242,8 @@ class Ledger:
             req.segments.append((req.start_s, t, 0.0, float(count)))
         req.last_chunk_s = t
         req.streamed += count
-        req.known_s = max(req.known_s, t)
+        if t > req.known_s:
+            req.known_s = t
 
     def touch(self, request_id: str, time_s: float) -> None:
         """No tokens since the last event, but the request is known to be working up to now."""
