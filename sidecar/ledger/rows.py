@@ -98,30 +98,29 @@ def assign_row(
         prompt = r.prompt_tokens if r.prompt_tokens is not None else (r.prompt_work or 0.0)
         ctxs.append(prompt + (streamed if streamed else (r.completion_tokens or 0) / 2.0))
         first = r.first_token_s
-        if (
-            first is not None
-            and first <= starts[i]
-            and sparse.add(
-                r, w, i, j, ctxs[-1], probe_at if probing and streamed else None, arrivals
-            )
-        ):
+        probe = probing and streamed != 0 and first is not None
+        slow_prompt = (first is None and r.end_s == INF) or (
+            first is not None and first > starts[i]
+        )
+        if not slow_prompt and sparse.add(
+            r, w, i, j, ctxs[-1], probe_at if probe else None, arrivals
+        ):  # a stream past its first token, or a reply not streamed that ended
             d_rows.append(None)
             p_rows.append(None)
             continue
         dw = [0.0] * m
         pw: list[float] | None = None
-        if (first is None and r.end_s == INF) or (first is not None and first > starts[i]):
+        if slow_prompt:
             # its prompt reads the prefill rate up to its first token: those pieces go
             # through Books._work; the pieces after it are decode only (below)
             q = j if first is None else bisect_left(starts, first, i, j)
             slow.append((w, r, i, q))
             pw = [0.0] * m
-            if q == j:
+            if q == j or sparse.add(r, w, q, j, ctxs[-1], probe_at if probe else None, arrivals):
                 d_rows.append(dw)
                 p_rows.append(pw)
                 continue
             i = q
-        probe = probing and streamed != 0 and first is not None
         # Books._work for a prompt over before these pieces: the same shares, in segment order
         lo_i = starts[i]
         for t0, t1, p, d in r.segments:
@@ -199,13 +198,15 @@ def assign_row(
     dense = [(dw, ctx) for dw, ctx in zip(d_rows, ctxs, strict=True) if dw is not None]
     cols = list(zip(*[dw for dw, _ in dense], strict=True)) if dense else [()] * m
     dense_ctx = [ctx for _, ctx in dense]
-    decode, context, decoding = sparse.columns(ctxs)
+    prefill, decode, context, decoding = sparse.columns()
     for k, col in enumerate(cols):
         decode[k] += sum(col)
         context[k] = (context[k] + sum(map(mul, col, dense_ctx))) / CONTEXT_UNIT
         decoding[k] += len(col) - col.count(0.0)
     prompts = [pw for pw in p_rows if pw is not None]
-    prefill = list(map(sum, zip(*prompts, strict=True))) if prompts else [0.0] * m
+    if prompts:
+        for k, col in enumerate(zip(*prompts, strict=True)):
+            prefill[k] += sum(col)
     n_inf = list(itertools.accumulate(informed_count[:m]))
 
     # --- the pieces in time order: fits, probe, each piece's coefficients
@@ -272,21 +273,21 @@ def assign_row(
 
     # --- each request's shares over its run, then the books
     by_model: dict[str, list[float]] = {}
-    idle_all, u_all, m_all = sum(each_idle), sum(c_u), sum(c_m)
+    # running sums: a request's part over its run of pieces is a difference, not a slice's sum
+    idle_cum = [0.0, *itertools.accumulate(each_idle)]
+    u_cum = [0.0, *itertools.accumulate(c_u)]
+    m_cum = [0.0, *itertools.accumulate(c_m)]
     contexts = any(c_g)  # the step model's context term (none before the fit)
-    sparse.coefficients(c_d, c_g if contexts else None)
+    sparse.coefficients(c_p, c_d, c_g if contexts else None)
     unattributed = 0.0
     for r, i, j, w in owners:
-        whole_row = i == 0 and j == m
-        idle_r = idle_all if whole_row else sum(each_idle[i:j])
+        idle_r = idle_cum[j] - idle_cum[i]
         if w < 0:
-            dyn_r = m_all if whole_row else sum(c_m[i:j])
+            dyn_r = m_cum[j] - m_cum[i]
         else:
             row, pw, ctx = d_rows[w], p_rows[w], ctxs[w]
-            dyn_r = u_all if whole_row else sum(c_u[i:j])
-            if row is None:
-                dyn_r += sparse.share(w, ctx)
-            else:
+            dyn_r = u_cum[j] - u_cum[i] + sparse.share(w, ctx)
+            if row is not None:
                 dyn_r += sum(map(mul, row, c_d))
                 if ctx and contexts:
                     dyn_r += ctx * sum(map(mul, row, c_g))
@@ -298,7 +299,9 @@ def assign_row(
         r.idle_j += idle_r
         r.dynamic_j += dyn_r
         first = r.first_token_s
-        if first is None or first >= ends[i]:  # pieces before its first token
+        if first is None and w >= 0 and d_rows[w] is None:  # a whole reply, as segments
+            r.prefill_j += idle_r + dyn_r
+        elif first is None or first >= ends[i]:  # pieces before its first token
             q = j if first is None else bisect_right(ends, first, i, j)
             r.prefill_j += _before(
                 i, q, w, each_idle, c_u, c_d, c_g, c_p, c_m, d_rows, p_rows, ctxs
@@ -379,36 +382,42 @@ def _before(
     return out
 
 
-# one decode segment of a stream in a row: (from, to, tokens per second, its first and last
-# piece), clipped to the stream's pieces
-_Seg = tuple[float, float, float, int, int]
+# one work segment of a request in a row: (from, to, prompt and output tokens per second,
+# its first and last piece), clipped to the request's pieces
+_Seg = tuple[float, float, float, float, int, int]
 
 
 class _Sparse:
-    """Streams past their first token, kept as their decode segments, not as a row of
-    every piece: a segment's tokens spread evenly over it, so its work in a piece is its
-    density times the overlap, and its share is its density times the integral of the
-    pieces' coefficients over it, two entries of a running sum. The cost per stream is
-    its segments, not the pieces, which 8 GPUs read in turn multiply by 8 (no two share
-    an interval end): the dense pass went over 1.4 million (segment, piece) pairs a
-    simulated second there. Results equal the dense pass within rounding."""
+    """Requests whose work in a row is spread evenly over segments of time (streams past
+    their first token, the decode after a prompt's first token, replies not streamed that
+    ended), kept as those segments, not as rows of every piece: a segment's work in a
+    piece is its density times the overlap, and its share is its density times the
+    integral of the pieces' coefficients over it, two entries of a running sum. The cost
+    per request is its segments, not the pieces, which every request start and end and
+    8 GPUs read in turn multiply (no two share an interval end): the dense pass went over
+    1.4 million (segment, piece) pairs a simulated second at 8 GPUs, and over every piece
+    of a request's life for each of 500 short requests a second. Results equal the dense
+    pass within rounding."""
 
     __slots__ = (
-        "_c_d", "_c_g", "_cd", "_cg", "_cov", "_ctx", "_ctx_diff", "_dec", "_dec_diff",
-        "_ends", "_segs", "_starts",
+        "_c_d", "_c_g", "_c_p", "_cd", "_cg", "_cov", "_cp", "_ctx", "_ctx_diff", "_dec",
+        "_dec_diff", "_ends", "_pre", "_pre_diff", "_segs", "_starts",
     )  # fmt: skip
 
     def __init__(self, starts: list[float], ends: list[float]) -> None:
         m = len(starts)
         self._starts, self._ends = starts, ends
         self._segs: dict[int, list[_Seg]] = {}
-        # decode tokens and context-weighted tokens per piece: the partly covered pieces
-        # directly, the wholly covered ones as a density, by differences
+        # prompt, output and context-weighted output tokens per piece: the partly covered
+        # pieces directly, the wholly covered ones as a density, by differences
+        self._pre, self._pre_diff = [0.0] * m, [0.0] * (m + 1)
         self._dec, self._dec_diff = [0.0] * m, [0.0] * (m + 1)
         self._ctx, self._ctx_diff = [0.0] * m, [0.0] * (m + 1)
-        self._cov = [0] * (m + 1)  # streams with work in a piece, by differences
+        self._cov = [0] * (m + 1)  # requests with output in a piece, by differences
+        self._cp: list[float] = []
         self._cd: list[float] = []
         self._cg: list[float] | None = None
+        self._c_p: list[float] = []
         self._c_d: list[float] = []
         self._c_g: list[float] | None = None
 
@@ -422,50 +431,61 @@ class _Sparse:
         probe_at: list[bool] | None,
         arrivals: list[tuple[int, int, float]],
     ) -> bool:
-        """Keep stream ``r``'s work in pieces [i, j) as row ``w``, when every segment there
-        is decode spread over time; else keep nothing (the dense pass takes it). With
-        ``probe_at``, its token arrivals in the pieces the lockstep probe looks at go to
-        ``arrivals``."""
+        """Keep ``r``'s work in pieces [i, j) as row ``w``, when every segment there is
+        spread over time (none at one instant); else keep nothing (the dense pass takes
+        it). With ``probe_at``, its token arrivals in the pieces the lockstep probe looks
+        at go to ``arrivals``."""
         starts, ends = self._starts, self._ends
         lo, hi = starts[i], ends[j - 1]
-        for t0, t1, p, d in r.segments:  # first, whether it can go as segments at all
+        for t0, t1, _, _ in r.segments:  # first, whether it can go as segments at all
             if t1 <= lo:
                 continue
             if t0 >= hi:
                 break
-            if p or not t1 > t0 or not d > 0.0:
+            if not t1 > t0:
                 return False
-        dec, dec_diff, cx, cx_diff, cov = (
-            self._dec, self._dec_diff, self._ctx, self._ctx_diff, self._cov
+        pre, pre_diff, dec, dec_diff, cx, cx_diff, cov = (
+            self._pre, self._pre_diff, self._dec, self._dec_diff, self._ctx, self._ctx_diff,
+            self._cov,
         )  # fmt: skip
         segs: list[_Seg] = []
-        cov_lo = cov_hi = -2  # the pieces with work so far, one run (segments in order)
-        for t0, t1, _, d in r.segments:
+        cov_lo = cov_hi = -2  # the pieces with output so far, one run (segments in order)
+        for t0, t1, p, d in r.segments:
             if t1 <= lo:
                 continue
             if t0 >= hi:
                 break
-            dens = d / (t1 - t0)
+            if not (p > 0.0 or d > 0.0):
+                continue
+            span = t1 - t0
+            dens, pdens = d / span, p / span
             a0 = t0 if t0 > lo else lo
             a1 = t1 if t1 < hi else hi
             k0 = bisect_right(starts, a0, i, j) - 1
             k1 = bisect_left(ends, a1, i, j)
-            segs.append((a0, a1, dens, k0, k1))
+            segs.append((a0, a1, pdens, dens, k0, k1))
             dctx = dens * ctx
             if k0 == k1:
+                pre[k0] += pdens * (a1 - a0)
                 dec[k0] += dens * (a1 - a0)
                 cx[k0] += dctx * (a1 - a0)
             else:
                 head, tail = ends[k0] - a0, a1 - starts[k1]
+                pre[k0] += pdens * head
+                pre[k1] += pdens * tail
                 dec[k0] += dens * head
                 dec[k1] += dens * tail
                 cx[k0] += dctx * head
                 cx[k1] += dctx * tail
                 if k1 > k0 + 1:
+                    pre_diff[k0 + 1] += pdens
+                    pre_diff[k1] -= pdens
                     dec_diff[k0 + 1] += dens
                     dec_diff[k1] -= dens
                     cx_diff[k0 + 1] += dctx
                     cx_diff[k1] -= dctx
+            if not d > 0.0:
+                continue
             if k0 <= cov_hi + 1:
                 if k1 > cov_hi:
                     cov_hi = k1
@@ -475,8 +495,8 @@ class _Sparse:
                     cov[cov_hi + 1] -= 1
                 cov_lo, cov_hi = k0, k1
             # a token arrived at t1, in piece k1 (the last that starts before it), if the
-            # segment ends inside the stream's pieces
-            if probe_at is not None and a1 == t1 and probe_at[k1]:
+            # segment ends inside the request's pieces
+            if probe_at is not None and not p and a1 == t1 and probe_at[k1]:
                 arrivals.append((k1, w, t1))
         if cov_hi >= 0:
             cov[cov_lo] += 1
@@ -484,46 +504,60 @@ class _Sparse:
         self._segs[w] = segs
         return True
 
-    def columns(self, ctxs: list[float]) -> tuple[list[float], list[float], list[int]]:
-        """Per piece: the kept streams' decode tokens, their context-weighted tokens and
-        how many have work there (fresh lists, for the dense rows to add to)."""
+    def columns(self) -> tuple[list[float], list[float], list[float], list[int]]:
+        """Per piece: the kept requests' prompt tokens, output tokens, context-weighted
+        output tokens and how many have output there (fresh lists, for the dense rows to
+        add to)."""
         starts, ends = self._starts, self._ends
-        decode, context = self._dec[:], self._ctx[:]
-        dens = cdens = 0.0
+        prefill, decode, context = self._pre[:], self._dec[:], self._ctx[:]
         m = len(decode)
-        for k, (dd, cd) in enumerate(zip(self._dec_diff[:m], self._ctx_diff[:m], strict=True)):
+        pdens = dens = cdens = 0.0
+        diffs = zip(self._pre_diff[:m], self._dec_diff[:m], self._ctx_diff[:m], strict=True)
+        for k, (pd, dd, cd) in enumerate(diffs):
+            pdens += pd
             dens += dd
             cdens += cd
-            if dens or cdens:
+            if pdens or dens or cdens:
                 span = ends[k] - starts[k]
+                prefill[k] += pdens * span
                 decode[k] += dens * span
                 context[k] += cdens * span
-        decoding = list(itertools.accumulate(self._cov[: len(decode)]))
-        return decode, context, decoding
+        decoding = list(itertools.accumulate(self._cov[:m]))
+        return prefill, decode, context, decoding
 
-    def coefficients(self, c_d: list[float], c_g: list[float] | None) -> None:
-        """The pieces' final weights of an output token (and per token of context): their
-        running integrals over the row, for :meth:`share`."""
+    def coefficients(self, c_p: list[float], c_d: list[float], c_g: list[float] | None) -> None:
+        """The pieces' final weights of a prompt token, an output token (and an output
+        token per token of context): their running integrals over the row, for
+        :meth:`share`."""
         spans = [b - a for a, b in zip(self._starts, self._ends, strict=True)]
-        self._c_d, self._c_g = c_d, c_g
+        self._c_p, self._c_d, self._c_g = c_p, c_d, c_g
+        self._cp = [0.0, *itertools.accumulate(map(mul, c_p, spans))]
         self._cd = [0.0, *itertools.accumulate(map(mul, c_d, spans))]
         self._cg = None if c_g is None else [0.0, *itertools.accumulate(map(mul, c_g, spans))]
 
     def share(self, w: int, ctx: float) -> float:
-        """Row ``w``'s dynamic share from its decode work: what the dense row's dot products
-        with the coefficients give."""
+        """Row ``w``'s dynamic share from the work kept as its segments (0 if none): what
+        the dense row's dot products with the coefficients give."""
+        segs = self._segs.get(w)
+        if segs is None:
+            return 0.0
         starts, ends = self._starts, self._ends
-        cd, c_d, cg, c_g = self._cd, self._c_d, self._cg, self._c_g
+        cp, c_p, cd, c_d, cg, c_g = self._cp, self._c_p, self._cd, self._c_d, self._cg, self._c_g
         out = 0.0
-        for a0, a1, dens, k0, k1 in self._segs[w]:
+        for a0, a1, pdens, dens, k0, k1 in segs:
             if k0 == k1:
-                out += dens * c_d[k0] * (a1 - a0)
+                width = a1 - a0
+                out += dens * c_d[k0] * width
+                if pdens:
+                    out += pdens * c_p[k0] * width
                 if cg is not None and ctx:
                     assert c_g is not None
-                    out += dens * ctx * c_g[k0] * (a1 - a0)
+                    out += dens * ctx * c_g[k0] * width
                 continue
             head, tail = ends[k0] - a0, a1 - starts[k1]
             out += dens * (c_d[k0] * head + (cd[k1] - cd[k0 + 1]) + c_d[k1] * tail)
+            if pdens:
+                out += pdens * (c_p[k0] * head + (cp[k1] - cp[k0 + 1]) + c_p[k1] * tail)
             if cg is not None and ctx:
                 assert c_g is not None
                 out += dens * ctx * (c_g[k0] * head + (cg[k1] - cg[k0 + 1]) + c_g[k1] * tail)
