@@ -44,12 +44,14 @@ def trace(
     touches: bool = False,
     gathered: bool = False,
     prompts: bool = False,
+    counted: bool = False,
 ) -> dict[str, Any]:
     """One seeded live trace through a ledger on the fast path (``fast``) or the plain one;
     ``sliced``: an interval per GPU a call, the backlog worked off before the next event;
     ``touches``: some streams send chunks without tokens; ``gathered``: samples go in
     through :meth:`Ledger.samples` in rows (:meth:`Ledger.gather`), as the live path's;
-    ``prompts``: every request's prompt is known (a proxied body always gives one)."""
+    ``prompts``: every request's prompt is known (a proxied body always gives one);
+    ``counted``: most first chunks carry the exact prompt count (placed by the queue)."""
     rnd = random.Random(seed)
     ledger = Ledger(gpus, sample_period_s=0.01)
     books = ledger._books
@@ -88,7 +90,10 @@ def trace(
         t = start + rnd.uniform(0.005, 0.4)
         if rnd.random() < 0.3:  # at a sample's time: a cut that ends a piece anyway
             t = math.ceil(t / 0.01) * 0.01 + 0.001 * rnd.randrange(len(GPUS))
-        push(t, "first", rid)
+        exact = None
+        if counted and rnd.random() < 0.7:
+            exact = prompt if prompt is not None else rnd.randint(10, 3000)
+        push(t, "first", rid, exact)
         n = rnd.randint(0, 40)
         for _ in range(n):
             t += rnd.choice((0.0, rnd.expovariate(30.0)))
@@ -130,7 +135,7 @@ def trace(
                 attributable=not other,
             )  # fmt: skip
         elif kind == "first":
-            ledger.first_token(args[0], t)
+            ledger.first_token(args[0], t, prompt_tokens=args[1] if len(args) > 1 else None)
         elif kind == "tokens":
             ledger.tokens(args[0], t, args[1])
         elif kind == "finish":
@@ -176,13 +181,15 @@ def close(got: Any, want: Any, where: str) -> None:
         assert got == pytest.approx(want, rel=1e-9, abs=1e-9), where
 
 
-@pytest.mark.parametrize("touches", [False, True])
+@pytest.mark.parametrize(("touches", "counted"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("fitted", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_rows_match_the_piece_at_a_time_rule(seed: int, fitted: bool, touches: bool) -> None:
+def test_rows_match_the_piece_at_a_time_rule(
+    seed: int, fitted: bool, touches: bool, counted: bool
+) -> None:
     """The fast path books every figure the plain rule books, within 1e-9 relative."""
-    want = trace(seed, fitted=fitted, fast=False, touches=touches)
-    got = trace(seed, fitted=fitted, fast=True, touches=touches)
+    want = trace(seed, fitted=fitted, fast=False, touches=touches, counted=counted)
+    got = trace(seed, fitted=fitted, fast=True, touches=touches, counted=counted)
     assert len(want["requests"]) >= 100  # most requests finish: the trace exercises them
     assert sum(v[0] for v in want["requests"].values()) > 0.0
     close(got, want, f"seed {seed}")

@@ -142,6 +142,19 @@ class PrefillQueue:
                 got += tokens * overlap / (t1 - t0)
         return got / group.tokens
 
+    def placed(self, r: Request) -> tuple[list[Segment], float] | None:
+        """``r``'s group's placement and where its work begins (:meth:`share` is 0 in
+        [a, b] wherever b is at or before it); ``None`` if not placed. A member joining
+        later places the group anew: :meth:`holds` says whether this one still stands."""
+        group = self._groups.get((r.start_s, r.first_token_s or INF)) if r.queued else None
+        if group is None or group.profile is None or group.tokens <= 0.0:
+            return None
+        return group.profile, min((t0 for t0, _, _ in group.profile), default=INF)
+
+    def holds(self, r: Request, profile: list[Segment]) -> bool:
+        group = self._groups.get((r.start_s, r.first_token_s or INF))
+        return group is not None and group.profile is profile
+
     def _work_out(self, group: _Group) -> None:
         """Place every pending group up to this one, in window order (see the module)."""
         key = (group.start_s, group.first_s)

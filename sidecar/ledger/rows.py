@@ -35,6 +35,7 @@ from sidecar.ledger.requests import INF, Request
 
 if TYPE_CHECKING:
     from sidecar.ledger.pieces import Books, Interval
+    from sidecar.ledger.prefill_queue import Segment
 
 # one GPU's part of a piece: (gpu, interval, idle J, dynamic J)
 _Part = tuple[int, int, float, float]
@@ -180,6 +181,11 @@ def assign_row(
             _, t1, p, _ = r.segments[0]
             if p > 0.0 and t1 == first:  # Books._work's placement, up to the rate
                 placed[w] = (first, PLACE_FACTOR * r.exact_prompt(p))
+    # a prompt counted at its first token and placed by the queue likewise does nothing
+    # before its placement begins (500 short streams a second queued at the server: most of
+    # their windows), once the queue placed it
+    queue = books.prefill_queue
+    queued: dict[int, tuple[list[Segment], float] | None] = {}
     rate_of = books.prefill_rate
     for k in range(m):  # piece-major, as the rate is read and fed
         if not active[k]:
@@ -188,13 +194,26 @@ def assign_row(
         for w, r, i, j in slow:
             if i <= k < j:
                 at = placed.get(w)
+                rate = rate_of.tokens_per_s  # fed by the requests before it
                 if at is not None:
-                    rate = rate_of.tokens_per_s  # fed by the requests before it
                     if rate is not None and b <= at[0] - at[1] / rate:
+                        continue
+                elif w in queued:
+                    held = queued[w]
+                    first = r.first_token_s
+                    if (
+                        held is not None
+                        and b <= held[1]
+                        and first is not None
+                        and b < first
+                        and queue.holds(r, held[0])
+                    ):
                         continue
                 p, d, s = books._work(r, a, b, now_s)
                 d_rows[w][k] = d + s  # type: ignore[index]
                 p_rows[w][k] = p  # type: ignore[index]
+                if rate is not None and r.counted and r.queued and w not in queued:
+                    queued[w] = queue.placed(r)  # Books._work shared it out by the queue
     dense = [(dw, ctx) for dw, ctx in zip(d_rows, ctxs, strict=True) if dw is not None]
     cols = list(zip(*[dw for dw, _ in dense], strict=True)) if dense else [()] * m
     dense_ctx = [ctx for _, ctx in dense]
