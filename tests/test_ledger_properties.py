@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.ledger import Ledger
@@ -92,8 +92,35 @@ def integral(power: dict[str, list[tuple[float, float]]]) -> float:
     )
 
 
+# Found by this test: densities added and taken away left 3e-18 of weight in a piece where
+# only a request with no work was in flight, and that piece's energy went to nobody.
+RESIDUE: Trace = (
+    {
+        "0": [(0.0, 0.0), (1.0, 0.0)],
+        "1": [
+            (0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (5.0, 0.0), (7.0, 0.0), (9.0, 0.0),
+            (10.25, 0.0), (12.25, 1.0),
+        ],
+    },
+    [
+        {"request_id": "r0", "model": "a", "start_s": 0.0, "end_s": 11.0, "first_token_s": None,
+         "prompt_tokens": None, "completion_tokens": None},
+        {"request_id": "r1", "model": "a", "start_s": 0.0, "end_s": 11.75, "first_token_s": None,
+         "prompt_tokens": None, "completion_tokens": 2},
+        {"request_id": "r2", "model": "a", "start_s": 0.0, "end_s": 0.0, "first_token_s": None,
+         "prompt_tokens": None, "completion_tokens": None},
+        {"request_id": "r3", "model": "a", "start_s": 0.0, "end_s": 13.0, "first_token_s": 10.5,
+         "prompt_tokens": 0, "completion_tokens": None},
+        {"request_id": "r4", "model": "a", "start_s": 0.0, "end_s": 12.0, "first_token_s": None,
+         "prompt_tokens": None, "completion_tokens": 1},
+    ],
+    None,
+)  # fmt: skip
+
+
 @settings(max_examples=300, deadline=None)
 @given(traces(), st.booleans())
+@example(RESIDUE, False)
 def test_nothing_is_lost_or_created(trace: Trace, fitted: bool) -> None:
     """Phases, GPUs and requests-plus-standby all sum to the measured energy (1e-6 relative)."""
     ledger, got = run(trace, fitted=fitted)

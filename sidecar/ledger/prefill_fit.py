@@ -315,8 +315,16 @@ class PrefillRate:
         self._next = 0
         self.tokens_per_s: float | None = None
 
+    def counts(self, tokens: float, ttft_s: float) -> bool:
+        """Whether :meth:`observe` keeps a prompt of ``tokens`` with this time to first token."""
+        return tokens >= self.MIN_TOKENS and ttft_s > 0.0
+
+    def would_know(self, more: int) -> bool:
+        """Whether the rate has a figure, or ``more`` prompts kept would give it its first."""
+        return self.tokens_per_s is not None or len(self._rates) + more >= self.MIN_OBS
+
     def observe(self, tokens: float, ttft_s: float) -> None:
-        if tokens < self.MIN_TOKENS or ttft_s <= 0.0:
+        if not self.counts(tokens, ttft_s):
             return
         rate = tokens / ttft_s
         if len(self._rates) < self.KEEP:

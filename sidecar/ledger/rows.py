@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from operator import mul
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,11 @@ def assign_row(
     probing = any(probe_at)
     arrivals: list[tuple[int, int, float]] = []  # (piece, row, time)
     sparse = _Sparse(starts, ends)
+    rate_of = books.prefill_rate
+    calm = _calm(books, spans, starts, ends, active)
+    # prompts kept as segments that feed the prefill rate where their first token is:
+    # (piece, row, request, tokens, seconds), fed in the piece loop's order (below)
+    feeds: list[tuple[int, int, Request, float, float]] = []
     for r, i, j in spans:
         if not (r.segments or r.streamed or r.prompt_work is not None):  # not r.informed
             owners.append((r, i, j, -1))
@@ -109,6 +115,27 @@ def assign_row(
             d_rows.append(None)
             p_rows.append(None)
             continue
+        if slow_prompt:
+            # Books._work spreads a prompt still running over its time so far, and one
+            # that ended evenly over its window while the prefill rate is unknown (and
+            # stays so through this row): both as segments
+            spread_work = _prompt_segments(r, now_s, hi, calm)
+            if spread_work is not None and sparse.add(
+                r, w, i, j, ctxs[-1], probe_at if probe else None, arrivals, spread_work
+            ):
+                if (
+                    first is not None
+                    and not r.rate_seen
+                    and spread_work
+                    and spread_work[0][2] > 0.0
+                ):
+                    k = bisect_left(ends, first, i, j)
+                    if k < j and starts[k] < first and active[k]:
+                        t0, t1, p, _ = spread_work[0]
+                        feeds.append((k, w, r, p, t1 - t0))
+                d_rows.append(None)
+                p_rows.append(None)
+                continue
         dw = [0.0] * m
         pw: list[float] | None = None
         if slow_prompt:
@@ -186,12 +213,18 @@ def assign_row(
     # their windows), once the queue placed it
     queue = books.prefill_queue
     queued: dict[int, tuple[list[Segment], float] | None] = {}
-    rate_of = books.prefill_rate
+    feeds.sort(key=lambda f: (f[0], f[1]))
+    fed = 0
     for k in range(m):  # piece-major, as the rate is read and fed
         if not active[k]:
             continue
         a, b = starts[k], ends[k]
         for w, r, i, j in slow:
+            while fed < len(feeds) and (feeds[fed][0], feeds[fed][1]) < (k, w):
+                _, _, fr, tokens, seconds = feeds[fed]
+                fr.rate_seen = True
+                rate_of.observe(tokens, seconds)
+                fed += 1
             if i <= k < j:
                 at = placed.get(w)
                 rate = rate_of.tokens_per_s  # fed by the requests before it
@@ -214,6 +247,9 @@ def assign_row(
                 p_rows[w][k] = p  # type: ignore[index]
                 if rate is not None and r.counted and r.queued and w not in queued:
                     queued[w] = queue.placed(r)  # Books._work shared it out by the queue
+    for _, _, fr, tokens, seconds in feeds[fed:]:
+        fr.rate_seen = True
+        rate_of.observe(tokens, seconds)
     dense = [(dw, ctx) for dw, ctx in zip(d_rows, ctxs, strict=True) if dw is not None]
     cols = list(zip(*[dw for dw, _ in dense], strict=True)) if dense else [()] * m
     dense_ctx = [ctx for _, ctx in dense]
@@ -322,9 +358,13 @@ def assign_row(
             r.prefill_j += idle_r + dyn_r
         elif first is None or first >= ends[i]:  # pieces before its first token
             q = j if first is None else bisect_right(ends, first, i, j)
-            r.prefill_j += _before(
-                i, q, w, each_idle, c_u, c_d, c_g, c_p, c_m, d_rows, p_rows, ctxs
-            )
+            if w >= 0 and d_rows[w] is None:  # kept as segments: its prompt's share
+                before = idle_cum[q] - idle_cum[i] + u_cum[q] - u_cum[i]
+                r.prefill_j += before + sparse.share(w, ctxs[w], until=ends[q - 1])
+            else:
+                r.prefill_j += _before(
+                    i, q, w, each_idle, c_u, c_d, c_g, c_p, c_m, d_rows, p_rows, ctxs
+                )
         if r.booked:
             acc = by_model.get(r.model)
             if acc is None:
@@ -335,6 +375,54 @@ def assign_row(
     for model, (idle_j, dyn_j) in by_model.items():
         books._add_model(model, idle_j, dyn_j)
     return energies
+
+
+def _calm(
+    books: Books,
+    spans: list[tuple[Request, int, int]],
+    starts: list[float],
+    ends: list[float],
+    active: list[bool],
+) -> bool:
+    """Whether the prefill rate is unknown and stays so through this row: the prompts whose
+    first token falls in the row would not bring it to its first figure."""
+    rate = books.prefill_rate
+    if rate.tokens_per_s is not None:
+        return False
+    more = 0
+    for r, i, j in spans:
+        first = r.first_token_s
+        if first is None or first <= starts[i] or r.rate_seen or not r.segments:
+            continue
+        t0, t1, p, _ = r.segments[0]
+        if not (p > 0.0 and t1 == first) or not rate.counts(r.exact_prompt(p), t1 - t0):
+            continue
+        k = bisect_left(ends, first, i, j)
+        if k < j and starts[k] < first and active[k]:
+            more += 1
+    return not rate.would_know(more)
+
+
+def _prompt_segments(
+    r: Request, now_s: float, hi: float, calm: bool
+) -> list[tuple[float, float, float, float]] | None:
+    """The work of a request whose prompt runs in the row (up to ``hi``) as
+    :meth:`Books._work` spreads it, where that is even over time: a prompt still running
+    over its time so far (up to ``now_s``), a prompt that ended over its whole window while
+    the rate is unknown (``calm``); ``None`` where the rate or the queue places it."""
+    if r.first_token_s is None:
+        if not r.prompt_work:
+            return list(r.segments)
+        if now_s > r.start_s and now_s >= hi:
+            return [*r.segments, (r.start_s, now_s, r.prompt_work, 0.0)]
+        return None
+    if not calm:
+        return None
+    first = r.first_token_s
+    return [
+        (t0, t1, r.exact_prompt(p), d) if p > 0.0 and t1 == first else (t0, t1, p, d)
+        for t0, t1, p, d in r.segments
+    ]
 
 
 def _probe(
@@ -420,7 +508,7 @@ class _Sparse:
 
     __slots__ = (
         "_c_d", "_c_g", "_c_p", "_cd", "_cg", "_cov", "_cp", "_ctx", "_ctx_diff", "_dec",
-        "_dec_diff", "_ends", "_pre", "_pre_diff", "_segs", "_starts",
+        "_dec_diff", "_ends", "_n_diff", "_pre", "_pre_diff", "_segs", "_starts",
     )  # fmt: skip
 
     def __init__(self, starts: list[float], ends: list[float]) -> None:
@@ -433,6 +521,10 @@ class _Sparse:
         self._dec, self._dec_diff = [0.0] * m, [0.0] * (m + 1)
         self._ctx, self._ctx_diff = [0.0] * m, [0.0] * (m + 1)
         self._cov = [0] * (m + 1)  # requests with output in a piece, by differences
+        # segments covering a piece whole, by differences: where none does, the densities
+        # are 0 exactly, not what rounding leaves of adding and taking them away (a weight
+        # of 3e-18 where nobody works would take a piece's energy from everyone)
+        self._n_diff = [0] * (m + 1)
         self._cp: list[float] = []
         self._cd: list[float] = []
         self._cg: list[float] | None = None
@@ -449,14 +541,17 @@ class _Sparse:
         ctx: float,
         probe_at: list[bool] | None,
         arrivals: list[tuple[int, int, float]],
+        segments: Iterable[tuple[float, float, float, float]] | None = None,
     ) -> bool:
         """Keep ``r``'s work in pieces [i, j) as row ``w``, when every segment there is
         spread over time (none at one instant); else keep nothing (the dense pass takes
         it). With ``probe_at``, its token arrivals in the pieces the lockstep probe looks
-        at go to ``arrivals``."""
+        at go to ``arrivals``. ``segments``: its work as :meth:`Books._work` reads it, where
+        that is not its own segments as they are."""
         starts, ends = self._starts, self._ends
         lo, hi = starts[i], ends[j - 1]
-        for t0, t1, _, _ in r.segments:  # first, whether it can go as segments at all
+        work = r.segments if segments is None else segments
+        for t0, t1, _, _ in work:  # first, whether it can go as segments at all
             if t1 <= lo:
                 continue
             if t0 >= hi:
@@ -469,7 +564,7 @@ class _Sparse:
         )  # fmt: skip
         segs: list[_Seg] = []
         cov_lo = cov_hi = -2  # the pieces with output so far, one run (segments in order)
-        for t0, t1, p, d in r.segments:
+        for t0, t1, p, d in work:
             if t1 <= lo:
                 continue
             if t0 >= hi:
@@ -497,6 +592,8 @@ class _Sparse:
                 cx[k0] += dctx * head
                 cx[k1] += dctx * tail
                 if k1 > k0 + 1:
+                    self._n_diff[k0 + 1] += 1
+                    self._n_diff[k1] -= 1
                     pre_diff[k0 + 1] += pdens
                     pre_diff[k1] -= pdens
                     dec_diff[k0 + 1] += dens
@@ -531,8 +628,19 @@ class _Sparse:
         prefill, decode, context = self._pre[:], self._dec[:], self._ctx[:]
         m = len(decode)
         pdens = dens = cdens = 0.0
-        diffs = zip(self._pre_diff[:m], self._dec_diff[:m], self._ctx_diff[:m], strict=True)
-        for k, (pd, dd, cd) in enumerate(diffs):
+        covering = 0
+        diffs = zip(
+            self._n_diff[:m],
+            self._pre_diff[:m],
+            self._dec_diff[:m],
+            self._ctx_diff[:m],
+            strict=True,
+        )
+        for k, (nd, pd, dd, cd) in enumerate(diffs):
+            covering += nd
+            if not covering:
+                pdens = dens = cdens = 0.0
+                continue
             pdens += pd
             dens += dd
             cdens += cd
@@ -554,9 +662,9 @@ class _Sparse:
         self._cd = [0.0, *itertools.accumulate(map(mul, c_d, spans))]
         self._cg = None if c_g is None else [0.0, *itertools.accumulate(map(mul, c_g, spans))]
 
-    def share(self, w: int, ctx: float) -> float:
-        """Row ``w``'s dynamic share from the work kept as its segments (0 if none): what
-        the dense row's dot products with the coefficients give."""
+    def share(self, w: int, ctx: float, until: float = INF) -> float:
+        """Row ``w``'s dynamic share from the work kept as its segments (0 if none), of the
+        segments that end by ``until``: what the dense row's dot products give."""
         segs = self._segs.get(w)
         if segs is None:
             return 0.0
@@ -564,6 +672,8 @@ class _Sparse:
         cp, c_p, cd, c_d, cg, c_g = self._cp, self._c_p, self._cd, self._c_d, self._cg, self._c_g
         out = 0.0
         for a0, a1, pdens, dens, k0, k1 in segs:
+            if a1 > until:
+                break
             if k0 == k1:
                 width = a1 - a0
                 out += dens * c_d[k0] * width
