@@ -14,12 +14,16 @@ What makes the reordering exact (results equal within rounding, which
   gamma*ctx)*d`` with the piece's coefficients (the step model's, or the prompt
   ratio's), so the piece's total weight is the same sum over the piece's totals
   P, D and K, and a request's share summed over the row is a dot product of its
-  work columns with the pieces' coefficients.
+  work columns with the pieces' coefficients. Where its work is spread evenly over
+  segments of time, the dot product is an integral of the coefficients over each
+  segment: two entries of a running sum (:class:`_Sparse`), whatever the pieces.
 * The fits (:class:`PrefillFit`, :class:`StepModel`), the lockstep probe and the
   coefficients they yield still run piece by piece, in time order.
 * Only a prompt that is still running (or ends) in the row reads and feeds the
   server's prefill rate (:class:`PrefillRate`), in piece order then request order:
-  those few requests go through :meth:`Books._work` in exactly that order; the
+  those requests go through :meth:`Books._work` in exactly that order, except where
+  what it reads cannot change their work (a prompt still running; the rate unknown
+  through the row), and they skip the pieces before their placement begins; the
   others (decode, or a whole non-streamed reply) never touch the rate.
 """
 
@@ -70,7 +74,7 @@ def assign_row(
 
     # --- each informed request's work in every piece of the row (0 outside its run)
     d_rows: list[list[float] | None] = []  # decode tokens, one row per informed request
-    # (None: a stream past its first token, kept as its segments, see _Sparse)
+    # (None: its work kept as segments, see _Sparse)
     p_rows: list[list[float] | None] = []  # prefill tokens (None: none in the row)
     ctxs: list[float] = []
     informed_count = [0] * (m + 1)
@@ -128,6 +132,7 @@ def assign_row(
                     and not r.rate_seen
                     and spread_work
                     and spread_work[0][2] > 0.0
+                    and spread_work[0][1] == first
                 ):
                     k = bisect_left(ends, first, i, j)
                     if k < j and starts[k] < first and active[k]:
