@@ -43,14 +43,12 @@ def trace(
     gpus: tuple[str, ...] = GPUS,
     touches: bool = False,
     gathered: bool = False,
-    prompts: bool = False,
     counted: bool = False,
 ) -> dict[str, Any]:
     """One seeded live trace through a ledger on the fast path (``fast``) or the plain one;
     ``sliced``: an interval per GPU a call, the backlog worked off before the next event;
     ``touches``: some streams send chunks without tokens; ``gathered``: samples go in
     through :meth:`Ledger.samples` in rows (:meth:`Ledger.gather`), as the live path's;
-    ``prompts``: every request's prompt is known (a proxied body always gives one);
     ``counted``: most first chunks carry the exact prompt count (placed by the queue)."""
     rnd = random.Random(seed)
     ledger = Ledger(gpus, sample_period_s=0.01)
@@ -78,8 +76,6 @@ def trace(
         start = rnd.uniform(0.1, 3.0)
         shape = rnd.random()
         prompt = rnd.choice((None, rnd.randint(10, 3000)))
-        if prompts and prompt is None:
-            prompt = 500
         push(start, "start", rid, rnd.choice(("a", "b")), prompt, rnd.random() < 0.1)
         if shape < 0.15:  # not streamed, sometimes all at one instant
             end = start + rnd.choice((0.0, rnd.uniform(0.01, 1.0)))
@@ -237,14 +233,12 @@ def test_samples_gathered_in_rows_conserve_and_stay_close(seed: int) -> None:
     """Rows of samples (:meth:`Ledger.gather`, the live path's) book each GPU's energy and
     the phases exactly, on one GPU and on GPUs read in turn, and requests within MOVE
     (0.03 % at most on these seeds: a prompt still waiting is spread up to the time its
-    pieces go). Every prompt is known here: a stream with no prompt estimate at all weighs
-    as the mean of the others before its first token only where its pieces go before
-    that token arrives, so when they go moves it whole (65 % on seed 1)."""
+    pieces go). A stream with no prompt estimate weighs as the others' mean before its
+    first token whenever its pieces go (:meth:`Request.informed_at`); it weighed nothing
+    where they went after that token arrived, and when they went moved it 65 % (seed 1)."""
     for gpus in (("0",), GPUS):
-        want = trace(seed, fitted=True, fast=True, gpus=gpus, touches=True, prompts=True)
-        got = trace(
-            seed, fitted=True, fast=True, gpus=gpus, touches=True, prompts=True, gathered=True
-        )
+        want = trace(seed, fitted=True, fast=True, gpus=gpus, touches=True)
+        got = trace(seed, fitted=True, fast=True, gpus=gpus, touches=True, gathered=True)
         close(got["gpu_j"], want["gpu_j"], "gpu_j")
         close(got["phase_j"], want["phase_j"], "phase_j")
         assert sorted(got["requests"]) == sorted(want["requests"])

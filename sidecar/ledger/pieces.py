@@ -179,7 +179,7 @@ class Books:
         if not any(dyn > 0.0 for dyn in dyns):
             return None, None
         n = len(inside)
-        informed = [r.informed for r in inside]
+        informed = [r.informed_at(a) for r in inside]
         parts = [
             self._work(r, a, b, now) if k else (0.0, 0.0, 0.0)
             for r, k in zip(inside, informed, strict=True)

@@ -107,6 +107,16 @@ class Request:
         """Whether anything tells how much work this request does (prompt or tokens)."""
         return self.prompt_work is not None or self.streamed > 0 or bool(self.segments)
 
+    def informed_at(self, a: float) -> bool:
+        """:attr:`informed` in a piece from ``a``: a stream with no prompt estimate tells
+        nothing of its work before its first token, though its tokens came since, so it
+        weighs as the others' mean there whenever the piece is assigned (before the token
+        arrived it weighed so; after, it weighed nothing)."""
+        first = self.first_token_s
+        if self.prompt_work is None and first is not None and a < first:
+            return False
+        return self.informed
+
     def work(self, a: float, b: float, now: float) -> tuple[float, float]:
         """Prefill and decode tokens worked in [a, b]: integrals of piecewise-constant rates."""
         prefill = decode = 0.0

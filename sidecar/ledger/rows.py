@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from operator import mul
 from typing import TYPE_CHECKING
 
@@ -97,9 +97,9 @@ def assign_row(
     # prompts kept as segments that feed the prefill rate where their first token is:
     # (piece, row, request, tokens, seconds), fed in the piece loop's order (below)
     feeds: list[tuple[int, int, Request, float, float]] = []
-    for r, i, j in spans:
-        if not (r.segments or r.streamed or r.prompt_work is not None):  # not r.informed
-            owners.append((r, i, j, -1))
+    for r, i, j, told in _informed_runs(spans, starts):
+        if not told or not (r.segments or r.streamed or r.prompt_work is not None):
+            owners.append((r, i, j, -1))  # uninformed there (r.informed_at)
             continue
         informed_count[i] += 1
         informed_count[j] -= 1
@@ -380,6 +380,23 @@ def assign_row(
     for model, (idle_j, dyn_j) in by_model.items():
         books._add_model(model, idle_j, dyn_j)
     return energies
+
+
+def _informed_runs(
+    spans: list[tuple[Request, int, int]], starts: list[float]
+) -> Iterator[tuple[Request, int, int, bool]]:
+    """Each request's run of pieces, and whether its work there may be told: a stream with
+    no prompt estimate is cut at its first token, before which it tells nothing
+    (:meth:`Request.informed_at`)."""
+    for r, i, j in spans:
+        first = r.first_token_s
+        if r.prompt_work is None and first is not None and first > starts[i]:
+            q = bisect_left(starts, first, i, j)
+            yield r, i, q, False
+            if q < j:
+                yield r, q, j, True
+            continue
+        yield r, i, j, True
 
 
 def _calm(
