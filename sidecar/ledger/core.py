@@ -427,6 +427,11 @@ class Ledger:
         """Let time pass without events: intervals that waited too long are assigned."""
         self._tick(now_s)
 
+    def look(self) -> None:
+        """Assign what may go now, though less than a row (:attr:`row_s`) gathered: the
+        sampler's hand-over paused, so no more samples are on their way to fill it."""
+        self._process()
+
     def work(self) -> None:
         """The next :attr:`intervals_per_call` of the :attr:`backlog`. One GPU's figures equal
         all at once within rounding (a grid cut at an interval's end); GPUs read in turn
