@@ -46,7 +46,7 @@ GAP_PERIODS: Final = 3.0
 """A silence longer than this many sample periods is a gap (CONTRACT.md)."""
 ROW_S: Final = 0.1
 """Sampled time a live ledger gathers before it assigns (:meth:`Ledger.gather`): at 10 Hz
-one reading, at 100 Hz ten; final figures come at most this much later."""
+one reading, at 100 Hz ten; the rest of a hand-over goes when it pauses (:meth:`Ledger.look`)."""
 
 
 class Ledger:
@@ -413,7 +413,8 @@ class Ledger:
 
     def gather(self, row_s: float = ROW_S) -> None:
         """Live use: :meth:`samples` assigns rows of ``row_s``, and a call at most about one
-        row per GPU (the rest on :meth:`work`); a request's end waits for the next row.
+        row per GPU (the rest on :meth:`work`); a request's end waits for the next row, and
+        the meter calls :meth:`look` once the sampler's hand-over pauses.
 
         A row costs mostly per request in flight, whatever its width. A live sidecar's
         samples come a reconciliation window late, past every request's known time, so
