@@ -370,13 +370,7 @@ class Meter:
         if fed != self._fed:  # the hand-over goes on: look again after the next reading
             self._settling = loop.call_soon(self._settle, self._fed)
             return
-        try:
-            self.ledger.look()
-            self.collect()
-        except Exception:  # as the sampler's sink: a bug here must not stop metering
-            log.exception("meter.work_failed")
-            return
-        self._go_on()
+        self._run(self.ledger.look)
 
     def slice_work(self, row_s: float = ROW_S) -> None:
         """On the loop: the ledger assigns rows of ``row_s`` of samples, a row per GPU a loop
@@ -391,8 +385,12 @@ class Meter:
 
     def _work(self) -> None:
         self._working = None
+        self._run(self.ledger.work)
+
+    def _run(self, step: Callable[[], None]) -> None:
+        """A slice of the ledger's work on the loop, then its figures and the next slice."""
         try:
-            self.ledger.work()
+            step()
             self.collect()
         except Exception:  # as the sampler's sink: a bug here must not stop metering
             log.exception("meter.work_failed")

@@ -120,7 +120,7 @@ class PrefillQueue:
 
     def share(self, r: Request, a: float, b: float, rate_tps: float) -> float | None:
         """The part of ``r``'s prompt worked in [a, b]; ``None`` if ``r`` is not queued."""
-        group = self._groups.get((r.start_s, r.first_token_s or INF)) if r.queued else None
+        group = self._group_of(r)
         if group is None or group.tokens <= 0.0:
             return None
         if group.profile is None:
@@ -146,14 +146,18 @@ class PrefillQueue:
         """``r``'s group's placement and where its work begins (:meth:`share` is 0 in
         [a, b] wherever b is at or before it); ``None`` if not placed. A member joining
         later places the group anew: :meth:`holds` says whether this one still stands."""
-        group = self._groups.get((r.start_s, r.first_token_s or INF)) if r.queued else None
+        group = self._group_of(r)
         if group is None or group.profile is None or group.tokens <= 0.0:
             return None
         return group.profile, min((t0 for t0, _, _ in group.profile), default=INF)
 
     def holds(self, r: Request, profile: list[Segment]) -> bool:
-        group = self._groups.get((r.start_s, r.first_token_s or INF))
+        group = self._group_of(r)
         return group is not None and group.profile is profile
+
+    def _group_of(self, r: Request) -> _Group | None:
+        """The group ``r`` was queued in (by its window), if it was."""
+        return self._groups.get((r.start_s, r.first_token_s or INF)) if r.queued else None
 
     def _work_out(self, group: _Group) -> None:
         """Place every pending group up to this one, in window order (see the module)."""

@@ -134,10 +134,10 @@ def assign_row(
                     and spread_work[0][2] > 0.0
                     and spread_work[0][1] == first
                 ):
-                    k = bisect_left(ends, first, i, j)
-                    if k < j and starts[k] < first and active[k]:
+                    fed_at = _feeding_piece(first, i, j, starts, ends, active)
+                    if fed_at is not None:
                         t0, t1, p, _ = spread_work[0]
-                        feeds.append((k, w, r, p, t1 - t0))
+                        feeds.append((fed_at, w, r, p, t1 - t0))
                 d_rows.append(None)
                 p_rows.append(None)
                 continue
@@ -419,10 +419,18 @@ def _calm(
         t0, t1, p, _ = r.segments[0]
         if not (p > 0.0 and t1 == first) or not rate.counts(r.exact_prompt(p), t1 - t0):
             continue
-        k = bisect_left(ends, first, i, j)
-        if k < j and starts[k] < first and active[k]:
+        if _feeding_piece(first, i, j, starts, ends, active) is not None:
             more += 1
     return not rate.would_know(more)
+
+
+def _feeding_piece(
+    first: float, i: int, j: int, starts: list[float], ends: list[float], active: list[bool]
+) -> int | None:
+    """The piece of [i, j) that ends at a prompt's first token, where :meth:`Books._work`
+    feeds the prefill rate, if it has energy (only such pieces are worked); else ``None``."""
+    k = bisect_left(ends, first, i, j)
+    return k if k < j and starts[k] < first and active[k] else None
 
 
 def _prompt_segments(
