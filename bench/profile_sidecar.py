@@ -1,7 +1,7 @@
 """Where the running sidecar's CPU goes under the quick bench's batched load: cProfile.
 
 ``python -m bench.profile_sidecar [--variant full|nosim|nometer] [--plain] [--n 2000]
-[--top 30]`` starts the stand-in upstream and the sidecar (``--data-plane`` default,
+[--top 30] [--sort cumulative|tottime]`` starts the stand-in upstream and the sidecar (``--data-plane`` default,
 simulated GPU) under :mod:`cProfile`, sends ``n`` requests 32 at a time (20-token streams,
 or plain requests with ``--plain``) after 300 to warm it, stops it with SIGTERM and prints
 the functions by cumulative time. ``--variant`` switches part of the work off as
@@ -51,7 +51,7 @@ def child(variant: str, out: str, argv: list[str]) -> int:
     return main()
 
 
-def run(variant: str, *, plain: bool, n: int, top: int) -> None:
+def run(variant: str, *, plain: bool, n: int, top: int, sort: str) -> None:
     with Harness("profile-sidecar-") as h:
         up, up_port = start_upstream(h.tmp)
         h.procs.append(up)
@@ -78,7 +78,7 @@ def run(variant: str, *, plain: bool, n: int, top: int) -> None:
         print(f"{r['ok']} requests, {r['errors']} errors, {r['elapsed_s']:.1f} s")
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        pstats.Stats(str(out)).sort_stats("cumulative").print_stats(top)
+        pstats.Stats(str(out)).sort_stats(sort).print_stats(top)
 
 
 def main() -> None:
@@ -89,8 +89,9 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="plain requests, not streams")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"))
     args = parser.parse_args()
-    run(args.variant, plain=args.plain, n=args.n, top=args.top)
+    run(args.variant, plain=args.plain, n=args.n, top=args.top, sort=args.sort)
 
 
 if __name__ == "__main__":

@@ -463,6 +463,31 @@ class TestOpenAI:
         assert tokens == 4
         assert (usage.prompt_tokens, usage.completion_tokens) == (5, 4)
 
+    def test_chunks_like_the_streams_shape_but_not_of_it(self) -> None:
+        """A chunk that starts and ends as the stream's plain chunks but differs between is read
+        in full: a second member after the text, a tool call, an escape, a newline in its data.
+
+        Whole, the events go through the shape's reading in place; cut one byte at a time,
+        through the splitter: both count the same.
+        """
+
+        def of(delta: dict[str, Any]) -> dict[str, Any]:
+            return chat_chunk(None, choices=[{"index": 0, "delta": delta, "finish_reason": None}])
+
+        plain = [chat_chunk(t) for t in ("a", "b")]
+        body = sse(
+            of({"role": "assistant", "content": ""}),
+            *plain,
+            of({"content": "", "role": "x"}),
+            chat_chunk('say "hi"\n'),
+            of({"content": "", "tool_calls": []}),
+            chat_chunk(""),
+            *plain,
+        ).replace(b'"b"}', b'"b\nc"}', 1)  # one event's data on two lines: a cut chunk, a token
+        for chunks in ([body], [body[i : i + 1] for i in range(len(body))]):
+            _, tokens, usage = track(info(), body, "text/event-stream", chunks=chunks)
+            assert (tokens, usage.token_events) == (5, 5)
+
     def test_embeddings(self) -> None:
         """Embeddings report prompt tokens only; they generate none."""
         body = json.dumps(

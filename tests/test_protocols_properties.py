@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar.tracking.openai_chunks import is_terminal, plain_chunk, without_null_usage
+from sidecar.tracking.openai_chunks import (
+    has_output,
+    is_terminal,
+    plain_chunk,
+    shape_of,
+    shaped_chunk,
+    without_null_usage,
+)
 from sidecar.tracking.protocols import RequestInfo, ResponseTracker, Usage
 from sidecar.tracking.sse import EventSplitter, Piece
 
@@ -52,7 +59,9 @@ def sse_streams(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
     eol = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
     kinds = draw(
         st.lists(
-            st.sampled_from(["token", "role", "usage", "comment", "junk", "big", "multi"]),
+            st.sampled_from(
+                ["token", "role", "usage", "comment", "junk", "big", "multi", "shaped", "tool"]
+            ),
             max_size=12,
         )
     )
@@ -68,6 +77,17 @@ def sse_streams(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
             obj = {"choices": [{"delta": {"role": "assistant", "content": ""}}]}
         elif kind == "usage":
             obj = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": tokens}}
+        elif kind in ("shaped", "tool"):  # a server's template: the shape of a stream
+            text = draw(st.text(max_size=6))
+            delta: dict[str, Any] = {"content": text}
+            if kind == "tool":
+                delta = draw(st.sampled_from([{"content": text, "tool_calls": [{"index": 0}]},
+                    {"content": text, "role": "x"}, {"role": "x", "content": text}]))  # fmt: skip
+            obj = {"id": "c", "created": 1, "model": "m", "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}  # fmt: skip
+            tokens += 1 if text or "tool_calls" in delta else 0
+            compact = json.dumps(obj, separators=(",", ":"), ensure_ascii=draw(st.booleans()))
+            event = b"data: " + compact.encode() + eol + eol
         elif kind == "big":
             obj = {"choices": [{"delta": {"content": "x" * 3000}}]}  # over the 2 KiB cap
         else:
@@ -79,7 +99,7 @@ def sse_streams(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
         elif kind == "multi":  # a JSON object spread over two data lines
             event = b'data: {"choices":' + eol + b'data: [{"text": "t"}]}' + eol + eol
             tokens += 1
-        else:
+        elif kind not in ("shaped", "tool"):
             event = b"data: " + json.dumps(obj).encode() + eol + eol
         if kind == "token" and draw(st.booleans()):
             # include_usage makes conformant servers add `"usage": null`; strip mode removes it
@@ -126,9 +146,10 @@ def test_sse_chunking_never_matters(stream: tuple[bytes, bytes, int], cuts: list
 def test_ndjson_chunking_never_matters(objs: list[dict[str, Any]], cuts: list[int]) -> None:
     """Any chunking of an Ollama stream gives the same token events and counts."""
     body = b"".join(json.dumps(o).encode() + b"\n" for o in objs)
-    whole = feed_all(OLLAMA, "application/x-ndjson", [body], strip=False, max_buffer=256)
+    # a cap that no line reaches (a 30-character response escapes to 360 bytes at most)
+    whole = feed_all(OLLAMA, "application/x-ndjson", [body], strip=False, max_buffer=1024)
     chunked = feed_all(
-        OLLAMA, "application/x-ndjson", split(body, cuts), strip=False, max_buffer=256
+        OLLAMA, "application/x-ndjson", split(body, cuts), strip=False, max_buffer=1024
     )
     assert chunked == whole
     assert whole[1] == sum(1 for o in objs if o["done"] is False)
@@ -254,8 +275,96 @@ def test_byte_reading_of_a_chunk_agrees_with_its_json(
     if null_usage:
         obj["usage"] = None
     data = json.dumps(obj, separators=sep).encode()
-    assert plain_chunk(data) == (1 if text else 0, "null_usage" if null_usage else "keep")
+    reading = plain_chunk(data)
+    if reading is None:  # unsure, and the full parse reads it: only where a key's name shows
+        assert text in (
+            "tool_calls",
+            "function_call",
+            "token",
+            "details",
+            "error",
+            "usage",
+            "index",
+        )
+    else:
+        assert reading == (1 if text else 0, "null_usage" if null_usage else "keep")
     assert is_terminal(data) == (finish is not None)
     cut = without_null_usage(data)
     assert json.loads(cut) == {k: v for k, v in obj.items() if k != "usage"}
     assert (cut == data) == (not null_usage)
+
+
+_TEXT = ("content", "text", "reasoning_content", "reasoning")
+_DELTAS = st.dictionaries(
+    st.sampled_from([*_TEXT, "role", "tool_calls"]),
+    st.one_of(st.text(max_size=4), st.none(), st.just([{"index": 0}])),
+    max_size=3,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(_SPACINGS),
+    st.sampled_from(["content", "text", "reasoning_content", "reasoning"]),
+    st.text(
+        st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters='"\\'),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+    _DELTAS,
+    st.text(max_size=6),
+    st.booleans(),
+    st.sampled_from([None, "stop"]),
+    st.booleans(),
+)
+def test_a_chunk_read_by_its_streams_shape_reads_as_plain_chunk_reads_it(
+    sep: tuple[str, str],
+    key: str,
+    first: str,
+    null_usage: bool,
+    delta: dict[str, Any],
+    text: str,
+    ascii_only: bool,
+    finish: str | None,
+    alone: bool,
+) -> None:
+    """The shape of one plain chunk never reads another chunk otherwise than the full reading.
+
+    The next chunk is the first with other text (quotes, escapes, control
+    characters, any Unicode), or a chunk of another form altogether: other
+    delta members, a finish reason, tool calls.
+    """
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj: dict[str, Any] = {"id": "c", "created": 1, "model": "m", "choices": [choice]}
+        if null_usage:
+            obj["usage"] = None
+        return json.dumps(obj, separators=sep, ensure_ascii=ascii_only).encode()
+
+    assume(first not in _TEXT)  # a text that is a key's name is one more key: no shape
+    learned_delta = {key: first} if alone else {**delta, key: first}
+    learned = chunk(learned_delta, None)
+    reading = plain_chunk(learned)
+    if reading is None:
+        # tool calls or a second index: the full parse's cases
+        assert "tool_calls" in delta or any(isinstance(v, list) for v in delta.values())
+        return
+    assert reading == (1, "null_usage" if null_usage else "keep")
+    shape = shape_of(learned, reading[1])
+    if sep[1] not in (":", ": ") or any(k in learned_delta for k in _TEXT if k != key):
+        assert shape is None  # other spacing, other text members: every chunk takes plain_chunk
+        return
+    assert shape is not None
+    assert shaped_chunk(learned, shape) == reading
+    rest = {k: v for k, v in delta.items() if k != key}
+    others = [{key: text}, {**delta, key: text}, {**learned_delta, key: text}, {key: text, **rest}]
+    for other in (chunk(d, f) for d in others for f in (None, finish)):
+        fast = shaped_chunk(other, shape)
+        if fast is not None:  # plain_chunk's reading, or the full parse's where it is unsure
+            (choice,) = json.loads(other)["choices"]
+            full = (1 if has_output(choice) else 0, reading[1])
+            assert fast == (plain_chunk(other) or full)
+    assert shaped_chunk(chunk({**learned_delta, key: "plain text"}, None), shape) == reading
+    assert shaped_chunk(chunk({**learned_delta, key: ""}, None), shape) == (0, reading[1])

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 __all__ = [
+    "STRING_STOP",
     "Edit",
+    "Shape",
     "has_output",
     "is_terminal",
     "plain_chunk",
+    "shape_of",
+    "shaped_chunk",
     "with_fingerprint",
     "without_null_usage",
 ]
@@ -34,6 +38,24 @@ _SEPARATORS: Final = {b':"': 2, b': "': 3}  # after a key: where its string valu
 _TERMINAL: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 _COMPLEX: Final = re.compile(rb'"(?:tool_calls|function_call|token|details|error)"')
 """Keys that send a chunk to the full parse: one search, not one ``in`` per key (half the cost)."""
+STRING_STOP: Final = re.compile(rb'["\\\x00-\x1f]')
+"""What ends a JSON string's plain run of bytes: its closing quote, an escape, a control byte."""
+
+
+class Shape(NamedTuple):
+    """A stream's plain chunk around its text value: the bytes before it and after it.
+
+    A server writes every chunk of a stream from one template (the same id,
+    ``created``, model, index and nulls); only the text changes. A chunk that
+    starts with ``head``, ends with ``tail`` and has a plain string between
+    is that chunk with other text, so it reads as :func:`plain_chunk` read
+    the chunk the shape was taken from, for the price of two compares and one
+    scan of the text.
+    """
+
+    head: bytes
+    tail: bytes
+    edit: Edit
 
 
 def plain_chunk(data: bytes) -> tuple[int, Edit] | None:
@@ -55,6 +77,44 @@ def plain_chunk(data: bytes) -> tuple[int, Edit] | None:
             return None
         edit = "null_usage"
     return (1 if _has_text(data) else 0), edit
+
+
+def shape_of(data: bytes, edit: Edit) -> Shape | None:
+    """The shape of a chunk :func:`plain_chunk` read as one token with ``edit``, if it has one.
+
+    It needs exactly one text member, a string with no escapes: the other
+    members are then bytes that cannot move the reading (any other text key,
+    empty or not, would).
+    """
+    key = b""
+    for candidate in _TEXT_KEYS:
+        n = data.count(candidate)
+        if n > 1 or (n and key):
+            return None
+        if n:
+            key = candidate
+    if not key:
+        return None
+    after = data.find(key) + len(key)
+    sep = _SEPARATORS.get(data[after : after + 3], 0) or _SEPARATORS.get(data[after : after + 2], 0)
+    if not sep:
+        return None
+    start = after + sep
+    stop = STRING_STOP.search(data, start)
+    if stop is None or stop.group() != b'"' or stop.start() == start:
+        return None
+    return Shape(data[:start], data[stop.start() :], edit)
+
+
+def shaped_chunk(data: bytes, shape: Shape) -> tuple[int, Edit] | None:
+    """:func:`plain_chunk`'s reading of a chunk of this ``shape``; ``None`` if it is not one."""
+    head, tail = shape.head, shape.tail
+    if not (data.startswith(head) and data.endswith(tail)):
+        return None
+    start, end = len(head), len(data) - len(tail)
+    if end < start or STRING_STOP.search(data, start, end) is not None:
+        return None
+    return (1 if end > start else 0), shape.edit
 
 
 def _has_text(data: bytes) -> bool:

@@ -20,10 +20,14 @@ from typing import Final, Literal, NamedTuple
 from sidecar.tracking.budget import ParseBudget
 from sidecar.tracking.event_scan import Scan, anthropic_event, meta_counts, responses_event
 from sidecar.tracking.openai_chunks import (
+    STRING_STOP,
     Edit,
+    Shape,
     has_output,
     is_terminal,
     plain_chunk,
+    shape_of,
+    shaped_chunk,
     with_fingerprint,
     without_null_usage,
 )
@@ -112,6 +116,7 @@ class ResponseTracker:
         "_budget",
         "_completion",
         "_done",
+        "_event_head",
         "_events",
         "_fingerprint",
         "_info",
@@ -127,6 +132,7 @@ class ResponseTracker:
         "_reserved",
         "_response_id",
         "_server_usage",
+        "_shape",
         "_streamed_usage",
         "_streaming",
         "_strip",
@@ -170,6 +176,8 @@ class ResponseTracker:
         self._usage: Usage | None = None
         self._keep_null = keep_null_usage
         self._server_usage = False  # the server put usage in a content chunk unasked
+        self._shape: Shape | None = None  # the stream's plain chunk around its text
+        self._event_head = b""  # an SSE event of that shape starts so
         self.null_usage_seen = False  # a chunk carried `"usage": null` (see the proxy)
         self._budget = budget
         self._reserved = 0
@@ -310,16 +318,34 @@ class ResponseTracker:
         """Token events of a chunk of whole ``\\n``-framed events (what servers flush).
 
         The splitter would cut it at the same ``\\n\\n`` boundaries; without it there
-        is no held state to join and no piece records, only one ``split``.
+        is no held state to join and no piece records. An event of the stream's
+        :class:`Shape` is read in place, with no slice and no call: a server flushes
+        runs of them, and at one call per event the calls were most of the cost.
         """
-        if chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2:
-            return self._on_data(chunk[6:-2])[0]  # one event of one line: most chunks
-        tokens = 0
-        for raw in chunk[:-2].split(b"\n\n"):
+        tokens, pos, size = 0, 0, len(chunk)
+        while pos < size:
+            stop = chunk.find(b"\n\n", pos)  # the chunk ends with one: never -1 here
+            head = self._event_head
+            if head and chunk.startswith(head, pos):
+                shape = self._shape
+                assert shape is not None
+                start, end = pos + len(head), stop - len(shape.tail)
+                if (
+                    end >= start
+                    and chunk.startswith(shape.tail, end)
+                    and STRING_STOP.search(chunk, start, end) is None
+                ):
+                    if end > start:
+                        tokens += 1
+                        self._token_events += 1
+                    pos = stop + 2
+                    continue
+            raw = chunk[pos:stop]
             if raw.startswith(b"data: ") and b"\n" not in raw:
                 tokens += self._on_data(raw[6:])[0]
             else:  # several lines, other fields, an empty event: the general reading
                 tokens += self._on_sse(raw + b"\n\n")[0]
+            pos = stop + 2
         return tokens
 
     def _pieces(self, pieces: list[Piece]) -> Fed:
@@ -399,7 +425,14 @@ class ResponseTracker:
         if api == "tgi" and b'"meta_info"' in data:
             return self._sglang(data), "keep"
         if self._model is not None:
-            fast = plain_chunk(data)
+            shape = self._shape
+            fast = None if shape is None else shaped_chunk(data, shape)
+            if fast is None:
+                fast = plain_chunk(data)
+                if fast is not None and fast[0]:  # the next chunks are likely this one's shape
+                    learned = shape_of(data, fast[1])
+                    if learned is not None:
+                        self._shape, self._event_head = learned, b"data: " + learned.head
             if fast is not None:  # most events of a stream: counted without decoding JSON
                 self._token_events += fast[0]
                 if fast[1] == "null_usage":
