@@ -292,6 +292,34 @@ class TestStripOnVllmShapes:
         t.flush()
         assert t.usage_fingerprint == "vllm-fp"  # what the proxy keeps for the next stream
 
+    def test_a_chunk_after_a_terminal_one_of_its_shape_is_held_too(self) -> None:
+        """Two terminal chunks of one choice in a row, each its own read, as a server flushes
+        them: both wait for the usage chunk and both get its fingerprint back, though the
+        second is of the first one's shape (strip mode reads no terminal chunk in place)."""
+
+        def chunk(text: str, finish: str | None, fp: bool = False) -> bytes:
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+            obj: dict[str, Any] = {"id": "c", "model": "m", "choices": [choice]}
+            if fp:
+                obj["system_fingerprint"] = "vllm-fp"
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        usage = {"id": "c", "model": "m", "choices": [],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+                 "system_fingerprint": "vllm-fp"}  # fmt: skip
+        done = b"data: [DONE]\n\n"
+        last = b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+        asked = [chunk("a", None), chunk("b", None), chunk("c", "stop"), chunk("d", "stop")]
+        unasked = [*asked[:2], chunk("c", "stop", fp=True), chunk("d", "stop", fp=True), done]
+        for known in (None, "vllm-fp"):  # known: each goes at once, the fingerprint added
+            t = ResponseTracker(
+                info("chat", "openai", True), SSE, None, {}, strip_usage_chunk=True,
+                fingerprint=known,
+            )  # fmt: skip
+            out = [t.feed(event).out for event in [*asked, last, done]]
+            assert b"".join([*out, t.flush()]) == b"".join(unasked)
+            assert t.finish().token_events == 4
+
     def test_vllm_usage_chunk_dropped(self) -> None:
         """vLLM's usage chunk (choices [] with usage) is removed, every other byte kept."""
         body = without_fingerprint("chat-stream-usage")

@@ -117,6 +117,7 @@ class ResponseTracker:
         "_completion",
         "_done",
         "_event_head",
+        "_event_tail",
         "_events",
         "_fingerprint",
         "_info",
@@ -177,7 +178,8 @@ class ResponseTracker:
         self._keep_null = keep_null_usage
         self._server_usage = False  # the server put usage in a content chunk unasked
         self._shape: Shape | None = None  # the stream's plain chunk around its text
-        self._event_head = b""  # an SSE event of that shape starts so
+        self._event_head = b""  # an SSE event of that shape starts so; b"": not read in place
+        self._event_tail = b""  # and ends so
         self.null_usage_seen = False  # a chunk carried `"usage": null` (see the proxy)
         self._budget = budget
         self._reserved = 0
@@ -210,6 +212,24 @@ class ResponseTracker:
 
     def feed(self, chunk: bytes) -> Fed:
         """Take the next response chunk; returns its token events and the bytes to send."""
+        head = self._event_head
+        if head and chunk.startswith(head) and chunk.endswith(self._event_tail):
+            # one event of the stream's shape, a decode step's chunk: _feed_sse's case, inline
+            start, end = len(head), len(chunk) - len(self._event_tail)
+            if (
+                end >= start
+                and STRING_STOP.search(chunk, start, end) is None
+                and not self._done
+                and not self._terminal
+                and not self._reserved
+                and len(chunk) <= self._max
+                and self._events is not None
+                and self._events.idle
+            ):
+                if end > start:
+                    self._token_events += 1
+                    return Fed(1, chunk)
+                return Fed(0, chunk)
         if self._done or not chunk:
             return Fed(0, chunk)
         if self._events is not None:
@@ -303,16 +323,42 @@ class ResponseTracker:
     def _feed_sse(self, chunk: bytes) -> Fed:
         assert self._events is not None
         if (
-            not self._strip
-            and self._events.idle
+            self._events.idle
             and chunk.endswith(b"\n\n")
             and len(chunk) <= self._max
             and chunk[0] != 0x0A  # an empty event first: the splitter's case
             and b"\r" not in chunk
         ):
-            return Fed(self._whole_events(chunk), chunk)
+            if not self._strip:
+                return Fed(self._whole_events(chunk), chunk)
+            if self._event_head and not self._terminal:  # strip mode: sent as is if all shaped
+                tokens = self._shaped_run(chunk)
+                if tokens is not None:
+                    self._token_events += tokens
+                    return Fed(tokens, chunk)
         fed = self._pieces(self._events.feed(chunk))
         return fed if self._strip else Fed(fed.tokens, chunk)
+
+    def _shaped_run(self, chunk: bytes) -> int | None:
+        """Token events of a chunk of whole events all of the stream's shape; ``None`` if one
+        is not. In strip mode such events go out unchanged (see where the shape is learned):
+        a decode step's chunk then skips the splitter, its piece records and their edits."""
+        head, tail = self._event_head, self._shape.tail if self._shape is not None else b""
+        tokens, pos, size = 0, 0, len(chunk)
+        while pos < size:
+            stop = chunk.find(b"\n\n", pos)  # the chunk ends with one: never -1 here
+            start, end = pos + len(head), stop - len(tail)
+            if not (
+                end >= start
+                and chunk.startswith(head, pos)
+                and chunk.startswith(tail, end)
+                and STRING_STOP.search(chunk, start, end) is None
+            ):
+                return None
+            if end > start:
+                tokens += 1
+            pos = stop + 2
+        return tokens
 
     def _whole_events(self, chunk: bytes) -> int:
         """Token events of a chunk of whole ``\\n``-framed events (what servers flush).
@@ -432,7 +478,12 @@ class ResponseTracker:
                 if fast is not None and fast[0]:  # the next chunks are likely this one's shape
                     learned = shape_of(data, fast[1])
                     if learned is not None:
-                        self._shape, self._event_head = learned, b"data: " + learned.head
+                        self._shape = learned
+                        # strip mode edits or holds some chunks: only others are read in place
+                        kept = self._keep_null or learned.edit == "keep"
+                        as_is = not self._strip or (kept and not is_terminal(data))
+                        self._event_head = b"data: " + learned.head if as_is else b""
+                        self._event_tail = learned.tail + b"\n\n"
             if fast is not None:  # most events of a stream: counted without decoding JSON
                 self._token_events += fast[0]
                 if fast[1] == "null_usage":
