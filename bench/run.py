@@ -313,11 +313,12 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         ("scrape_ms_1000_inflight", "<= 50", le("scrape_ms_1000_inflight", 50.0)),
     ]
-    for trace, mode in itertools.product(("chat", "code"), ("proxy", "traces", "traces_live")):
+    views = ("proxy", "proxy_held", "traces", "traces_live")
+    for trace, mode in itertools.product(("chat", "code"), views):
         k = f"serving_{trace}_{mode}"
         med = _get(fig, f"{k}_ledger_median_error_percent")
         p90 = _get(fig, f"{k}_ledger_p90_error_percent")
-        view = f"serving_{trace}_{'proxy' if mode == 'proxy' else 'traces'}"
+        view = f"serving_{trace}_{'proxy' if mode.startswith('proxy') else 'traces'}"
         naive = [_get(fig, f"{view}_{rule}_median_error_percent") for rule in ("equal", "token")]
         met = None
         if med is not None and p90 is not None and None not in naive:
@@ -379,7 +380,9 @@ TABLE: list[tuple[str, str, str]] = [
     ("naive_output_token_share_error_percent", "%", "naive: share of output tokens"),
     *(
         row
-        for t, m in itertools.product(("chat", "code"), ("proxy", "traces", "traces_live"))
+        for t, m in itertools.product(
+            ("chat", "code"), ("proxy", "proxy_held", "traces", "traces_live")
+        )
         for row in (
             (f"serving_{t}_{m}_ledger_median_error_percent", "%", f"serving {t}, {m}: sidecar"),
             (f"serving_{t}_{m}_ledger_p90_error_percent", "%", "  p90"),

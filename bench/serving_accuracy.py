@@ -57,6 +57,8 @@ MODES: tuple[Mode, ...] = ("proxy", "traces")
 RULES = ("ledger", "equal", "token")
 HOLD_S = 300.0
 """Traces mode's hold in the replay: longer than any request here plus the export delay."""
+PROXY_HOLD_S = 30.0
+"""``--proxy-hold`` in the ``proxy_held`` view: what the README suggests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +106,17 @@ def replay(
     paced: bool = True,
     prompt_spread: float = PROMPT_ESTIMATE_SPREAD,
     first_chunk_usage: bool = False,
+    proxy_hold_s: float = 0.0,
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
     """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them.
     ``prompt_spread``: how far the proxy's prompt estimate strays (0: the exact count at
     the start). ``first_chunk_usage``: the proxy also hands the ledger the exact prompt
     count with the first token (a server that reports usage in every chunk, vLLM's
-    ``continuous_usage_stats``)."""
+    ``continuous_usage_stats``). ``proxy_hold_s``: the ledger's hold in the proxy view
+    (``run --proxy-hold``)."""
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
-    ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else 0.0)
+    ledger = Ledger(gpus, hold_s=HOLD_S if mode == "traces" else proxy_hold_s)
     ledger._books.paced = mode == "traces" and paced  # vLLM's spans: a continuous batcher
     ledger.upstream_ready(wl.samples[0][0])
     events: list[tuple[float, int, int, str, float]] = []
@@ -346,17 +350,21 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
     true_idle_w = spec.idle_w * spec.gpus
     modes: dict[str, ModeResult] = {}
     conservation = 0.0
-    for name_ in (*MODES, "traces_live"):
-        mode: Mode = "proxy" if name_ == "proxy" else "traces"
-        ledger, cons = replay_live_traces(wl) if name_ == "traces_live" else replay(wl, mode)
+    for name_ in (*MODES, "traces_live", "proxy_held"):
+        mode: Mode = "proxy" if name_.startswith("proxy") else "traces"
+        if name_ == "traces_live":
+            ledger, cons = replay_live_traces(wl)
+        else:  # proxy_held: through run --proxy-hold, intervals wait for the streams' usage
+            hold = PROXY_HOLD_S if name_ == "proxy_held" else 0.0
+            ledger, cons = replay(wl, mode, proxy_hold_s=hold)
         conservation = max(conservation, cons)
         truth_idle = idle_by_stage(wl, mode, true_idle_w)
         est_idle = idle_by_stage(wl, mode, sum(idle.values()))
         got: dict[str, dict[str, tuple[float, float, float]]] = {
             "ledger": {rid: (d, a, p) for rid, (d, a, p) in ledger.items()}
         }
-        rules = ("ledger",) if name_ == "traces_live" else RULES
-        if name_ != "traces_live":
+        rules = RULES if name_ in MODES else ("ledger",)
+        if name_ in MODES:
             for rule, res in naive(wl, mode, reconciled, idle).items():
                 got[rule] = {
                     rid: (d, d + sum(est_idle[rid]), dp + est_idle[rid][0])
@@ -402,7 +410,7 @@ def fast_sampling(duration_s: float) -> dict[str, float]:
     res = run_trace("chat", duration_s, sample_hz=FAST_HZ)
     fig: dict[str, float] = {}
     for mode, m in res.modes.items():
-        if mode == "traces_live":
+        if mode not in MODES:
             continue
         k = f"serving_chat_{mode}_{FAST_HZ:g}hz_ledger"
         fig[f"{k}_median_error_percent"] = m.request["ledger"].median

@@ -206,7 +206,7 @@ class Sidecar:
             embodied_g_per_s=embodied.grams_per_second,
             budget_g_per_day=s.emissions_budget,
             on_finished=self._record_request,
-            hold_s=2.5 * OBSERVE_INTERVAL_S if s.mode == "observer" else 0.0,
+            hold_s=max(2.5 * OBSERVE_INTERVAL_S if s.mode == "observer" else 0.0, s.proxy_hold),
             sample_period_s=1.0 / s.sample_hz,
             traces_hold_s=TRACES_HOLD_S if s.otlp_listen is not None else None,
             running_from=_running_from(s),

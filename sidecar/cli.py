@@ -169,6 +169,11 @@ RUN_HELP: dict[str, str] = {
     "max_tenants": "distinct tenant labels before the rest become 'other' (default 50)",
     "upstream_connect_timeout": "seconds to connect to the upstream (default 5)",
     "upstream_read_timeout": "longest silence between upstream bytes, seconds (default 600)",
+    "proxy_hold": (
+        "proxy mode: seconds each interval's energy waits before it is shared, so a stream's "
+        "final usage (its exact prompt) is in when its prefill is placed; per-request and "
+        "per-model figures come that much later (default 0; 30 covers most streams)"
+    ),
     "grace_period": "on SIGTERM, seconds in-flight requests may take to finish (default 30)",
     "log_level": "debug | info | warning | error (default info)",
 }
@@ -196,6 +201,7 @@ RUN_METAVAR: dict[str, str] = {
     "upstream_connect_timeout": "S",
     "upstream_read_timeout": "S",
     "grace_period": "S",
+    "proxy_hold": "S",
     "pue": "F",
     "model": "NAME",
     "record": "DIR",

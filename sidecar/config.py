@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     max_tenants: int = Field(50, ge=1, le=10000)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(600.0, gt=0)
+    proxy_hold: float = Field(0.0, ge=0, le=900)
+    """Proxy mode: seconds each interval waits before its energy is shared, so the usage
+    at a stream's end (the exact prompt) is in when its prefill is placed."""
     grace_period: float = Field(30.0, ge=0)
     log_level: LogLevel = "info"
 
@@ -199,6 +202,15 @@ class Settings(BaseSettings):
             raise ValueError("--otlp-forward: needs --otlp-listen (there is nothing to forward)")
         if self.otlp_energy_spans and self.otlp_forward is None:
             raise ValueError("--otlp-energy-spans: needs --otlp-forward URL to send them to")
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_hold_with_proxy(self) -> Settings:
+        if self.proxy_hold and (self.upstream is None or self.otlp_listen is not None):
+            raise ValueError(
+                "--proxy-hold: needs --upstream URL and no --otlp-listen "
+                "(traces mode holds for the server's spans itself)"
+            )
         return self
 
     @classmethod

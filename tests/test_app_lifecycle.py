@@ -125,3 +125,30 @@ async def test_a_failure_at_the_last_step_releases_everything(
         probe.bind(("127.0.0.1", port))  # the receiver let go of its port
     finally:
         probe.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "hold_s"),
+    [
+        ({}, 0.0),
+        ({"proxy_hold": 30.0}, 30.0),
+        ({"proxy_hold": 60.0, "observe": "http://127.0.0.1:9/metrics"}, 60.0),
+    ],
+)
+async def test_proxy_hold_is_the_ledgers_hold(
+    aiohttp_server: ServerFactory, flags: dict[str, Any], hold_s: float
+) -> None:
+    """``--proxy-hold`` holds the ledger's intervals, beside the observer too."""
+    from upstreams import create_upstream
+
+    upstream = await aiohttp_server(create_upstream())
+    if "observe" in flags:
+        flags = {**flags, "observe": str(upstream.make_url("/metrics"))}
+    settings = Settings(upstream=str(upstream.make_url("/")), power_source="simulated", **flags)
+    sidecar = Sidecar(settings, env={})
+    await sidecar.start()
+    try:
+        assert sidecar.meter is not None
+        assert sidecar.meter.ledger.hold_s == hold_s
+    finally:
+        await sidecar.stop()

@@ -52,6 +52,12 @@ def test_lists_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"upstream": "http://x", "pue": "0.5"}, "--pue:"),
         ({"upstream": "http://x", "carbon_provider": "magic"}, "--carbon-provider:"),
         ({"upstream": "http://x", "idle_watts": "a,b"}, "--idle-watts:"),
+        ({"upstream": "http://x", "proxy_hold": "-1"}, "--proxy-hold:"),
+        ({"observe": "http://x", "proxy_hold": "30"}, "--proxy-hold: needs --upstream"),
+        (
+            {"upstream": "http://x", "otlp_listen": "127.0.0.1:4318", "proxy_hold": "30"},
+            "--proxy-hold: needs --upstream URL and no --otlp-listen",
+        ),
     ],
 )
 def test_bad_values_name_the_flag(flags: dict[str, str], message: str) -> None:

@@ -310,3 +310,46 @@ class TestFrontier:
                 req.known_s = max(req.known_s, t)
             want = min((r.known_s for r in live.values()), default=INF)
             assert frontier.earliest_s() == want
+
+
+class TestProxyHold:
+    """``--proxy-hold``: intervals wait, so a stream's final usage reaches its prefill."""
+
+    @staticmethod
+    def run(hold_s: float, *, count_at_first_token: bool) -> dict[str, tuple[float, float, float]]:
+        """Overlapping streams whose body estimates are a third of their prompts: enough of
+        them (16 prompt windows) for the prefill rate to be known, so the prefill queue places
+        the counted prompts, and the uncounted ones are spread by the rate."""
+        ledger = Ledger(["0"], idle_watts={"0": 60.0}, hold_s=hold_s)
+        events: list[tuple[float, int, str, int]] = []  # time, kind, request, tokens
+        for i in range(24):
+            rid, start, prompt = f"r{i}", 0.3 * i, 300 * (1 + i % 5)
+            first = start + 0.2 + prompt / 2000.0
+            events += [(start, 0, rid, prompt // 3), (first, 1, rid, prompt)]
+            events += [(first + 0.05 * k, 2, rid, 1) for k in range(1, 30)]
+            events.append((first + 1.6, 3, rid, prompt))
+        events += [(0.02 * k, 4, "", 0) for k in range(501)]  # samples, 50 Hz
+        for t, kind, rid, n in sorted(events):
+            if kind == 0:
+                ledger.start(rid, t, model="m", prompt_tokens=n)
+            elif kind == 1:
+                ledger.first_token(rid, t, prompt_tokens=n if count_at_first_token else None)
+            elif kind == 2:
+                ledger.tokens(rid, t, n)
+            elif kind == 3:
+                ledger.finish(rid, t, prompt_tokens=n, completion_tokens=29)
+            else:
+                ledger.sample("0", t, 150.0 + 80.0 * ((t * 7.0) % 1.0))
+        ledger.flush()
+        return {f.id: (f.dynamic_j, f.idle_j, f.prefill_j) for f in ledger.pop_finished()}
+
+    def test_usage_at_the_end_places_the_prompt_as_a_count_at_the_first_token(self) -> None:
+        """Held, the exact prompt from the stream's last chunk gives what the count in its
+        first chunk gives; without the hold the prefill was assigned on the estimate."""
+        counted = self.run(30.0, count_at_first_token=True)
+        held = self.run(30.0, count_at_first_token=False)
+        assert held.keys() == counted.keys() == {f"r{i}" for i in range(24)}
+        for rid, figures in counted.items():
+            assert held[rid] == pytest.approx(figures, rel=1e-9)
+        unheld = self.run(0.0, count_at_first_token=False)
+        assert max(abs(unheld[r][2] / counted[r][2] - 1.0) for r in counted) > 0.05
