@@ -229,12 +229,7 @@ def collect(plan: Plan) -> dict[str, Any]:
     ]
     fig["attribution_conservation_error"] = acc.live_conservation_error
     log(f"serving accuracy: continuous batching on the Azure LLM trace 2023, {plan.accuracy_s:g} s")
-    fig.update(
-        serving_accuracy.figures(
-            serving_accuracy.run_trace(name, plan.accuracy_s) for name in serving_accuracy.TRACES
-        )
-    )
-    fig.update(serving_accuracy.fast_sampling(plan.accuracy_s))
+    fig.update(serving_accuracy.all_figures(plan.accuracy_s))
     log("traces mode: delay from a request's end to its final figure (long generations)")
     fig.update(otlp_bench.final_delay())
 

@@ -108,15 +108,19 @@ class Meter:
         tenants: bool = False,
         traces_hold_s: float | None = None,
         running_from: RunningFrom | None = None,
+        proxy_hold_s: float = 0.0,
     ) -> None:
         """``traces_hold_s`` turns traces mode on (spans are the requests, held that
         long); ``running_from`` names the source of the server's running count there
-        (the observer's scrape, else the proxy's open requests, else none)."""
+        (the observer's scrape, else the proxy's open requests, else none).
+        ``proxy_hold_s`` (``--proxy-hold``): intervals wait that long, so the usage at a
+        stream's end places its prompt."""
         self.gpus = gpus
         self.ledger = Ledger(
             [g.gpu for g in gpus],
             idle_watts=idle_watts,
-            hold_s=hold_s,
+            hold_s=max(hold_s, proxy_hold_s),
+            prompts_at_end=proxy_hold_s > 0.0,
             sample_period_s=sample_period_s,
             late_hold_s=traces_hold_s,
             counted=running_from is not None,

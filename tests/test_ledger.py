@@ -320,7 +320,7 @@ class TestProxyHold:
         """Overlapping streams whose body estimates are a third of their prompts: enough of
         them (16 prompt windows) for the prefill rate to be known, so the prefill queue places
         the counted prompts, and the uncounted ones are spread by the rate."""
-        ledger = Ledger(["0"], idle_watts={"0": 60.0}, hold_s=hold_s)
+        ledger = Ledger(["0"], idle_watts={"0": 60.0}, hold_s=hold_s, prompts_at_end=hold_s > 0)
         events: list[tuple[float, int, str, int]] = []  # time, kind, request, tokens
         for i in range(24):
             rid, start, prompt = f"r{i}", 0.3 * i, 300 * (1 + i % 5)

@@ -87,6 +87,7 @@ class Ledger:
         slot_s: float = SLOT_S,
         paced_decode: bool = False,
         grace_s: float | None = None,
+        prompts_at_end: bool = False,
     ) -> None:
         if sample_period_s is not None and not sample_period_s > 0:
             raise ValueError(f"sample_period_s must be positive, got {sample_period_s}")
@@ -100,6 +101,7 @@ class Ledger:
         self._max_wait_s = max_wait_s
         self._silent_after_s = max(silent_after_s, 2.0 * max_wait_s, 2.0 * hold_s)
         self._hold_s = hold_s
+        self._prompts_at_end = prompts_at_end
         self._period_s = sample_period_s
         self._gap_after_s = INF if sample_period_s is None else GAP_PERIODS * sample_period_s
         self._first_s = INF
@@ -279,7 +281,7 @@ class Ledger:
         if prompt_tokens is not None and req.first_token_s is None:
             req.prompt_work = float(prompt_tokens)
         elif (
-            self._hold_s > 0.0
+            self._prompts_at_end
             and prompt_tokens is not None
             and not req.counted
             and req.prompt_work
@@ -290,7 +292,7 @@ class Ledger:
             # token (the prefill queue), as where the first chunk carried the count. Without a
             # hold few ends come that early, and mixing them in moved the serving bench the
             # wrong way (code 13.1 -> 13.7 % median); with 30 s: chat 4.5 -> 2.7 %, code 13.1
-            # -> 3.0 %.
+            # -> 3.0 %. Only where the proxy holds for it (``prompts_at_end``).
             req.counted = True
         if req.first_token_s is None:
             # Not streamed: prompt and completion were all computed before the reply.
