@@ -406,6 +406,41 @@ async def test_first_stream_counted(vllm: VllmServer) -> None:
         await asyncio.to_thread(fresh.stop)
 
 
+async def test_proxy_hold_books_each_request_once_after_the_hold(vllm: VllmServer) -> None:
+    """``--proxy-hold 8``: streams end, and no request's energy is final until the hold has
+    passed; then every one is, once, with vLLM's own prompt and generation counts."""
+    port, mport = free_port(), free_port()
+    held = await asyncio.to_thread(
+        run_sidecar, start_simulated(vllm.url, port, mport, "--proxy-hold", "8"), port, mport
+    )
+    try:
+        before = await counts(held, vllm)
+        n = 3
+        await asyncio.gather(*(chat_stream(held.url, PROMPTS[i], 20 + i) for i in range(n)))
+        at_end = (await counts(held, vllm)).minus(before)
+        d = await settled(
+            held,
+            vllm,
+            before,
+            n,
+            lambda d: (
+                d.ours_requests >= n
+                and d.ours_prompt == d.vllm_prompt
+                and d.ours_completion == d.vllm_completion
+            ),
+        )
+        print(
+            f"figures shape=proxy-hold requests at end={at_end.ours_requests:g} then"
+            f" {d.ours_requests:g}; prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
+        )
+        assert at_end.vllm_finished == n
+        assert at_end.ours_requests == 0, "final before the hold passed"
+        assert d.ours_requests == n
+        assert (d.ours_prompt, d.ours_completion) == (d.vllm_prompt, d.vllm_completion)
+    finally:
+        await asyncio.to_thread(held.stop)
+
+
 # ------------------------------------------------------------------ observer mode
 
 
