@@ -488,6 +488,54 @@ class TestOpenAI:
             _, tokens, usage = track(info(), body, "text/event-stream", chunks=chunks)
             assert (tokens, usage.token_events) == (5, 5)
 
+    @pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+    def test_strip_cuts_null_usage_from_chunks_of_the_streams_shape(
+        self, separators: tuple[str, str]
+    ) -> None:
+        """Asked for usage, a server writes `"usage": null` in every chunk; strip mode cuts
+        it from chunks read by the stream's shape as from any other, however they are read."""
+
+        def event(text: str, **extra: Any) -> bytes:
+            obj = {**chat_chunk(text), **extra}
+            return b"data: " + json.dumps(obj, separators=separators).encode() + b"\n\n"
+
+        texts = ("a", "b", "c", "d", 'q"uote', "")
+        asked = [event(t, usage=None) for t in texts] + [b"data: [DONE]\n\n"]
+        expected = b"".join(event(t) for t in texts) + b"data: [DONE]\n\n"
+        body = b"".join(asked)
+        two = [*asked[:2], asked[2] + asked[3], *asked[4:]]  # two of the shape in one read
+        for chunks in (asked, two, [body], [body[i : i + 5] for i in range(0, len(body), 5)]):
+            out, tokens, _ = track(info(), body, "text/event-stream", chunks=chunks, strip=True)
+            assert (out, tokens) == (expected, 5)
+
+    @pytest.mark.parametrize("strip", [False, True])
+    def test_a_run_of_three_newlines_ends_the_chunk_it_is_in(self, strip: bool) -> None:
+        """Whole events cut at each blank line, as the splitter cuts them, where an event
+        ends in three newlines (the third is the next event's empty first line): read in
+        place, such a chunk once sent the tracker round in a loop that never ended."""
+        import threading
+
+        plain = sse(chat_chunk("a"), chat_chunk("b"), done=False)
+        odd = [
+            plain + sse(chat_chunk("c"), done=False)[:-2] + b"\n\n\n",
+            plain.replace(b"\n\n", b"\n\n\n", 1) + b"data: [DONE]\n\n",
+            plain + b"data: [DONE]\n\n\n",
+        ]
+        for body in odd:
+            got: list[tuple[int, int]] = []
+
+            def run(body: bytes = body, got: list[tuple[int, int]] = got) -> None:
+                _, tokens, usage = track(info(), body, "text/event-stream", strip=strip)
+                got.append((tokens, usage.token_events))
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            worker.join(10.0)
+            assert got, f"the tracker did not return on {body[-40:]!r}"
+            cut = [body[i : i + 7] for i in range(0, len(body), 7)]
+            _, tokens, usage = track(info(), body, "text/event-stream", chunks=cut, strip=strip)
+            assert got == [(tokens, usage.token_events)], body[-40:]
+
     def test_embeddings(self) -> None:
         """Embeddings report prompt tokens only; they generate none."""
         body = json.dumps(

@@ -86,8 +86,15 @@ def sse_streams(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
             obj = {"id": "c", "created": 1, "model": "m", "choices": [
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}  # fmt: skip
             tokens += 1 if text or "tool_calls" in delta else 0
-            compact = json.dumps(obj, separators=(",", ":"), ensure_ascii=draw(st.booleans()))
+            ascii_only = draw(st.booleans())
+            compact = json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only)
             event = b"data: " + compact.encode() + eol + eol
+            if draw(st.booleans()):  # asked for usage: `"usage":null` in it, cut in strip mode
+                asked = json.dumps({**obj, "usage": None}, separators=(",", ":"),
+                                   ensure_ascii=ascii_only)  # fmt: skip
+                body += b"data: " + asked.encode() + eol + eol
+                stripped += event
+                continue
         elif kind == "big":
             obj = {"choices": [{"delta": {"content": "x" * 3000}}]}  # over the 2 KiB cap
         else:
@@ -124,12 +131,16 @@ def test_sse_chunking_never_matters(stream: tuple[bytes, bytes, int], cuts: list
     whole = feed_all(CHAT, "text/event-stream", [body], strip=False, max_buffer=2048)
     assert whole[0] == body
     assert whole[1] == tokens
+    blank = next((e + e for e in (b"\r\n", b"\r", b"\n") if e in body), b"\n\n")
+    by_event = [e + blank for e in body.split(blank)[:-1]]  # a server's flush per event
+    assert b"".join(by_event) == body
     for strip in (False, True):
-        out, n, usage = feed_all(
-            CHAT, "text/event-stream", split(body, cuts), strip=strip, max_buffer=2048
-        )
-        assert out == (stripped if strip else body)
-        assert (n, usage) == whole[1:]
+        for chunks in (split(body, cuts), by_event, [body]):
+            out, n, usage = feed_all(
+                CHAT, "text/event-stream", chunks, strip=strip, max_buffer=2048
+            )
+            assert out == (stripped if strip else body)
+            assert (n, usage) == whole[1:]
 
 
 @settings(max_examples=200, deadline=None)
@@ -364,7 +375,9 @@ def test_a_chunk_read_by_its_streams_shape_reads_as_plain_chunk_reads_it(
         fast = shaped_chunk(other, shape)
         if fast is not None:  # plain_chunk's reading, or the full parse's where it is unsure
             (choice,) = json.loads(other)["choices"]
-            full = (1 if has_output(choice) else 0, reading[1])
+            # the byte reading takes a text member in the delta whatever its name
+            texts = [v for k, v in choice["delta"].items() if k in _TEXT and isinstance(v, str)]
+            full = (1 if has_output(choice) or any(texts) else 0, reading[1])
             assert fast == (plain_chunk(other) or full)
     assert shaped_chunk(chunk({**learned_delta, key: "plain text"}, None), shape) == reading
     assert shaped_chunk(chunk({**learned_delta, key: ""}, None), shape) == (0, reading[1])

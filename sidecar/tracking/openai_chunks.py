@@ -20,6 +20,7 @@ __all__ = [
     "plain_chunk",
     "shape_of",
     "shaped_chunk",
+    "stripped_shape",
     "with_fingerprint",
     "without_null_usage",
 ]
@@ -104,6 +105,22 @@ def shape_of(data: bytes, edit: Edit) -> Shape | None:
     if stop is None or stop.group() != b'"' or stop.start() == start:
         return None
     return Shape(data[:start], data[stop.start() :], edit)
+
+
+def stripped_shape(shape: Shape) -> tuple[bytes, bytes] | None:
+    """The bytes around the text once :func:`without_null_usage` cut a chunk of ``shape``.
+
+    The member cut is in the head or the tail, never in the text (it holds quotes, the
+    text none), so every chunk of the shape loses the same bytes; two probe texts find
+    them. ``None`` if nothing is cut.
+    """
+    one = without_null_usage(shape.head + b"x" + shape.tail)
+    two = without_null_usage(shape.head + b"yy" + shape.tail)
+    at = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b), -1)
+    if at < 0 or one == shape.head + b"x" + shape.tail:
+        return None
+    head, tail = one[:at], one[at + 1 :]
+    return (head, tail) if two == head + b"yy" + tail else None
 
 
 def shaped_chunk(data: bytes, shape: Shape) -> tuple[int, Edit] | None:

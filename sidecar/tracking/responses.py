@@ -28,6 +28,7 @@ from sidecar.tracking.openai_chunks import (
     plain_chunk,
     shape_of,
     shaped_chunk,
+    stripped_shape,
     with_fingerprint,
     without_null_usage,
 )
@@ -117,6 +118,7 @@ class ResponseTracker:
         "_completion",
         "_done",
         "_event_head",
+        "_event_out",
         "_event_tail",
         "_events",
         "_fingerprint",
@@ -180,6 +182,7 @@ class ResponseTracker:
         self._shape: Shape | None = None  # the stream's plain chunk around its text
         self._event_head = b""  # an SSE event of that shape starts so; b"": not read in place
         self._event_tail = b""  # and ends so
+        self._event_out: tuple[bytes, bytes] | None = None  # strip mode: what it goes out as
         self.null_usage_seen = False  # a chunk carried `"usage": null` (see the proxy)
         self._budget = budget
         self._reserved = 0
@@ -226,10 +229,13 @@ class ResponseTracker:
                 and self._events is not None
                 and self._events.idle
             ):
+                out = chunk
+                if self._event_out is not None:  # strip mode: the "usage": null cut
+                    out = self._event_out[0] + chunk[start:end] + self._event_out[1]
                 if end > start:
                     self._token_events += 1
-                    return Fed(1, chunk)
-                return Fed(0, chunk)
+                    return Fed(1, out)
+                return Fed(0, out)
         if self._done or not chunk:
             return Fed(0, chunk)
         if self._events is not None:
@@ -331,22 +337,46 @@ class ResponseTracker:
         ):
             if not self._strip:
                 return Fed(self._whole_events(chunk), chunk)
-            if self._event_head and not self._terminal:  # strip mode: sent as is if all shaped
-                tokens = self._shaped_run(chunk)
-                if tokens is not None:
-                    self._token_events += tokens
-                    return Fed(tokens, chunk)
+            if self._event_head and not self._terminal:  # strip mode: all shaped, or the splitter
+                run = self._shaped_run(chunk)
+                if run is not None:
+                    self._token_events += run[0]
+                    return Fed(*run)
         fed = self._pieces(self._events.feed(chunk))
         return fed if self._strip else Fed(fed.tokens, chunk)
 
-    def _shaped_run(self, chunk: bytes) -> int | None:
-        """Token events of a chunk of whole events all of the stream's shape; ``None`` if one
-        is not. In strip mode such events go out unchanged (see where the shape is learned):
-        a decode step's chunk then skips the splitter, its piece records and their edits."""
+    def _learn(self, shape: Shape, data: bytes) -> None:
+        """Read the stream's next chunks by ``shape`` (``data``'s), in place where allowed.
+
+        Strip mode holds or edits terminal chunks (the fingerprint): those are not read in
+        place. Its ``"usage": null`` cut is the same bytes in every chunk of a shape, so
+        those chunks are, and go out as the head and tail cut, with the text between.
+        """
+        self._shape = shape
+        cut: tuple[bytes, bytes] | None = None
+        if self._strip and not self._keep_null and shape.edit == "null_usage":
+            cut = stripped_shape(shape)
+            if cut is None:
+                self._event_head = b""
+                return
+        if self._strip and is_terminal(data):
+            self._event_head = b""
+            return
+        self._event_head, self._event_tail = b"data: " + shape.head, shape.tail + b"\n\n"
+        self._event_out = None if cut is None else (b"data: " + cut[0], cut[1] + b"\n\n")
+
+    def _shaped_run(self, chunk: bytes) -> tuple[int, bytes] | None:
+        """Token events and bytes out of a chunk of whole events all of the stream's shape;
+        ``None`` if one is not. In strip mode such events go out unchanged or cut alike (see
+        :meth:`_learn`): a decode step's chunk then skips the splitter and its piece records."""
         head, tail = self._event_head, self._shape.tail if self._shape is not None else b""
-        tokens, pos, size = 0, 0, len(chunk)
-        while pos < size:
-            stop = chunk.find(b"\n\n", pos)  # the chunk ends with one: never -1 here
+        cut = self._event_out
+        parts: list[bytes] = []
+        tokens, pos, last = 0, 0, len(chunk) - 2  # the events: chunk[:-2] cut at b"\n\n"
+        while True:
+            stop = chunk.find(b"\n\n", pos, last)
+            if stop < 0:
+                stop = last
             start, end = pos + len(head), stop - len(tail)
             if not (
                 end >= start
@@ -357,8 +387,11 @@ class ResponseTracker:
                 return None
             if end > start:
                 tokens += 1
+            if cut is not None:
+                parts += (cut[0], chunk[start:end], cut[1])
+            if stop == last:
+                return tokens, (chunk if cut is None else b"".join(parts))
             pos = stop + 2
-        return tokens
 
     def _whole_events(self, chunk: bytes) -> int:
         """Token events of a chunk of whole ``\\n``-framed events (what servers flush).
@@ -368,31 +401,36 @@ class ResponseTracker:
         :class:`Shape` is read in place, with no slice and no call: a server flushes
         runs of them, and at one call per event the calls were most of the cost.
         """
-        tokens, pos, size = 0, 0, len(chunk)
-        while pos < size:
-            stop = chunk.find(b"\n\n", pos)  # the chunk ends with one: never -1 here
-            head = self._event_head
-            if head and chunk.startswith(head, pos):
-                shape = self._shape
-                assert shape is not None
-                start, end = pos + len(head), stop - len(shape.tail)
-                if (
-                    end >= start
-                    and chunk.startswith(shape.tail, end)
-                    and STRING_STOP.search(chunk, start, end) is None
-                ):
-                    if end > start:
-                        tokens += 1
-                        self._token_events += 1
-                    pos = stop + 2
-                    continue
-            raw = chunk[pos:stop]
-            if raw.startswith(b"data: ") and b"\n" not in raw:
-                tokens += self._on_data(raw[6:])[0]
-            else:  # several lines, other fields, an empty event: the general reading
-                tokens += self._on_sse(raw + b"\n\n")[0]
+        tokens, pos, last = 0, 0, len(chunk) - 2  # the events: chunk[:-2] cut at b"\n\n"
+        head = self._event_head
+        while True:
+            stop = chunk.find(b"\n\n", pos, last)
+            if stop < 0:  # the last event (a run of three newlines leaves one in it)
+                stop = last
+            shape = self._shape
+            start = pos + len(head)
+            end = stop - len(shape.tail) if shape is not None else -1
+            if (
+                head
+                and shape is not None
+                and end >= start
+                and chunk.startswith(head, pos)
+                and chunk.startswith(shape.tail, end)
+                and STRING_STOP.search(chunk, start, end) is None
+            ):
+                if end > start:
+                    tokens += 1
+                    self._token_events += 1
+            else:
+                raw = chunk[pos:stop]
+                if raw.startswith(b"data: ") and b"\n" not in raw:
+                    tokens += self._on_data(raw[6:])[0]
+                else:  # several lines, other fields, an empty event: the general reading
+                    tokens += self._on_sse(raw + b"\n\n")[0]
+                head = self._event_head  # a shape learned there reads the next events
+            if stop == last:
+                return tokens
             pos = stop + 2
-        return tokens
 
     def _pieces(self, pieces: list[Piece]) -> Fed:
         """Parse framed SSE pieces; in strip mode, also the bytes to send (see :meth:`_unasked`)."""
@@ -478,12 +516,7 @@ class ResponseTracker:
                 if fast is not None and fast[0]:  # the next chunks are likely this one's shape
                     learned = shape_of(data, fast[1])
                     if learned is not None:
-                        self._shape = learned
-                        # strip mode edits or holds some chunks: only others are read in place
-                        kept = self._keep_null or learned.edit == "keep"
-                        as_is = not self._strip or (kept and not is_terminal(data))
-                        self._event_head = b"data: " + learned.head if as_is else b""
-                        self._event_tail = learned.tail + b"\n\n"
+                        self._learn(learned, data)
             if fast is not None:  # most events of a stream: counted without decoding JSON
                 self._token_events += fast[0]
                 if fast[1] == "null_usage":
