@@ -29,6 +29,7 @@ from sidecar.tracking.openai_chunks import (
     shape_of,
     shaped_chunk,
     stripped_shape,
+    text_span,
     with_fingerprint,
     without_null_usage,
 )
@@ -218,6 +219,7 @@ class ResponseTracker:
         head = self._event_head
         if head and chunk.startswith(head) and chunk.endswith(self._event_tail):
             # one event of the stream's shape, a decode step's chunk: _feed_sse's case, inline
+            # (text_span's test, which ends with and startswith at the ends already did)
             start, end = len(head), len(chunk) - len(self._event_tail)
             if (
                 end >= start
@@ -377,14 +379,10 @@ class ResponseTracker:
             stop = chunk.find(b"\n\n", pos, last)
             if stop < 0:
                 stop = last
-            start, end = pos + len(head), stop - len(tail)
-            if not (
-                end >= start
-                and chunk.startswith(head, pos)
-                and chunk.startswith(tail, end)
-                and STRING_STOP.search(chunk, start, end) is None
-            ):
+            span = text_span(chunk, pos, stop, head, tail)
+            if span is None:
                 return None
+            start, end = span
             if end > start:
                 tokens += 1
             if cut is not None:
@@ -407,15 +405,13 @@ class ResponseTracker:
             stop = chunk.find(b"\n\n", pos, last)
             if stop < 0:  # the last event (a run of three newlines leaves one in it)
                 stop = last
-            shape = self._shape
-            start = pos + len(head)
-            end = stop - len(shape.tail) if shape is not None else -1
+            tail = self._event_tail
+            start, end = pos + len(head), stop + 2 - len(tail)  # text_span's test, inline
             if (
                 head
-                and shape is not None
                 and end >= start
                 and chunk.startswith(head, pos)
-                and chunk.startswith(shape.tail, end)
+                and chunk.startswith(tail, end)
                 and STRING_STOP.search(chunk, start, end) is None
             ):
                 if end > start:
