@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, python  # noqa: E402
-from bench.procs import Harness, LoadGen, start_upstream, wait_http  # noqa: E402
+from bench.procs import Harness, LoadGen, run_args, start_upstream, wait_http  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 WARM = 100
@@ -51,11 +51,8 @@ def instructions(tree: Path, variant: str, *, plain: bool, n: int) -> int:
             [
                 "valgrind", "--tool=cachegrind", "--cache-sim=no",
                 "--cachegrind-out-file=/dev/null", f"--log-file={log}",
-                python(), "-m", "bench.variant_sidecar", variant, "run",
-                "--upstream", f"http://127.0.0.1:{up_port}", "--power-source", "simulated",
-                "--sample-hz", "1", "--listen", f"127.0.0.1:{port}",
-                "--metrics-listen", f"127.0.0.1:{mport}", "--grace-period", "2",
-                "--log-level", "warning",
+                python(), "-m", "bench.variant_sidecar", variant,
+                *run_args(up_port, port, mport), "--sample-hz", "1", "--log-level", "warning",
             ],
             cwd=tree,  # its own package first: the working directory leads sys.path
             env={**os.environ, "PYTHONPATH": str(tree)},

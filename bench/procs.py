@@ -137,6 +137,24 @@ def nginx_pids(proc: subprocess.Popen[bytes]) -> list[int]:
     return [proc.pid, *children(proc.pid)]
 
 
+def run_args(upstream_port: int, port: int, metrics_port: int) -> list[str]:
+    """``run``'s flags for a benchmark's sidecar: the stand-in upstream, a simulated GPU,
+    both listeners on 127.0.0.1, a 2 s grace so a stop does not wait."""
+    return [
+        "run",
+        "--upstream",
+        f"http://127.0.0.1:{upstream_port}",
+        "--power-source",
+        "simulated",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        "--grace-period",
+        "2",
+    ]
+
+
 def start_sidecar(
     tmp: Path,
     upstream_port: int,
@@ -166,17 +184,7 @@ def start_sidecar(
             "-m",
             module,
             *probe,
-            "run",
-            "--upstream",
-            f"http://127.0.0.1:{upstream_port}",
-            "--power-source",
-            "simulated",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            f"127.0.0.1:{mport}",
-            "--grace-period",
-            "2",
+            *run_args(upstream_port, port, mport),
             *(["--data-plane", data_plane] if data_plane else []),
         ],
         cwd=ROOT,

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, python  # noqa: E402
-from bench.procs import Harness, LoadGen, start_upstream, wait_http  # noqa: E402
+from bench.procs import Harness, LoadGen, run_args, start_upstream, wait_http  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -59,10 +59,8 @@ def run(variant: str, *, plain: bool, n: int, top: int, sort: str) -> None:
         out = h.tmp / "sidecar.prof"
         proc = subprocess.Popen(
             [
-                python(), "-m", "bench.profile_sidecar", "--child", variant, str(out), "run",
-                "--upstream", f"http://127.0.0.1:{up_port}", "--power-source", "simulated",
-                "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
-                "--grace-period", "2", "--log-level", "warning",
+                python(), "-m", "bench.profile_sidecar", "--child", variant, str(out),
+                *run_args(up_port, port, mport), "--log-level", "warning",
             ],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -253,6 +253,10 @@ def collect(plan: Plan) -> dict[str, Any]:
     return fig
 
 
+SERVING_VIEWS = ("proxy", "proxy_held", "traces", "traces_live")
+"""The serving bench's views with goals and table rows (``serving_<trace>_<view>_...``)."""
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
@@ -308,8 +312,7 @@ def goals(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         ("scrape_ms_1000_inflight", "<= 50", le("scrape_ms_1000_inflight", 50.0)),
     ]
-    views = ("proxy", "proxy_held", "traces", "traces_live")
-    for trace, mode in itertools.product(("chat", "code"), views):
+    for trace, mode in itertools.product(("chat", "code"), SERVING_VIEWS):
         k = f"serving_{trace}_{mode}"
         med = _get(fig, f"{k}_ledger_median_error_percent")
         p90 = _get(fig, f"{k}_ledger_p90_error_percent")
@@ -375,9 +378,7 @@ TABLE: list[tuple[str, str, str]] = [
     ("naive_output_token_share_error_percent", "%", "naive: share of output tokens"),
     *(
         row
-        for t, m in itertools.product(
-            ("chat", "code"), ("proxy", "proxy_held", "traces", "traces_live")
-        )
+        for t, m in itertools.product(("chat", "code"), SERVING_VIEWS)
         for row in (
             (f"serving_{t}_{m}_ledger_median_error_percent", "%", f"serving {t}, {m}: sidecar"),
             (f"serving_{t}_{m}_ledger_p90_error_percent", "%", "  p90"),

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, median, python  # noqa: E402
-from bench.procs import Harness, LoadGen, start_upstream, wait_http  # noqa: E402
+from bench.procs import Harness, LoadGen, run_args, start_upstream, wait_http  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -50,10 +50,8 @@ def start(tree: Path, tag: str, tmp: Path, up_port: int, plane: str) -> tuple[An
     env["LAG_CALLBACKS"] = "1"
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
-        [python(), "-m", "bench.lag_sidecar", str(tmp / f"lag-{tag}.json"), "run",
-         "--upstream", f"http://127.0.0.1:{up_port}", "--power-source", "simulated",
-         "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
-         "--grace-period", "2", "--data-plane", plane],
+        [python(), "-m", "bench.lag_sidecar", str(tmp / f"lag-{tag}.json"),
+         *run_args(up_port, port, mport), "--data-plane", plane],
         cwd=probe_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     wait_http(f"http://127.0.0.1:{mport}/healthz", proc, f"the sidecar ({tag})")

@@ -22,6 +22,7 @@ from vllm_counts import (
     SETTLE_TIMEOUT_S,
     Sidecar,
     counts,
+    exactly,
     run_sidecar,
     settled,
     steady,
@@ -390,11 +391,7 @@ async def test_first_stream_counted(vllm: VllmServer) -> None:
             vllm,
             before,
             n,
-            lambda d: (
-                d.ours_requests >= n
-                and d.ours_prompt == d.vllm_prompt
-                and d.ours_completion == d.vllm_completion
-            ),
+            exactly(n),
         )
         print(
             f"figures shape=first-chat-streams prompt ours={d.ours_prompt:g} vllm={d.vllm_prompt:g}"
@@ -423,11 +420,7 @@ async def test_proxy_hold_books_each_request_once_after_the_hold(vllm: VllmServe
             vllm,
             before,
             n,
-            lambda d: (
-                d.ours_requests >= n
-                and d.ours_prompt == d.vllm_prompt
-                and d.ours_completion == d.vllm_completion
-            ),
+            exactly(n),
         )
         print(
             f"figures shape=proxy-hold requests at end={at_end.ours_requests:g} then"

@@ -124,6 +124,15 @@ async def counts(sidecar: Sidecar, vllm: VllmServer) -> Counts:
     )
 
 
+def exactly(n: int) -> Callable[[Counts], bool]:
+    """:func:`settled`'s test where the sidecar must book vLLM's own counts exactly."""
+    return lambda d: (
+        d.ours_requests >= n
+        and d.ours_prompt == d.vllm_prompt
+        and d.ours_completion == d.vllm_completion
+    )
+
+
 async def settled(
     sidecar: Sidecar, vllm: VllmServer, before: Counts, n: int, ready: Callable[[Counts], bool]
 ) -> Counts:
