@@ -24,14 +24,20 @@ from typing import Any
 import pytest
 
 from sidecar.ledger import Ledger
+from sidecar.ledger import rows as rows_module
 from sidecar.ledger.pieces import Books
+from sidecar.ledger.prefill_fit import PrefillFit, StepModel
 from sidecar.ledger.requests import Request
 
 GPUS = ("0", "1", "2", "3")
 FITTED = (0.02, 0.01, 0.05, 2.0)
-MOVE = 0.01
-"""The most a request's figure may move when a slice books a piece's GPUs apart (the
-lockstep probe's every-n-th piece falls elsewhere; 0.14 % at most on these seeds)."""
+MOVE = 0.025
+"""The most a request's figure may move when a slice or a row books a piece's GPUs apart.
+The grid is one GPU's readings (:func:`sidecar.ledger.rows._grid`), so a GPU read 1 to
+3 ms later puts its interval's last instants in a sliver piece of the slice, shared by
+the work of that sliver alone, where all at once they share the next reading's piece.
+On these traces, whose power jumps by up to 260 W between readings 10 ms apart, 2.0 %
+at most, medians 0 (0.14 % when the grid was every GPU's readings)."""
 
 
 def trace(
@@ -208,7 +214,7 @@ def test_an_interval_a_call_on_gpus_read_in_turn_conserves_and_stays_close(seed:
     """GPUs read in turn (1 ms apart) have no common interval end: a slice books a piece's
     GPUs apart (a prompt still feeds the prefill rate once: ``Request.rate_seen``; before
     it, 4.6-5.7 % moves). Each GPU's energy and the phases stay exact; requests move
-    less than MOVE."""
+    less than MOVE (1.3 and 1.7 % at most on seeds 2 and 5)."""
     want = trace(seed, fitted=True, fast=True)
     got = trace(seed, fitted=True, fast=True, sliced=True)
     assert got.pop("backlogs") > 20
@@ -232,8 +238,8 @@ def test_an_interval_a_call_on_gpus_read_in_turn_conserves_and_stays_close(seed:
 def test_samples_gathered_in_rows_conserve_and_stay_close(seed: int) -> None:
     """Rows of samples (:meth:`Ledger.gather`, the live path's) book each GPU's energy and
     the phases exactly, on one GPU and on GPUs read in turn, and requests within MOVE
-    (0.03 % at most on these seeds: a prompt still waiting is spread up to the time its
-    pieces go). A stream with no prompt estimate weighs as the others' mean before its
+    (2.0 % at most on these seeds: a row's last reading of the GPUs read later is a
+    sliver piece; a prompt still waiting is spread up to the time its pieces go). A stream with no prompt estimate weighs as the others' mean before its
     first token whenever its pieces go (:meth:`Request.informed_at`); it weighed nothing
     where they went after that token arrived, and when they went moved it 65 % (seed 1)."""
     for gpus in (("0",), GPUS):
@@ -301,8 +307,6 @@ def test_streams_kept_as_segments_match_the_plain_rule(seed: int) -> None:
     rows of every piece: on GPUs read in turn (many pieces), with gaps between a stream's
     segments (chunks without tokens), segments inside one piece, across many, and past
     both ends of the row, every figure equals the plain rule's within 1e-9."""
-    from sidecar.ledger import rows as rows_module
-
     rnd = random.Random(seed)
     fast = Books()
     fast.step_model.coef = FITTED  # its context term and its count of decoding streams
@@ -351,3 +355,78 @@ def test_streams_kept_as_segments_match_the_plain_rule(seed: int) -> None:
         figures = [twin.dynamic_j, twin.idle_j, twin.prefill_j]
         close([r.dynamic_j, r.idle_j, r.prefill_j], figures, r.id)
     close([fast.phase_j, fast.step_model._bin], [plain.phase_j, plain.step_model._bin], "books")
+
+
+def _line(t0: float, p0: float, t1: float, p1: float, idle_w: float) -> tuple[float, float]:
+    """(idle J, dynamic J) of a straight power line: min(p, idle) and max(p - idle, 0)
+    integrated in closed form."""
+    energy = (p0 + p1) / 2.0 * (t1 - t0)
+    if (p0 - idle_w) * (p1 - idle_w) >= 0:
+        return (
+            (energy, 0.0)
+            if p0 + p1 <= 2.0 * idle_w
+            else (idle_w * (t1 - t0), energy - idle_w * (t1 - t0))
+        )
+    tc = t0 + (idle_w - p0) * (t1 - t0) / (p1 - p0)
+    dyn = (max(p0, p1) - idle_w) / 2.0 * ((t1 - tc) if p1 > p0 else (tc - t0))
+    return energy - dyn, dyn
+
+
+def test_the_grid_is_one_gpus_readings_and_every_gpu_integrates_exactly() -> None:
+    """Eight GPUs read in turn (100 us apart) make the pieces of one GPU's readings, not
+    eight times as many, and each GPU's energy, idle and dynamic joules over those pieces
+    are its own line's, baseline crossings inside a piece included."""
+    rnd = random.Random(4)
+    per_gpu = []
+    for g in range(8):
+        times = [g * 1e-4 + k * 0.01 for k in range(11)]
+        watts = [rnd.uniform(40.0, 200.0) for _ in times]  # crosses the 80 W baseline often
+        per_gpu.append(
+            [
+                (a, pa, b, pb, 80.0)
+                for (a, pa), (b, pb) in itertools.pairwise(zip(times, watts, strict=True))
+            ]
+        )
+    r = Request("r", "a", "chat", -1.0, 100.0)
+    starts, ends = rows_module._grid(per_gpu, [r])
+    own = {t for t0, _, t1, _, _ in per_gpu[0] for t in (t0, t1)}
+    own |= {  # GPU 0's readings and its baseline crossings ...
+        t0 + (80.0 - p0) * (t1 - t0) / (p1 - p0)
+        for t0, p0, t1, p1, _ in per_gpu[0]
+        if (p0 - 80.0) * (p1 - 80.0) < 0
+    }
+    assert [*starts, ends[-1]] == pytest.approx(sorted({*own, per_gpu[7][-1][2]}), abs=1e-12)
+    assert len(starts) < 25  # ... and the row's last instant: not 8 x 10 readings
+    books = Books()
+    energies = [[0.0] * len(ivs) for ivs in per_gpu]
+    parts, dyns, covers = rows_module._parts(
+        books, per_gpu, starts, ends, [1] * len(starts), energies
+    )
+    crossing = 0
+    for g, ivs in enumerate(per_gpu):
+        for k, iv in enumerate(ivs):
+            idle, dyn = _line(*iv)
+            crossing += (iv[1] - 80.0) * (iv[3] - 80.0) < 0
+            mine = [p for ps in parts for p in ps if p[:2] == (g, k)]
+            assert sum(p[2] for p in mine) == pytest.approx(idle, rel=1e-12)
+            assert sum(p[3] for p in mine) == pytest.approx(dyn, rel=1e-12, abs=1e-12)
+            assert sum(p[4] for p in mine) == pytest.approx(iv[2] - iv[0], rel=1e-12)
+            assert energies[g][k] == pytest.approx(idle + dyn, rel=1e-12)
+    assert crossing > 20
+    # the fits' view: per piece, one dynamic figure per GPU there and the time it covers
+    for k, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        assert len(dyns[k]) == len(covers[k]) == len({p[0] for p in parts[k]})
+        assert all(0.0 < c <= (b - a) * (1 + 1e-12) for c in covers[k])
+
+
+def test_the_fits_learn_a_partly_covered_piece_against_the_work_it_covers() -> None:
+    """A GPU whose readings cover a tenth of a piece teaches the fits its energy against a
+    tenth of the piece's work, not all of it (which pulled them down: 8 GPUs read 2 ms
+    apart at 50 Hz moved the serving bench's chat trace from 7.8 to 13.4 % p90 before)."""
+    whole, part = PrefillFit(), PrefillFit()
+    step_whole, step_part = StepModel(), StepModel()
+    x = [100.0, 20.0, 3.0, 2.0]
+    rows_module.observe(whole, step_whole, 100.0, 20.0, x, [5.0], [0.01], 0.01)
+    rows_module.observe(part, step_part, 100.0, 20.0, x, [0.5], [0.001], 0.01)
+    assert part._bin == pytest.approx([v / 10.0 for v in whole._bin])
+    assert step_part._bin == pytest.approx([v / 10.0 for v in step_whole._bin])

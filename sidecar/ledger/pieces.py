@@ -14,14 +14,16 @@ from collections.abc import Iterable
 from sidecar.ledger.prefill_fit import PrefillFit, PrefillRate, StepModel
 from sidecar.ledger.prefill_queue import PrefillQueue
 from sidecar.ledger.requests import INF, PHASES, Phase, Request, spread
-from sidecar.ledger.rows import _grid, _parts, assign_row
+from sidecar.ledger.rows import _grid, _parts, assign_row, observe
 
 MIN_DECODE_PACE = 0.2
 """A step that carries a full prompt chunk is several decode steps long (a 2,048-token
 budget at ~45 us a token against ~20 ms decode steps): the slowest output pace."""
 Interval = tuple[float, float, float, float, float]
 """(t0, p0, t1, p1, idle_w): a GPU's power line between two readings and its baseline."""
-_Part = tuple[int, int, float, float]  # (gpu, interval, idle J, dynamic J) of one piece
+_Part = tuple[int, int, float, float, float]
+"""(gpu, interval, idle J, dynamic J, seconds) of one piece: the part of the piece an
+interval of one GPU covers."""
 LOCKSTEP_S = 0.001
 """Token arrivals closer than this (chained) came out of one engine step."""
 PROBE_EVERY = 4
@@ -114,16 +116,21 @@ class Books:
             for a, b in zip(starts, ends, strict=True)
         ]
         energies = [[0.0] * len(ivs) for ivs in per_gpu]
-        cut = _parts(self, per_gpu, starts, ends, [len(i) for i in insides], energies)
+        cut, gpu_dyns, covers = _parts(
+            self, per_gpu, starts, ends, [len(i) for i in insides], energies
+        )
         # per piece: (b, inside, weights, each covering GPU's (gpu, interval, idle, dyn))
         pieces: list[tuple[float, list[Request], list[float] | None, list[_Part]]] = []
         predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
-        for a, b, inside, parts in zip(starts, ends, insides, cut, strict=True):
+        for a, b, inside, parts, dyns, cover in zip(
+            starts, ends, insides, cut, gpu_dyns, covers, strict=True
+        ):
             if not parts:
                 continue
-            weights, pred = self._weights_many(inside, a, b, [p[3] for p in parts], now_s)
-            for g, k, _, dyn in parts:
-                predicted.setdefault((g, k), []).append((dyn, pred))
+            weights, pred = self._weights_many(inside, a, b, dyns, now_s, cover)
+            for g, k, _, dyn, secs in parts:  # an interval's part of the prediction
+                part_pred = None if pred is None else pred * (secs / (b - a))
+                predicted.setdefault((g, k), []).append((dyn, part_pred))
             pieces.append((b, inside, weights, parts))
         # each interval's dynamic energy is reshaped within itself (its total kept)
         reshaped = {
@@ -132,7 +139,7 @@ class Books:
         }
         for b, inside, weights, parts in pieces:
             idle = sum(p[2] for p in parts)
-            dyn = sum(next(reshaped[(g, k)]) for g, k, _, _ in parts)
+            dyn = sum(next(reshaped[(p[0], p[1])]) for p in parts)
             self._book(inside, b, idle, dyn, weights)
         return energies
 
@@ -169,11 +176,19 @@ class Books:
         return self._weights_many(inside, a, b, [dyn], now)
 
     def _weights_many(
-        self, inside: list[Request], a: float, b: float, dyns: list[float], now: float
+        self,
+        inside: list[Request],
+        a: float,
+        b: float,
+        dyns: list[float],
+        now: float,
+        covers: list[float] | None = None,
     ) -> tuple[list[float] | None, float | None]:
         """Each request's weight in a piece with ``dyns`` joules above the baseline on
-        each GPU (the fits learn from every one), and the step model's predicted energy
-        of the piece's work (``None`` where the model is not in force)."""
+        each GPU (the fits learn from every one, over the ``covers`` seconds of the piece
+        its readings cover: :func:`~sidecar.ledger.rows.observe`), and the step model's
+        predicted energy of the piece's work (``None`` where the model is not in
+        force)."""
         if self.paced:  # before any piece needs it: a prompt's window reaches back
             self.prefill_queue.note(inside)
         if not any(dyn > 0.0 for dyn in dyns):
@@ -192,10 +207,8 @@ class Books:
         prefill, decode = sum(p for p, _ in works), sum(d for _, d in works)
         contexts = [_context(r) for r in inside]
         x = StepModel.features(works, contexts)
-        for dyn in dyns:
-            if dyn > 0.0:
-                self.prefill_fit.observe(prefill, decode, dyn, b - a)
-                self.step_model.observe(x, dyn, b - a)
+        observe(self.prefill_fit, self.step_model, prefill, decode, x, dyns,
+                covers or [b - a] * len(dyns), b - a)  # fmt: skip
         self._pieces += 1
         if self._pieces % PROBE_EVERY == 0:
             self._probe(inside, a, b)
@@ -261,12 +274,15 @@ class Books:
                 most = max(most, mine)
                 if streams == PROBE_STREAMS:
                     break
-        self._vote(times, most, streams)
+        self._vote(times, most, streams, b - a)
 
-    def _vote(self, times: list[float], most: int, streams: int) -> None:
+    def _vote(self, times: list[float], most: int, streams: int, seconds: float) -> None:
         """The probe's verdict from ``streams`` streams' token ``times`` (``most``: the
-        most one stream got)."""
-        if streams < 3 or most < 2:
+        most one stream got) in a piece of ``seconds``. A piece too short to hold three
+        times the distinct arrivals a lockstep server would leave is no evidence: its
+        arrivals chain within ``LOCKSTEP_S`` whoever sends them (a 3 ms piece, cut where
+        the next GPU's reading ends, voted lockstep on streams with their own clocks)."""
+        if streams < 3 or most < 2 or seconds < 3.0 * 1.5 * most * LOCKSTEP_S:
             return
         times.sort()
         distinct = 1 + sum(1 for x, y in itertools.pairwise(times) if y - x > LOCKSTEP_S)

@@ -35,15 +35,15 @@ from collections.abc import Iterable, Iterator
 from operator import mul
 from typing import TYPE_CHECKING
 
-from sidecar.ledger.prefill_fit import CONTEXT_UNIT
+from sidecar.ledger.prefill_fit import CONTEXT_UNIT, PrefillFit, StepModel
 from sidecar.ledger.requests import INF, Request
 
 if TYPE_CHECKING:
     from sidecar.ledger.pieces import Books, Interval
     from sidecar.ledger.prefill_queue import Segment
 
-# one GPU's part of a piece: (gpu, interval, idle J, dynamic J)
-_Part = tuple[int, int, float, float]
+# one GPU's part of a piece: (gpu, interval, idle J, dynamic J, seconds of the piece)
+_Part = tuple[int, int, float, float, float]
 
 
 def assign_row(
@@ -69,7 +69,7 @@ def assign_row(
             count[i] += 1
             count[j] -= 1
     n_in = list(itertools.accumulate(count[:m]))
-    parts = _parts(books, per_gpu, starts, ends, n_in, energies)
+    parts, gpu_dyns, gpu_covers = _parts(books, per_gpu, starts, ends, n_in, energies)
     active = [any(p[3] > 0.0 for p in ps) for ps in parts]
 
     # --- each informed request's work in every piece of the row (0 outside its run)
@@ -282,9 +282,7 @@ def assign_row(
             a, b = starts[k], ends[k]
             p_k, d_k, dec = prefill[k], decode[k], decoding[k]
             x = [p_k, d_k, context[k], d_k / dec if dec else 0.0]
-            dyns = [p[3] for p in ps]
-            fit.observe_each(p_k, d_k, dyns, b - a)
-            step.observe_each(x, dyns, b - a)
+            observe(fit, step, p_k, d_k, x, gpu_dyns[k], gpu_covers[k], b - a)
             books._pieces += 1
             if probe_at[k]:
                 _probe(books, k, a, b, arrivals, slow)
@@ -301,14 +299,15 @@ def assign_row(
                     preds[k] = whole
     if any(pred is not None for pred in preds):  # each interval reshaped by the predictions
         predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
-        for ps, pred in zip(parts, preds, strict=True):
-            for g, i, _, dyn in ps:
-                predicted.setdefault((g, i), []).append((dyn, pred))
+        for a, b, ps, pred in zip(starts, ends, parts, preds, strict=True):
+            for g, i, _, dyn, secs in ps:
+                part_pred = None if pred is None else pred * (secs / (b - a))
+                predicted.setdefault((g, i), []).append((dyn, part_pred))
         reshaped = {
             key: iter(books._reshape([d for d, _ in dp], [w for _, w in dp]))
             for key, dp in predicted.items()
         }
-        dyns_j = [sum(next(reshaped[(g, i)]) for g, i, _, _ in ps) for ps in parts]
+        dyns_j = [sum(next(reshaped[(p[0], p[1])]) for p in ps) for ps in parts]
     else:  # nothing to reshape by (Books._reshape would keep every interval as it is)
         dyns_j = [sum(p[3] for p in ps) for ps in parts]
     each_idle = [0.0] * m
@@ -489,7 +488,7 @@ def _probe(
         run += 1
         most = max(most, run)
         times.append(t1)
-    books._vote(times, most, streams)
+    books._vote(times, most, streams, b - a)
 
 
 def _before(
@@ -724,18 +723,35 @@ class _Sparse:
 
 
 def _grid(per_gpu: list[list[Interval]], reqs: list[Request]) -> tuple[list[float], list[float]]:
-    """The row's pieces (starts, ends): every interval's ends, every crossing of a
-    GPU's baseline, every request start, first token and end inside the row."""
-    cuts: set[float] = set()
+    """The row's pieces (starts, ends): the ends of one GPU's intervals (the one read most
+    often in the row), every crossing of its baseline, every request start, first token
+    and end inside the row, and the row's first and last instant on any GPU.
+
+    Not every GPU's ends: the sampler reads the GPUs in turn, so no two share an interval
+    end, and a grid of them all has as many pieces as GPUs times readings, each costing
+    the weights and fits of its requests (8 GPUs at 100 Hz: 5x real time where one grid
+    is 9x). The other GPUs' lines are integrated over each piece exactly (:func:`_parts`),
+    so the energy and its phases are the same; only the weights are read over the pieces
+    of one GPU's readings, which one GPU's own ledger reads them over anyway."""
+    ref: list[Interval] = []
+    lo, hi = INF, -INF
     for ivs in per_gpu:
-        for t0, p0, t1, p1, idle_w in ivs:
-            cuts.add(t0)
-            cuts.add(t1)
-            if (p0 - idle_w) * (p1 - idle_w) < 0:
-                cuts.add(t0 + (idle_w - p0) / ((p1 - p0) / (t1 - t0)))
-    if not cuts:
+        if not ivs:
+            continue
+        if len(ivs) > len(ref):
+            ref = ivs
+        if ivs[0][0] < lo:
+            lo = ivs[0][0]
+        if ivs[-1][2] > hi:
+            hi = ivs[-1][2]
+    if not ref:
         return [], []
-    lo, hi = min(cuts), max(cuts)
+    cuts: set[float] = {lo, hi}
+    for t0, p0, t1, p1, idle_w in ref:
+        cuts.add(t0)
+        cuts.add(t1)
+        if (p0 - idle_w) * (p1 - idle_w) < 0:
+            cuts.add(t0 + (idle_w - p0) / ((p1 - p0) / (t1 - t0)))
     for r in reqs:
         for c in (r.start_s, r.first_token_s, r.end_s):
             if c is not None and lo < c < hi:
@@ -757,42 +773,89 @@ def _parts(
     ends: list[float],
     n_in: list[int],
     energies: list[list[float]],
-) -> list[list[_Part]]:
-    """Each piece's parts on the GPUs that cover it, in GPU order; a piece nobody is in is
-    standby. Each interval's ends are cuts of the grid, so its pieces follow each other
-    from the first that starts at its start, and each piece's power at its start is the
-    last one's at its end."""
+) -> tuple[list[list[_Part]], list[list[float]], list[list[float]]]:
+    """Each piece's parts, one per (GPU, interval) overlapping it, in GPU then time order;
+    each piece's dynamic joules per GPU that has a part there and the seconds of the
+    piece those parts cover (what the fits learn from); a piece nobody is in is standby. An interval's line is integrated over each
+    piece it overlaps, split at its baseline where it crosses it inside, so each phase
+    is exact whichever GPU's readings cut the grid."""
     m = len(starts)
     out: list[list[_Part]] = [[] for _ in range(m)]
+    dyns: list[list[float]] = [[] for _ in range(m)]
+    covers: list[list[float]] = [[] for _ in range(m)]
+    last_g = [-1] * m
     standby = 0.0
     for g, ivs in enumerate(per_gpu):
         e_g = energies[g]
         for k, (t0, p0, t1, p1, idle_w) in enumerate(ivs):
-            q = bisect_left(starts, t0)
+            q = bisect_right(starts, t0) - 1
             slope = (p1 - p0) / (t1 - t0)
-            twice_idle = 2.0 * idle_w
-            pa = p0 + slope * (starts[q] - t0) if q < m else p0
             total = 0.0
             while q < m:
                 a = starts[q]
                 if a >= t1:
                     break
                 b = ends[q]
-                pb = p0 + slope * (b - t0)
-                energy = (pa + pb) / 2.0 * (b - a)
+                x0 = a if a > t0 else t0
+                x1 = b if b < t1 else t1
+                if x1 <= x0:
+                    q += 1
+                    continue
+                pa = p0 + slope * (x0 - t0)
+                pb = p0 + slope * (x1 - t0)
+                energy = (pa + pb) / 2.0 * (x1 - x0)
                 total += energy
                 if not n_in[q]:
                     standby += energy
-                elif pa + pb > twice_idle:
-                    idle_part = idle_w * (b - a)
-                    out[q].append((g, k, idle_part, energy - idle_part))
+                    q += 1
+                    continue
+                if (pa - idle_w) * (pb - idle_w) < 0:  # crosses its baseline inside
+                    xc = x0 + (idle_w - pa) / slope
+                    above = (pa if pa > pb else pb) - idle_w
+                    dyn = above / 2.0 * ((x1 - xc) if pb > pa else (xc - x0))
+                    idle_part = energy - dyn
+                elif pa + pb > 2.0 * idle_w:
+                    idle_part = idle_w * (x1 - x0)
+                    dyn = energy - idle_part
                 else:
-                    out[q].append((g, k, energy, 0.0))
-                pa = pb
+                    idle_part, dyn = energy, 0.0
+                out[q].append((g, k, idle_part, dyn, x1 - x0))
+                if last_g[q] == g:
+                    dyns[q][-1] += dyn
+                    covers[q][-1] += x1 - x0
+                else:
+                    dyns[q].append(dyn)
+                    covers[q].append(x1 - x0)
+                    last_g[q] = g
                 q += 1
             e_g[k] += total
     books.phase_j["idle_standby"] += standby
-    return out
+    return out, dyns, covers
+
+
+def observe(
+    fit: PrefillFit,
+    step: StepModel,
+    prefill: float,
+    decode: float,
+    x: list[float],
+    dyns: list[float],
+    covers: list[float],
+    seconds: float,
+) -> None:
+    """The fits learn each GPU's dynamic joules in a piece against the piece's work, on the
+    part of the piece the GPU's readings cover (a GPU read a little later covers the
+    piece's last instants in its next row): the work over that part, as work is even
+    within a piece. Counted against the whole piece, a sliver of energy against a whole
+    piece's work pulled the fits down."""
+    if min(covers) >= seconds * (1.0 - 1e-9):  # whole, up to rounding of the parts' sum
+        fit.observe_each(prefill, decode, dyns, seconds)
+        step.observe_each(x, dyns, seconds)
+        return
+    for dyn, cover in zip(dyns, covers, strict=True):
+        f = cover / seconds
+        fit.observe_each(prefill * f, decode * f, [dyn], cover)
+        step.observe_each([v * f for v in x], [dyn], cover)
 
 
 def _coefficients(books: Books, x: list[float]) -> tuple[float, float, float, bool]:
