@@ -399,7 +399,7 @@ def test_the_grid_is_one_gpus_readings_and_every_gpu_integrates_exactly() -> Non
     assert len(starts) < 25  # ... and the row's last instant: not 8 x 10 readings
     books = Books()
     energies = [[0.0] * len(ivs) for ivs in per_gpu]
-    parts, dyns, covers = rows_module._parts(
+    parts, dyns, covers, _ = rows_module._parts(
         books, per_gpu, starts, ends, [1] * len(starts), energies
     )
     crossing = 0

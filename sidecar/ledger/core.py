@@ -457,7 +457,8 @@ class Ledger:
     def work(self) -> None:
         """The next :attr:`intervals_per_call` of the :attr:`backlog`. One GPU's figures equal
         all at once within rounding (a grid cut at an interval's end); GPUs read in turn
-        keep each GPU's energy and the phases, requests within 0.14 % in the tests."""
+        keep each GPU's energy and the phases, requests within 2 % in the tests (a slice's last
+        instants of a GPU read later are a sliver piece of their own)."""
         if self.backlog:
             self._process()
 

@@ -116,7 +116,7 @@ class Books:
             for a, b in zip(starts, ends, strict=True)
         ]
         energies = [[0.0] * len(ivs) for ivs in per_gpu]
-        cut, gpu_dyns, covers = _parts(
+        cut, gpu_dyns, covers, _ = _parts(
             self, per_gpu, starts, ends, [len(i) for i in insides], energies
         )
         # per piece: (b, inside, weights, each covering GPU's (gpu, interval, idle, dyn))

@@ -69,7 +69,7 @@ def assign_row(
             count[i] += 1
             count[j] -= 1
     n_in = list(itertools.accumulate(count[:m]))
-    parts, gpu_dyns, gpu_covers = _parts(books, per_gpu, starts, ends, n_in, energies)
+    parts, gpu_dyns, gpu_covers, runs = _parts(books, per_gpu, starts, ends, n_in, energies)
     active = [any(p[3] > 0.0 for p in ps) for ps in parts]
 
     # --- each informed request's work in every piece of the row (0 outside its run)
@@ -298,16 +298,19 @@ def assign_row(
                 if modelled and inf:
                     preds[k] = whole
     if any(pred is not None for pred in preds):  # each interval reshaped by the predictions
-        predicted: dict[tuple[int, int], list[tuple[float, float | None]]] = {}
-        for a, b, ps, pred in zip(starts, ends, parts, preds, strict=True):
-            for g, i, _, dyn, secs in ps:
-                part_pred = None if pred is None else pred * (secs / (b - a))
-                predicted.setdefault((g, i), []).append((dyn, part_pred))
-        reshaped = {
-            key: iter(books._reshape([d for d, _ in dp], [w for _, w in dp]))
-            for key, dp in predicted.items()
-        }
-        dyns_j = [sum(next(reshaped[(p[0], p[1])]) for p in ps) for ps in parts]
+        dyns_j = [0.0] * m  # added to in the order of each piece's parts, as a sum of them
+        reshape = books._reshape
+        for run in runs:
+            if len(run) == 1:  # Books._reshape keeps an interval of one piece as it is
+                q, dyn, _ = run[0]
+                dyns_j[q] += dyn
+                continue
+            shares = [  # a part's share of its piece's prediction: work is even in a piece
+                None if (pred := preds[q]) is None else pred * (secs / (ends[q] - starts[q]))
+                for q, _, secs in run
+            ]
+            for (q, _, _), dyn in zip(run, reshape([d for _, d, _ in run], shares), strict=True):
+                dyns_j[q] += dyn
     else:  # nothing to reshape by (Books._reshape would keep every interval as it is)
         dyns_j = [sum(p[3] for p in ps) for ps in parts]
     each_idle = [0.0] * m
@@ -587,9 +590,9 @@ class _Sparse:
                 break
             if not t1 > t0:
                 return False
-        pre, pre_diff, dec, dec_diff, cx, cx_diff, cov = (
+        pre, pre_diff, dec, dec_diff, cx, cx_diff, cov, n_diff = (
             self._pre, self._pre_diff, self._dec, self._dec_diff, self._ctx, self._ctx_diff,
-            self._cov,
+            self._cov, self._n_diff,
         )  # fmt: skip
         segs: list[_Seg] = []
         cov_lo = cov_hi = -2  # the pieces with output so far, one run (segments in order)
@@ -609,26 +612,29 @@ class _Sparse:
             segs.append((a0, a1, pdens, dens, k0, k1))
             dctx = dens * ctx
             if k0 == k1:
-                pre[k0] += pdens * (a1 - a0)
+                if pdens:
+                    pre[k0] += pdens * (a1 - a0)
                 dec[k0] += dens * (a1 - a0)
                 cx[k0] += dctx * (a1 - a0)
             else:
                 head, tail = ends[k0] - a0, a1 - starts[k1]
-                pre[k0] += pdens * head
-                pre[k1] += pdens * tail
                 dec[k0] += dens * head
                 dec[k1] += dens * tail
                 cx[k0] += dctx * head
                 cx[k1] += dctx * tail
+                if pdens:
+                    pre[k0] += pdens * head
+                    pre[k1] += pdens * tail
                 if k1 > k0 + 1:
-                    self._n_diff[k0 + 1] += 1
-                    self._n_diff[k1] -= 1
-                    pre_diff[k0 + 1] += pdens
-                    pre_diff[k1] -= pdens
+                    n_diff[k0 + 1] += 1
+                    n_diff[k1] -= 1
                     dec_diff[k0 + 1] += dens
                     dec_diff[k1] -= dens
                     cx_diff[k0 + 1] += dctx
                     cx_diff[k1] -= dctx
+                    if pdens:
+                        pre_diff[k0 + 1] += pdens
+                        pre_diff[k1] -= pdens
             if not d > 0.0:
                 continue
             if k0 <= cov_hi + 1:
@@ -773,16 +779,21 @@ def _parts(
     ends: list[float],
     n_in: list[int],
     energies: list[list[float]],
-) -> tuple[list[list[_Part]], list[list[float]], list[list[float]]]:
+) -> tuple[
+    list[list[_Part]], list[list[float]], list[list[float]], list[list[tuple[int, float, float]]]
+]:
     """Each piece's parts, one per (GPU, interval) overlapping it, in GPU then time order;
     each piece's dynamic joules per GPU that has a part there and the seconds of the
-    piece those parts cover (what the fits learn from); a piece nobody is in is standby. An interval's line is integrated over each
+    piece those parts cover (what the fits learn from); each interval's parts as (piece,
+    dynamic J, seconds), in GPU then time order (what the step model reshapes); a piece
+    nobody is in is standby. An interval's line is integrated over each
     piece it overlaps, split at its baseline where it crosses it inside, so each phase
     is exact whichever GPU's readings cut the grid."""
     m = len(starts)
     out: list[list[_Part]] = [[] for _ in range(m)]
     dyns: list[list[float]] = [[] for _ in range(m)]
     covers: list[list[float]] = [[] for _ in range(m)]
+    runs: list[list[tuple[int, float, float]]] = []
     last_g = [-1] * m
     standby = 0.0
     for g, ivs in enumerate(per_gpu):
@@ -791,6 +802,7 @@ def _parts(
             q = bisect_right(starts, t0) - 1
             slope = (p1 - p0) / (t1 - t0)
             total = 0.0
+            run: list[tuple[int, float, float]] = []
             while q < m:
                 a = starts[q]
                 if a >= t1:
@@ -820,6 +832,7 @@ def _parts(
                 else:
                     idle_part, dyn = energy, 0.0
                 out[q].append((g, k, idle_part, dyn, x1 - x0))
+                run.append((q, dyn, x1 - x0))
                 if last_g[q] == g:
                     dyns[q][-1] += dyn
                     covers[q][-1] += x1 - x0
@@ -829,8 +842,10 @@ def _parts(
                     last_g[q] = g
                 q += 1
             e_g[k] += total
+            if run:
+                runs.append(run)
     books.phase_j["idle_standby"] += standby
-    return out, dyns, covers
+    return out, dyns, covers, runs
 
 
 def observe(
