@@ -430,3 +430,20 @@ def test_the_fits_learn_a_partly_covered_piece_against_the_work_it_covers() -> N
     rows_module.observe(part, step_part, 100.0, 20.0, x, [0.5], [0.001], 0.01)
     assert part._bin == pytest.approx([v / 10.0 for v in whole._bin])
     assert step_part._bin == pytest.approx([v / 10.0 for v in step_whole._bin])
+
+
+@pytest.mark.parametrize("idle_w", [0.0, 1e-300, 1.1689778425312157e-276, 80.0])
+def test_a_line_down_to_zero_watts_beside_the_grid_gpu_books_nothing_negative(
+    idle_w: float,
+) -> None:
+    """A GPU not cutting the grid whose line falls to 0 W (rounding ends it a hair below,
+    under a baseline near 0 W) books no negative idle or dynamic joules (hypothesis found
+    -1.1e-14 J of idle at the crossing it saw there)."""
+    per_gpu = [[(0.0, 0.0, 1.0, 0.0, 1.0)], [(0.0, 521.0, 1.815756063111054, 0.0, idle_w)]]
+    r = Request("r", "a", "chat", 1.5, None)
+    r.end_s = 2.0
+    starts, ends = rows_module._grid(per_gpu, [r])
+    energies = [[0.0], [0.0]]
+    parts, *_ = rows_module._parts(Books(), per_gpu, starts, ends, [1] * len(starts), energies)
+    assert all(p[2] >= 0.0 and p[3] >= 0.0 for ps in parts for p in ps)
+    assert energies[1][0] == pytest.approx(521.0 / 2.0 * 1.815756063111054)

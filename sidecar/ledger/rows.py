@@ -815,6 +815,10 @@ def _parts(
                     continue
                 pa = p0 + slope * (x0 - t0)
                 pb = p0 + slope * (x1 - t0)
+                if pa < 0.0:  # a line down to 0 W, a rounding below it near its end
+                    pa = 0.0
+                if pb < 0.0:
+                    pb = 0.0
                 energy = (pa + pb) / 2.0 * (x1 - x0)
                 total += energy
                 if not n_in[q]:
@@ -825,6 +829,8 @@ def _parts(
                     xc = x0 + (idle_w - pa) / slope
                     above = (pa if pa > pb else pb) - idle_w
                     dyn = above / 2.0 * ((x1 - xc) if pb > pa else (xc - x0))
+                    if dyn > energy:  # rounding, where the baseline is near 0 W
+                        dyn = energy
                     idle_part = energy - dyn
                 elif pa + pb > 2.0 * idle_w:
                     idle_part = idle_w * (x1 - x0)
