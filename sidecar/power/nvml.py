@@ -228,7 +228,7 @@ class NvmlSource:
                         del in_call[label]
                 if self._current_read is not token:
                     return []  # another read ran while this call hung: what it got is stale
-            if any(isinstance(r, PowerSample) for r in result):
+            if result and type(result[0]) is PowerSample:  # a read has its samples first
                 gpu.failed_reads = 0
             else:
                 gpu.failed_reads += 1
@@ -520,15 +520,19 @@ class NvmlSource:
             except nvml.NVMLError as e:
                 failure = self._failed(nvml, label, e)
         out: list[PowerSample | ReadError] = []
-        for time_s, power_mw in readings:
+        last = len(readings) - 1
+        for k, (time_s, power_mw) in enumerate(readings):
             if time_s <= gpu.last_time_s:
                 continue  # an instant sample on a clock that did not move: keep strict order
             gpu.last_time_s = time_s
-            out.append(PowerSample(time_s=time_s, gpu=label, power_w=power_mw / _MW_PER_W))
+            out.append(  # the newest carries the counter (built once, not copied after)
+                PowerSample(time_s, label, power_mw / _MW_PER_W, energy_j if k == last else None)
+            )
         if out and energy_j is not None:
             newest = out[-1]
             assert isinstance(newest, PowerSample)
-            out[-1] = PowerSample(newest.time_s, newest.gpu, newest.power_w, energy_j)
+            if newest.energy_j is None:  # the driver's last two samples shared a timestamp
+                out[-1] = PowerSample(newest.time_s, newest.gpu, newest.power_w, energy_j)
         if failure is not None:
             out.append(failure)
         return out
