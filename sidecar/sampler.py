@@ -3,8 +3,9 @@
 Reads run in one daemon thread on its own drift-free clock (a
 :class:`~sidecar.power.deadline.Poller`: each tick aims at ``start + k / hz``,
 and a late tick is not made up with a burst), which calls the source inline and
-hands each batch to the event loop: one timer wake and one hand-over per poll,
-the least a poll can cost, because on a small VM each wake-up of an idle thread
+hands the reads to the event loop together, a quarter second of them at a time
+(``HANDOVER_S``; each at once while an energy receipt waits): one timer wake per
+poll and one wake of the loop per hand-over, because on a small VM each wake-up
 costs more than the read. NVML calls block, sometimes for milliseconds, so the
 proxy never waits on the driver.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +51,14 @@ log = structlog.get_logger("sidecar.sampler")
 MAX_HZ = 100.0
 MIN_READ_DEADLINE_S = 2.0
 """A read is late after this long, or after five sample periods if that is longer."""
+HANDOVER_S = 0.25
+"""Reads reach the loop together, at most this long after the first of them (every read at
+once while an energy receipt waits for samples, :meth:`Sampler.cut_windows`): a wake of
+the loop per read cost more than the read at 8 GPUs and 10 Hz, and at 100 Hz it ran the
+sampler's hand-over between the proxy's writes a hundred times a second. The reconciler
+holds a second of readings anyway, so nothing downstream waits on it."""
+URGENT_S = 1.0
+"""How long after :meth:`Sampler.cut_windows` every read goes to the loop at once."""
 MAX_ABANDONED_READS = 16
 """Reads left stuck in a source at once, at most; past it the sampler waits, as for any source
 (each stuck NVML read holds one GPU, so a hang on every GPU stays within this)."""
@@ -104,6 +114,8 @@ class Sampler:
             self._read_deadline_s if own_s is None else min(own_s, self._read_deadline_s)
         )
         self._poller: Poller[list[PowerSample | ReadError]] | None = None
+        self._handover: _Handover | None = None
+        self._urgent_until_s = -1.0  # written on the loop, read by the poller's thread
         self._abandoned: list[Poller[list[PowerSample | ReadError]]] = []
         self._late_booked_s: float | None = None  # when the read in flight was last counted late
         self._watchdog: asyncio.TimerHandle | None = None
@@ -137,13 +149,17 @@ class Sampler:
         self._arm(loop, self._watch(loop))
 
     def _start_poller(self, loop: asyncio.AbstractEventLoop) -> None:
+        handover = _Handover(self._clock, HANDOVER_S - self._period_s / 2.0)
+
         def deliver(outcome: list[PowerSample | ReadError] | BaseException) -> None:
-            loop.call_soon_threadsafe(self._on_read, poller, outcome)
+            batch = handover.put(outcome, urgent=self._urgent_until_s)
+            if batch:
+                loop.call_soon_threadsafe(self._on_reads, poller, batch)
 
         poller = Poller(
             "power-source", self._source.read, deliver, period_s=self._period_s, clock=self._clock
         )
-        self._poller = poller
+        self._poller, self._handover = poller, handover
         self._late_booked_s = None
         poller.start()
 
@@ -158,6 +174,7 @@ class Sampler:
         may_abandon = self._can_abandon and len(self._abandoned) < MAX_ABANDONED_READS
         if may_abandon and now - busy_since_s >= self._takeover_after_s:
             log.warning("sampler.read_abandoned", waited_s=round(now - busy_since_s, 3))
+            self._take_handover(poller)  # the reads before the stuck one still count
             poller.abandon()
             self._abandoned.append(poller)
             self._start_poller(loop)
@@ -173,12 +190,28 @@ class Sampler:
             due_s = min(due_s, busy_since_s + self._takeover_after_s)
         return max(due_s - now, 0.001)
 
+    def _on_reads(
+        self,
+        poller: Poller[list[PowerSample | ReadError]],
+        batch: list[tuple[float, list[PowerSample | ReadError] | BaseException]],
+    ) -> None:
+        """A hand-over of reads, on the loop thread, each with the time it returned."""
+        for read_s, outcome in batch:
+            self._on_read(poller, outcome, read_s)
+
+    def _take_handover(self, poller: Poller[list[PowerSample | ReadError]]) -> None:
+        """Ingest the reads ``poller`` returned that wait for their hand-over (it stops)."""
+        handover = self._handover
+        if poller is self._poller and handover is not None:
+            self._on_reads(poller, handover.take())
+
     def _on_read(
         self,
         poller: Poller[list[PowerSample | ReadError]],
         outcome: list[PowerSample | ReadError] | BaseException,
+        read_s: float | None = None,
     ) -> None:
-        """One read's outcome, on the loop thread."""
+        """One read's outcome, on the loop thread (``read_s``: when it returned)."""
         if poller is not self._poller or poller.abandoned:
             return  # an abandoned read that returned at last: stale, dropped
         self._late_booked_s = None
@@ -190,11 +223,17 @@ class Sampler:
         if isinstance(outcome, BaseException):  # a source bug must not kill metering
             log.error("sampler.read_failed", exc_info=outcome)
             outcome = [ReadError(g, "unknown") for g in self._reconcilers]
-        self._ingest_safely(outcome, sliced=True)
+        self._ingest_safely(outcome, sliced=True, read_s=read_s)
 
-    def _ingest_safely(self, batch: list[PowerSample | ReadError], *, sliced: bool = False) -> None:
+    def _ingest_safely(
+        self,
+        batch: list[PowerSample | ReadError],
+        *,
+        sliced: bool = False,
+        read_s: float | None = None,
+    ) -> None:
         try:
-            self.ingest(batch, sliced=sliced)
+            self.ingest(batch, sliced=sliced, read_s=read_s)
         except Exception:  # a failing sink (a full disk under --record) must not stop metering
             log.exception("sampler.sink_failed")
 
@@ -214,15 +253,28 @@ class Sampler:
     def _stop_pollers(self) -> None:
         if self._poller is not None:
             self._poller.stop()
-            self._poller = None
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # no loop running (closed from outside it): nothing to hand to
+            else:
+                self._take_handover(self._poller)
+            self._poller = self._handover = None
         for poller in self._abandoned:
             poller.stop()
         self._abandoned = []
 
-    def ingest(self, batch: list[PowerSample | ReadError], *, sliced: bool = False) -> None:
-        """Account one read and forward its reconciled samples: at once (tests), or
-        ``sliced``, one reading per loop turn (see the module)."""
-        now = self._clock()
+    def ingest(
+        self,
+        batch: list[PowerSample | ReadError],
+        *,
+        sliced: bool = False,
+        read_s: float | None = None,
+    ) -> None:
+        """Account one read (that returned at ``read_s``, else now) and forward its
+        reconciled samples: at once (tests), or ``sliced``, one reading per loop turn (see
+        the module)."""
+        now = self._clock() if read_s is None else read_s
         if self._last_read_s is not None:
             interval = now - self._last_read_s
             self.stats.interval_s = interval
@@ -274,6 +326,7 @@ class Sampler:
         closes at its first moved counter from then on (:meth:`Reconciler.cut`)."""
         for rec in self._reconcilers.values():
             rec.cut(after_s)
+        self._urgent_until_s = self._clock() + URGENT_S  # reads go to the loop at once
 
     def flush(self) -> None:
         """Hand over what is queued and what the reconcilers still hold (shutdown)."""
@@ -293,3 +346,39 @@ class Sampler:
         self._stop_feeding()
         with contextlib.suppress(Exception):
             self._stop_pollers()
+
+
+class _Handover:
+    """The reads a poller's thread returned, handed to the loop together: a batch once the
+    first waiting is ``wait_s`` old, at once for an exception or while a receipt waits."""
+
+    __slots__ = ("_clock", "_lock", "_pending", "_wait_s")
+
+    def __init__(self, clock: Callable[[], float], wait_s: float) -> None:
+        self._clock = clock
+        self._wait_s = wait_s
+        self._lock = threading.Lock()
+        self._pending: list[tuple[float, list[PowerSample | ReadError] | BaseException]] = []
+
+    def put(
+        self, outcome: list[PowerSample | ReadError] | BaseException, *, urgent: float
+    ) -> list[tuple[float, list[PowerSample | ReadError] | BaseException]]:
+        """Keep ``outcome`` (poller thread); the batch to hand over now, or nothing."""
+        now = self._clock()
+        with self._lock:
+            pending = self._pending
+            pending.append((now, outcome))
+            if (
+                now - pending[0][0] < self._wait_s
+                and now >= urgent
+                and not isinstance(outcome, BaseException)
+            ):
+                return []
+            self._pending = []
+            return pending
+
+    def take(self) -> list[tuple[float, list[PowerSample | ReadError] | BaseException]]:
+        """Every read still waiting (loop thread, as the poller stops)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            return pending

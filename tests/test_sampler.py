@@ -147,3 +147,99 @@ async def test_a_reconciled_window_reaches_the_sink_a_reading_per_loop_turn() ->
         times = [s.time_s for c in calls for s in c if s.gpu == g]
         assert times == sorted(times)  # each GPU's readings in time order
         assert len(times) == len(set(times)) == 150
+
+
+class CountingSource(ThreadRecordingSource):
+    """Counts its reads, and the thread's clock time at each (the handed-over order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def read(self) -> list[PowerSample | ReadError]:
+        self.reads += 1
+        return super().read()
+
+
+async def _sample_for(sampler: Sampler, seconds: float) -> None:
+    task = asyncio.create_task(sampler.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_reads_reach_the_loop_together_and_keep_their_own_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 100 Hz the loop is woken about four times a second, not a hundred, and every read
+    still counts once, with the interval between reads (not between hand-overs); the reads
+    still waiting when the sampler stops are counted too."""
+    handovers: list[int] = []
+    on_reads = Sampler._on_reads
+
+    def counting(self: Sampler, poller: object, batch: list[object]) -> None:
+        handovers.append(len(batch))
+        on_reads(self, poller, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "_on_reads", counting)
+    source = CountingSource()
+    sampler = Sampler(source, GPUS, hz=100, sink=lambda s: None)
+    await _sample_for(sampler, 1.2)
+    assert source.reads >= 60
+    assert sampler.stats.reads == source.reads  # none lost, none twice, the last ones included
+    assert len(handovers) <= source.reads / 10
+    assert max(handovers) >= 15
+    assert sampler.stats.mean_interval_s == pytest.approx(0.01, rel=0.5)
+
+
+async def test_while_a_receipt_waits_every_read_reaches_the_loop_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """:meth:`Sampler.cut_windows` (an energy receipt waits for samples past a time) hands
+    every read over as it returns, so the receipt does not wait a hand-over out."""
+    handovers: list[int] = []
+    on_reads = Sampler._on_reads
+
+    def counting(self: Sampler, poller: object, batch: list[object]) -> None:
+        handovers.append(len(batch))
+        on_reads(self, poller, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "_on_reads", counting)
+    source = CountingSource()
+    sampler = Sampler(source, GPUS, hz=50, sink=lambda s: None)
+    sampler.cut_windows(0.0)
+    await _sample_for(sampler, 0.5)
+    assert source.reads >= 10
+    assert handovers
+    assert max(handovers) == 1
+
+
+async def test_an_abandoned_read_keeps_the_reads_before_it() -> None:
+    """A source whose read hangs after a few good ones is abandoned (it allows reads beside a
+    stuck call); the good reads still waiting for their hand-over are counted, not dropped."""
+    import time as _time
+
+    gate = threading.Event()
+
+    class HangsAfterFive(CountingSource):
+        read_deadline_s = 0.05
+
+        def read(self) -> list[PowerSample | ReadError]:
+            if self.reads >= 5:  # every read from the sixth on hangs, until the end
+                gate.wait()
+            return super().read()
+
+    source = HangsAfterFive()
+    sampler = Sampler(source, GPUS, hz=50, sink=lambda s: None, read_deadline_s=0.05)
+    task = asyncio.create_task(sampler.run())
+    try:
+        deadline = _time.monotonic() + 3.0
+        while sampler.stats.samples["0"] < 5:
+            assert _time.monotonic() < deadline, "the reads before the hang were lost"
+            await asyncio.sleep(0.01)
+    finally:
+        gate.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
