@@ -410,17 +410,19 @@ FAST_HZ = 50.0
 
 
 def fast_sampling(duration_s: float) -> dict[str, float]:
-    """The chat trace's sidecar figures at ``FAST_HZ`` (keys ``serving_chat_<view>_50hz_...``)."""
+    """The chat trace's figures at ``FAST_HZ`` (keys ``serving_chat_<view>_50hz_...``): the
+    sidecar's in every view, the naive rules' medians in the views that have them."""
     res = run_trace("chat", duration_s, sample_hz=FAST_HZ)
     fig: dict[str, float] = {}
     for mode, m in res.modes.items():
-        if mode not in MODES:
-            continue
-        k = f"serving_chat_{mode}_{FAST_HZ:g}hz_ledger"
-        fig[f"{k}_median_error_percent"] = m.request["ledger"].median
-        fig[f"{k}_p90_error_percent"] = m.request["ledger"].p90
-        fig[f"{k}_prefill_median_error_percent"] = m.prefill["ledger"].median
-        fig[f"{k}_decode_median_error_percent"] = m.decode["ledger"].median
+        k = f"serving_chat_{mode}_{FAST_HZ:g}hz"
+        fig[f"{k}_ledger_median_error_percent"] = m.request["ledger"].median
+        fig[f"{k}_ledger_p90_error_percent"] = m.request["ledger"].p90
+        fig[f"{k}_ledger_prefill_median_error_percent"] = m.prefill["ledger"].median
+        fig[f"{k}_ledger_decode_median_error_percent"] = m.decode["ledger"].median
+        for rule in m.request:
+            if rule != "ledger":
+                fig[f"{k}_{rule}_median_error_percent"] = m.request[rule].median
     return fig
 
 
