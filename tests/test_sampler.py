@@ -161,6 +161,20 @@ class CountingSource(ThreadRecordingSource):
         return super().read()
 
 
+@pytest.fixture
+def handovers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each hand-over of reads to the loop, as the sampler makes them."""
+    sizes: list[int] = []
+    on_reads = Sampler._on_reads
+
+    def counting(self: Sampler, poller: object, batch: list[object]) -> None:
+        sizes.append(len(batch))
+        on_reads(self, poller, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "_on_reads", counting)
+    return sizes
+
+
 async def _sample_for(sampler: Sampler, seconds: float) -> None:
     task = asyncio.create_task(sampler.run())
     await asyncio.sleep(seconds)
@@ -170,19 +184,11 @@ async def _sample_for(sampler: Sampler, seconds: float) -> None:
 
 
 async def test_reads_reach_the_loop_together_and_keep_their_own_times(
-    monkeypatch: pytest.MonkeyPatch,
+    handovers: list[int],
 ) -> None:
     """At 100 Hz the loop is woken about four times a second, not a hundred, and every read
     still counts once, with the interval between reads (not between hand-overs); the reads
     still waiting when the sampler stops are counted too."""
-    handovers: list[int] = []
-    on_reads = Sampler._on_reads
-
-    def counting(self: Sampler, poller: object, batch: list[object]) -> None:
-        handovers.append(len(batch))
-        on_reads(self, poller, batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Sampler, "_on_reads", counting)
     source = CountingSource()
     sampler = Sampler(source, GPUS, hz=100, sink=lambda s: None)
     await _sample_for(sampler, 1.2)
@@ -194,18 +200,10 @@ async def test_reads_reach_the_loop_together_and_keep_their_own_times(
 
 
 async def test_while_a_receipt_waits_every_read_reaches_the_loop_at_once(
-    monkeypatch: pytest.MonkeyPatch,
+    handovers: list[int],
 ) -> None:
     """:meth:`Sampler.cut_windows` (an energy receipt waits for samples past a time) hands
     every read over as it returns, so the receipt does not wait a hand-over out."""
-    handovers: list[int] = []
-    on_reads = Sampler._on_reads
-
-    def counting(self: Sampler, poller: object, batch: list[object]) -> None:
-        handovers.append(len(batch))
-        on_reads(self, poller, batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Sampler, "_on_reads", counting)
     source = CountingSource()
     sampler = Sampler(source, GPUS, hz=50, sink=lambda s: None)
     sampler.cut_windows(0.0)
