@@ -32,6 +32,7 @@ from upstreams import STATE, create_upstream
 from sidecar.app import Sidecar
 from sidecar.config import Settings
 from sidecar.relay.proxy import RelayProxy
+from sidecar.relay.server import ClientConnection
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -226,6 +227,50 @@ async def test_upstream_cut_mid_body_cuts_the_client_and_counts_error() -> None:
                 break
             await asyncio.sleep(0.05)
         assert sidecar.meter.in_flight() == {}
+
+
+async def test_a_stream_that_came_whole_leaves_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream's whole SSE stream in one read (what a fast server's short answer is):
+    head, events and the chunked end go to the client in one write, one send, not a
+    send for the events and another for the end; every byte as the upstream sent it."""
+    events = [b'data: {"choices": [{"delta": {"content": "w%d"}}]}\n\n' % i for i in range(5)]
+    events.append(b"data: [DONE]\n\n")
+    body = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + body
+        )
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    writes: list[bytes] = []
+    made = ClientConnection.connection_made
+
+    def counted(self: ClientConnection, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        sent = cast(asyncio.Transport, transport).write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+            sent(data)
+
+        cast(Any, transport).write = write
+
+    monkeypatch.setattr(ClientConnection, "connection_made", counted)
+    server = await _raw_upstream(answer)
+    port = server.sockets[0].getsockname()[1]
+    async with server, relay_to(f"http://127.0.0.1:{port}") as (_sidecar, client):
+        payload = {**CHAT, "stream": True}
+        r = await client.post("/v1/chat/completions", json=payload)
+        assert await r.read() == b"".join(events)
+    answers = [w for w in writes if w.startswith(b"HTTP/1.1 200")]
+    assert len(answers) == 1
+    assert answers[0].endswith(b"0\r\n\r\n")
+    assert len(writes) == 1
 
 
 async def test_silent_upstream_times_out_mid_stream(aiohttp_server: ServerFactory) -> None:

@@ -164,12 +164,16 @@ class RelayResponse(web.StreamResponse):
         if conn is None:
             await super().write_eof(data)
             return
-        if data:
-            await self.write(data)
         if self._done:
+            if data:
+                await self.write(data)
             return
         self._done = True
         tail = b"0\r\n\r\n" if self._chunked else b""
+        if data and not self._no_body:  # the last bytes and the end in one send
+            if self._remaining is not None:
+                self._remaining -= len(data)
+            tail = (b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else bytes(data)) + tail
         if self._head:
             tail, self._head = self._head + tail, b""
         if tail:

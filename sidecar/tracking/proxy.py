@@ -369,6 +369,7 @@ class Proxy:
                 clock, period = self._clock, self._token_period_s
                 due = 0.0  # when the tokens counted since the last hand-over go to the meter
                 content = upstream.content
+                last = b""  # bytes read after the upstream's end: they go with our end
                 chunk = prefix or await content.readany()  # b"" at the end of the body
                 while chunk:
                     out = chunk
@@ -394,6 +395,8 @@ class Proxy:
                     first = False
                     if hold is not None:
                         out = hold.feed(out)
+                    elif content.at_eof():  # the upstream has ended: one send, not two
+                        last, out = out, b""
                     if out:
                         await response.write(out)
                     # the meter hears of a chunk once it is on its way: its calls never hold it
@@ -411,8 +414,10 @@ class Proxy:
                     pending = 0
                 if tracker is not None:  # strip mode holds back an unterminated last event
                     tail = self._safe("flush", tracker.flush)
-                    if tail:
-                        await response.write(tail if hold is None else hold.feed(tail))
+                    if tail and hold is not None:
+                        await response.write(hold.feed(tail))
+                    elif tail:
+                        last += tail
                 if tracker is not None:
                     usage = self._safe("usage", tracker.finish)
                     if usage is not None:
@@ -432,7 +437,7 @@ class Proxy:
                     self._finish(rid, status, usage_tokens, server_id, tenant)
                     done, rid = rid, None
                     await hold.end(self._meter, done, waiter, request)
-                await response.write_eof()
+                await response.write_eof(last)
             finally:
                 if tracker is not None:
                     self._safe("release", tracker.release)
