@@ -1,9 +1,11 @@
 """Where the running sidecar's CPU goes under the quick bench's batched load: cProfile.
 
 ``python -m bench.profile_sidecar [--variant full|nosim|nometer] [--plain] [--n 2000]
-[--top 30] [--sort cumulative|tottime]`` starts the stand-in upstream and the sidecar (``--data-plane`` default,
-simulated GPU) under :mod:`cProfile`, sends ``n`` requests 32 at a time (20-token streams,
-or plain requests with ``--plain``) after 300 to warm it, stops it with SIGTERM and prints
+[--delay S] [--top 30] [--sort cumulative|tottime]`` starts the stand-in upstream and the
+sidecar (``--data-plane`` default, simulated GPU) under :mod:`cProfile`, sends ``n`` requests
+32 at a time (20-token streams, or plain requests with ``--plain``; ``--delay``: ``S``
+seconds between a stream's chunks, as a model server paces them, where the batched default
+sends a stream in one read) after 300 to warm it, stops it with SIGTERM and prints
 the functions by cumulative time. ``--variant`` switches part of the work off as
 :mod:`bench.variant_sidecar` does (``nosim``: the simulated GPU does not follow requests,
 the benchmark's own stand-in). Profiled time is inflated (about twice on this code), so
@@ -51,7 +53,7 @@ def child(variant: str, out: str, argv: list[str]) -> int:
     return main()
 
 
-def run(variant: str, *, plain: bool, n: int, top: int, sort: str) -> None:
+def run(variant: str, *, plain: bool, n: int, top: int, sort: str, delay: float = 0.0) -> None:
     with Harness("profile-sidecar-") as h:
         up, up_port = start_upstream(h.tmp)
         h.procs.append(up)
@@ -71,7 +73,13 @@ def run(variant: str, *, plain: bool, n: int, top: int, sort: str) -> None:
         url = f"http://127.0.0.1:{port}{CHAT}"
         for count in (300, n):  # warm, then the profiled load
             r = gen.call(
-                cmd="load", url=url, n=count, concurrency=32, stream=not plain, max_tokens=20
+                cmd="load",
+                url=url,
+                n=count,
+                concurrency=32,
+                stream=not plain,
+                max_tokens=20,
+                delay=delay,
             )
         print(f"{r['ok']} requests, {r['errors']} errors, {r['elapsed_s']:.1f} s")
         proc.send_signal(signal.SIGTERM)
@@ -87,9 +95,12 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="plain requests, not streams")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds between a stream's chunks (paced)"
+    )
     parser.add_argument("--sort", default="cumulative", choices=("cumulative", "tottime"))
     args = parser.parse_args()
-    run(args.variant, plain=args.plain, n=args.n, top=args.top, sort=args.sort)
+    run(args.variant, plain=args.plain, n=args.n, top=args.top, sort=args.sort, delay=args.delay)
 
 
 if __name__ == "__main__":
