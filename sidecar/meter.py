@@ -226,11 +226,13 @@ class Meter:
         *,
         tenant: str | None = None,
         server_id: str | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         """The proxied request ended (see :meth:`ProxySource.request_finished`)."""
         self.proxy.request_finished(
-            rid, status, prompt_tokens, completion_tokens, tenant=tenant, server_id=server_id
-        )
+            rid, status, prompt_tokens, completion_tokens, tenant=tenant, server_id=server_id,
+            cached_tokens=cached_tokens,
+        )  # fmt: skip
         waiter = self._receipts.get(rid)
         if waiter is not None and not waiter.done() and self.samples_wanted is not None:
             self.samples_wanted(self.clock())  # final once samples past its end (now) are in
@@ -464,6 +466,7 @@ class Meter:
                     duration_s=round(f.end_s - f.start_s, 4),
                     prompt_tokens=f.prompt_tokens,
                     completion_tokens=f.completion_tokens,
+                    cached_tokens=f.cached_tokens,
                     dynamic_j=round(f.dynamic_j, 4),
                     idle_j=round(f.idle_j, 4),
                     prefill_j=round(f.prefill_j, 4),

@@ -316,10 +316,14 @@ class TestProxyHold:
     """``--proxy-hold``: intervals wait, so a stream's final usage reaches its prefill."""
 
     @staticmethod
-    def run(hold_s: float, *, count_at_first_token: bool) -> dict[str, tuple[float, float, float]]:
+    def run(
+        hold_s: float, *, count_at_first_token: bool, cached: bool = False
+    ) -> dict[str, tuple[float, float, float]]:
         """Overlapping streams whose body estimates are a third of their prompts: enough of
         them (16 prompt windows) for the prefill rate to be known, so the prefill queue places
-        the counted prompts, and the uncounted ones are spread by the rate."""
+        the counted prompts, and the uncounted ones are spread by the rate. ``cached``: the
+        server read half of each prompt from its prefix cache (the count at the first token
+        is then of the tokens computed, the usage at the end says which were cached)."""
         ledger = Ledger(["0"], idle_watts={"0": 60.0}, hold_s=hold_s, prompts_at_end=hold_s > 0)
         events: list[tuple[float, int, str, int]] = []  # time, kind, request, tokens
         for i in range(24):
@@ -333,11 +337,15 @@ class TestProxyHold:
             if kind == 0:
                 ledger.start(rid, t, model="m", prompt_tokens=n)
             elif kind == 1:
-                ledger.first_token(rid, t, prompt_tokens=n if count_at_first_token else None)
+                counted = n - n // 2 if cached else n
+                ledger.first_token(rid, t, prompt_tokens=counted if count_at_first_token else None)
             elif kind == 2:
                 ledger.tokens(rid, t, n)
             elif kind == 3:
-                ledger.finish(rid, t, prompt_tokens=n, completion_tokens=29)
+                ledger.finish(
+                    rid, t, prompt_tokens=n, completion_tokens=29,
+                    cached_tokens=n // 2 if cached else None,
+                )  # fmt: skip
             else:
                 ledger.sample("0", t, 150.0 + 80.0 * ((t * 7.0) % 1.0))
         ledger.flush()
@@ -353,3 +361,48 @@ class TestProxyHold:
             assert held[rid] == pytest.approx(figures, rel=1e-9)
         unheld = self.run(0.0, count_at_first_token=False)
         assert max(abs(unheld[r][2] / counted[r][2] - 1.0) for r in counted) > 0.05
+
+
+class TestCachedPrompt:
+    """Prompt tokens read from the server's prefix cache weigh no prefill work."""
+
+    def test_reply_not_streamed(self) -> None:
+        """Two replies alike but for the cache: 300 prompt tokens each, 200 of one's cached,
+        so they weigh 300 and 100 (the prior weighs a prompt token as an output token)."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0})
+        for rid, cached in (("cold", None), ("warm", 200)):
+            ledger.start(rid, 0.0, model="m", prompt_tokens=280)  # the body's estimate
+            ledger.finish(rid, 2.0, prompt_tokens=300, completion_tokens=0, cached_tokens=cached)
+        feed(ledger, "0", [(0.0, 100.0), (2.0, 100.0)])
+        ledger.flush()
+        got = {f.id: f for f in ledger.pop_finished()}
+        assert got["cold"].dynamic_j == pytest.approx(150.0)
+        assert got["warm"].dynamic_j == pytest.approx(50.0)
+        assert (got["warm"].prompt_tokens, got["warm"].cached_tokens) == (300, 200)
+        assert (got["cold"].prompt_tokens, got["cold"].cached_tokens) == (300, None)
+
+    def test_more_cached_than_the_prompt_is_all_of_it(self) -> None:
+        """A cached count above the prompt's is clamped: no prefill work, never negative."""
+        ledger = Ledger(["0"], idle_watts={"0": 0.0})
+        ledger.start("a", 0.0, model="m", prompt_tokens=50)
+        ledger.start("b", 0.0, model="m", prompt_tokens=50)
+        ledger.finish("a", 2.0, prompt_tokens=50, completion_tokens=10, cached_tokens=90)
+        ledger.finish("b", 2.0, prompt_tokens=50, completion_tokens=10)
+        feed(ledger, "0", [(0.0, 100.0), (2.0, 100.0)])
+        ledger.flush()
+        got = {f.id: f for f in ledger.pop_finished()}
+        assert got["a"].cached_tokens == 50
+        assert got["a"].dynamic_j == pytest.approx(200.0 * 10 / 70)
+
+    def test_held_stream_places_only_the_computed_prompt(self) -> None:
+        """Held, a stream whose usage says half its prompt was cached is booked as one whose
+        first chunk counted only the computed half; the prompts' share of their windows, and
+        with it the prefill stage, is less than uncached (2.4 % here: the rest of a window
+        is the decode of the streams beside them)."""
+        counted = TestProxyHold.run(30.0, count_at_first_token=True, cached=True)
+        held = TestProxyHold.run(30.0, count_at_first_token=False, cached=True)
+        uncached = TestProxyHold.run(30.0, count_at_first_token=False)
+        assert held.keys() == counted.keys() == uncached.keys()
+        for rid, figures in counted.items():
+            assert held[rid] == pytest.approx(figures, rel=1e-9)
+        assert sum(v[2] for v in held.values()) < 0.99 * sum(v[2] for v in uncached.values())

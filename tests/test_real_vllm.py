@@ -487,6 +487,41 @@ async def test_observer_tokens_exact(vllm: VllmServer) -> None:
         await asyncio.to_thread(observer.stop)
 
 
+async def test_prefix_cached_prompt_is_named_in_the_finished_line(
+    proxy: Sidecar, vllm: VllmServer
+) -> None:
+    """The same long prompt twice: vLLM serves most of the second from its prefix cache and
+    says so in the usage (``prompt_tokens_details.cached_tokens``); the sidecar books that
+    count with the request (its ``request.finished`` line), streamed or not, so those
+    tokens weigh no prefill work."""
+    prompt = " ".join(f"cache-line {i} of the shared system prompt" for i in range(12))
+    before = await steady(proxy, vllm)
+    usages: list[Any] = []
+    async with client(proxy.url) as c:
+        for _ in range(2):
+            done = await c.chat.completions.create(
+                model="tiny-llama", messages=[{"role": "user", "content": prompt}],
+                max_tokens=4, temperature=0.0,
+            )  # fmt: skip
+            usages.append(done.usage)
+        stream = await c.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": prompt}],
+            max_tokens=4, temperature=0.0, stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        usages.append([chunk async for chunk in stream][-1].usage)
+    await settled(proxy, vllm, before, 3, lambda d: d.ours_requests >= 3)
+    assert all(u is not None and u.prompt_tokens_details is not None for u in usages)
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    print(f"prompt {usages[0].prompt_tokens} tokens; cached {cached}")
+    assert cached[1] > 0  # served from the cache: vLLM's own claim
+    assert cached[2] > 0
+    assert cached[1] < usages[1].prompt_tokens
+    lines = [json.loads(line) for line in list(proxy.log) if line.startswith("{")]
+    finished = [x for x in lines if x.get("event") == "request.finished"][-3:]
+    assert [x["prompt_tokens"] for x in finished] == [u.prompt_tokens for u in usages]
+    assert [x["cached_tokens"] or 0 for x in finished] == cached
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
 async def test_non_streamed_body_unchanged(proxy: Sidecar, vllm: VllmServer, path: str) -> None:
     """A greedy non-streamed answer through the proxy equals vLLM's direct one, ids and

@@ -505,6 +505,73 @@ class TestPooling:
         assert (usage.prompt_tokens, usage.completion_tokens) == (25, 3)
 
 
+class TestCachedPrompt:
+    """Prompt tokens the server read from its prefix cache, in every dialect that says so."""
+
+    def test_chat_reply(self) -> None:
+        """OpenAI's `prompt_tokens_details.cached_tokens` (vLLM, --enable-prompt-tokens-details)."""
+        body = {"model": "m", "usage": {"prompt_tokens": 30, "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 16}}}  # fmt: skip
+        usage, _, _ = track(
+            info("chat", "openai", False), json.dumps(body).encode(), "application/json"
+        )
+        assert (usage.prompt_tokens, usage.cached_tokens) == (30, 16)
+
+    def test_chat_stream_usage_chunk(self) -> None:
+        """The last chunk's usage, read from a stream of plain chunks, byte for byte."""
+        chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "ab"}}]}
+        last = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 40,
+                "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 32}}}  # fmt: skip
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [chunk] * 3 + [last])
+        body += b"data: [DONE]\n\n"
+        for step in (0, 7):
+            usage, out, tokens = track(info("chat", "openai", True), body, SSE, step)
+            assert out == body
+            assert (usage.prompt_tokens, usage.cached_tokens, tokens) == (40, 32, 3)
+
+    def test_responses_completed(self) -> None:
+        """Responses' `input_tokens_details.cached_tokens` in `response.completed`."""
+        done = {"type": "response.completed", "response": {"id": "r", "model": "m", "usage": {
+            "input_tokens": 50, "output_tokens": 4,
+            "input_tokens_details": {"cached_tokens": 48}}}}  # fmt: skip
+        body = b"event: response.completed\ndata: " + json.dumps(done).encode() + b"\n\n"
+        usage, _, _ = track(info("responses", "responses", True), body, SSE)
+        assert (usage.prompt_tokens, usage.cached_tokens) == (50, 48)
+
+    def test_anthropic_cache_read(self) -> None:
+        """Messages' `cache_read_input_tokens` were read; `cache_creation_input_tokens` computed."""
+        body = {"model": "m", "usage": {"input_tokens": 4, "cache_read_input_tokens": 20,
+                "cache_creation_input_tokens": 1, "output_tokens": 3}}  # fmt: skip
+        usage, _, _ = track(
+            info("chat", "anthropic", False), json.dumps(body).encode(), "application/json"
+        )
+        assert (usage.prompt_tokens, usage.cached_tokens) == (25, 20)
+
+    def test_sglang_meta_info(self) -> None:
+        """SGLang's native answer: `meta_info.cached_tokens`, summed over a batch."""
+        req = parse_request("generate", "tgi", b'{"text": ["a", "b"]}', "application/json")
+        two = [{"text": "x", "meta_info": {"prompt_tokens": 9, "completion_tokens": 2,
+                "cached_tokens": 8}}, {"text": "y", "meta_info": {"prompt_tokens": 9,
+                "completion_tokens": 2, "cached_tokens": 0}}]  # fmt: skip
+        usage, _, _ = track(req, json.dumps(two).encode(), "application/json")
+        assert (usage.prompt_tokens, usage.cached_tokens) == (18, 8)
+
+    @pytest.mark.parametrize(
+        "details",
+        [None, {}, {"cached_tokens": None}, {"cached_tokens": -3}, {"cached_tokens": True},
+         {"cached_tokens": 31}, "16"],
+    )  # fmt: skip
+    def test_absent_or_unusable(self, details: object) -> None:
+        """No count, a malformed one, or more cached than the prompt: none is taken."""
+        body = {"model": "m", "usage": {"prompt_tokens": 30, "completion_tokens": 5,
+                "prompt_tokens_details": details}}  # fmt: skip
+        usage, out, _ = track(
+            info("chat", "openai", False), json.dumps(body).encode(), "application/json"
+        )
+        assert (usage.prompt_tokens, usage.cached_tokens) == (30, None)
+        assert out == json.dumps(body).encode()
+
+
 class TestBudget:
     """The shared parse budget: past it a body passes unparsed, and nothing stays reserved."""
 

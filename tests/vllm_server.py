@@ -270,5 +270,7 @@ def vllm_factory(tmp_path_factory: pytest.TempPathFactory) -> Generator[VllmFact
 
 @pytest.fixture(scope="session")
 def vllm(vllm_factory: VllmFactory) -> VllmServer:
-    """The session's plain vLLM serving ``tiny-llama``."""
-    return vllm_factory()
+    """The session's vLLM serving ``tiny-llama``, its usage naming the prompt tokens its
+    prefix cache served (``--enable-prompt-tokens-details``: ``usage.prompt_tokens_details``,
+    what operators turn on to see cache hits); prefix caching is on by default."""
+    return vllm_factory(args=("--enable-prompt-tokens-details",))

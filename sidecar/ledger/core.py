@@ -269,8 +269,12 @@ class Ledger:
         status: Status = "ok",
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
-        """The last response byte left (or the client left, or the upstream failed)."""
+        """The last response byte left (or the client left, or the upstream failed).
+        ``cached_tokens``: of the prompt, those the server read from its prefix cache
+        (the usage's ``cached_tokens``): they weigh no prefill work where the prompt is
+        still to be placed (a reply not streamed; the pieces a hold kept)."""
         req = self._live.get(request_id)
         if req is None or req.end_s != INF:
             return
@@ -278,8 +282,10 @@ class Ledger:
         req.status = status
         req.prompt_tokens = prompt_tokens
         req.completion_tokens = completion_tokens
+        if prompt_tokens is not None and cached_tokens is not None:
+            req.cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
         if prompt_tokens is not None and req.first_token_s is None:
-            req.prompt_work = float(prompt_tokens)
+            req.prompt_work = float(req.computed_prompt)
         elif (
             self._prompts_at_end
             and prompt_tokens is not None
@@ -669,5 +675,6 @@ class Ledger:
                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                 dynamic_j=r.dynamic_j, idle_j=r.idle_j,
                 prefill_j=prefill_j(r, self.prefill_fit.ratio), activity=r.activity,
+                cached_tokens=r.cached_tokens,
             )
         )  # fmt: skip

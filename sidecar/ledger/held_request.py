@@ -60,6 +60,10 @@ class HeldRequest:
             endpoint=endpoint,
         )  # fmt: skip
         req.status = status
+        if prompt_tokens is not None and cached_tokens is not None:
+            # all of the prompt is in the KV cache (its context), its computed part is work
+            req.prompt_tokens = prompt_tokens
+            req.cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
         lo, hi = (start_s, end) if heard_s is None else heard_s
         return cls(req, min(lo, start_s), max(hi, end), reported=(prompt_tokens, completion_tokens))
 
@@ -80,6 +84,7 @@ class HeldRequest:
             idle_j=r.idle_j,
             prefill_j=min(max(r.prefill_j, 0.0), r.dynamic_j + r.idle_j),
             missed_s=self.missed_s,
+            cached_tokens=r.cached_tokens,
         )
 
 

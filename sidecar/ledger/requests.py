@@ -42,6 +42,8 @@ class FinishedRequest:
     missed_s: float = 0.0
     """Traces mode: seconds of its window already out of the hold when it reported
     (that energy went to the unattributed bucket, not to it)."""
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those the server read from its prefix cache (as it reported)."""
 
     @property
     def energy_j(self) -> float:
@@ -68,6 +70,9 @@ class Request:
     status: Status = "ok"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those the server read from its prefix cache: in the KV cache
+    as any prompt token, but (almost) no prefill work."""
     # (t0, t1, prefill, decode): token work spread evenly over [t0, t1], in time order
     segments: deque[tuple[float, float, float, float]] = field(default_factory=deque)
     known_s: float = -INF  # the work rate is final up to this time
@@ -97,10 +102,16 @@ class Request:
 
     def exact_prompt(self, tokens: float) -> float:
         """A streamed prompt's ``tokens`` (its segment holds the body's estimate) in the
-        exact count, once the usage brought it."""
+        exact count of tokens computed, once the usage brought it (the prompt less what
+        the server read from its prefix cache)."""
         if self.prompt_tokens is not None and self.prompt_work:
-            return tokens * (self.prompt_tokens / self.prompt_work)
+            return tokens * (self.computed_prompt / self.prompt_work)
         return tokens
+
+    @property
+    def computed_prompt(self) -> int:
+        """Prompt tokens the server computed: the exact count less the cached ones."""
+        return max(0, (self.prompt_tokens or 0) - (self.cached_tokens or 0))
 
     @property
     def informed(self) -> bool:

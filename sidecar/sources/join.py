@@ -46,6 +46,7 @@ class ProxiedView:
     end_s: float
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None
 
 
 class ProxySpanJoin:
@@ -197,7 +198,7 @@ class ProxySpanJoin:
         first = view.first_token_s
         if first is None:
             ratio = acc.ledger.prefill_fit.ratio
-            prefill = (view.prompt_tokens or 0) * ratio
+            prefill = max(0, (view.prompt_tokens or 0) - (view.cached_tokens or 0)) * ratio
             decode = float(view.completion_tokens or 0)
             share = prefill / (prefill + decode) if prefill + decode > 0 else 1.0
             first = view.start_s + (view.end_s - view.start_s) * share
@@ -210,6 +211,7 @@ class ProxySpanJoin:
             end_s=view.end_s,
             prompt_tokens=view.prompt_tokens,
             completion_tokens=view.completion_tokens,
+            cached_tokens=view.cached_tokens,
             endpoint=view.endpoint,
             status=view.status,
         )

@@ -141,9 +141,11 @@ class ProxySource:
         *,
         tenant: str | None = None,
         server_id: str | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         """The request ended. ``tenant``, when given, replaces the label given at the
-        start; ``server_id`` is the id the server gave it (its response's ``id``)."""
+        start; ``server_id`` is the id the server gave it (its response's ``id``);
+        ``cached_tokens``: of the prompt, those the server read from its prefix cache."""
         req = self._open.pop(rid, None)
         if req is None:
             return
@@ -156,7 +158,7 @@ class ProxySource:
             end = max(now, req.start_s)
             view = ProxiedView(
                 rid, server_id, label, req.endpoint, status, req.tenant, req.start_s,
-                req.first_token_s, end, prompt_tokens, completion_tokens,
+                req.first_token_s, end, prompt_tokens, completion_tokens, cached_tokens,
             )  # fmt: skip
             self._join.proxied(view)
         else:
@@ -164,7 +166,7 @@ class ProxySource:
             acc.ledger.relabel(rid, label, final=True)
             acc.ledger.finish(
                 rid, now, status=status, prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                completion_tokens=completion_tokens, cached_tokens=cached_tokens,
             )  # fmt: skip
             acc.count_finished(label, req.endpoint, status, prompt_tokens, completion_tokens)
         if self.listener is not None:

@@ -304,6 +304,7 @@ class Proxy:
         status: Status = "ok"
         usage_tokens: tuple[int | None, int | None] = (None, None)
         server_id: str | None = None  # the response's id: the join with the server's trace
+        cached: int | None = None  # prompt tokens the server read from its prefix cache
         upstream: aiohttp.ClientResponse | None = None
         counted = 0
         pending = 0  # streamed tokens not handed to the meter yet (one hand-over a period)
@@ -426,7 +427,7 @@ class Proxy:
                         if completion is None and streamed and (usage.token_events or counted):
                             completion = usage.token_events or counted
                         usage_tokens = (usage.prompt_tokens, completion)
-                        server_id = usage.response_id
+                        server_id, cached = usage.response_id, usage.cached_tokens
                         if usage.model and rid is not None:
                             self._safe("model", self._meter.model_learned, rid, usage.model)
                     self._learn_null_usage(info, tracker, strip_usage, upstream.status)
@@ -434,7 +435,7 @@ class Proxy:
                         self._fingerprint = tracker.usage_fingerprint
                 if hold is not None and rid is not None:  # the end stays the upstream's last byte
                     waiter = self._meter.watch_receipt(rid)
-                    self._finish(rid, status, usage_tokens, server_id, tenant)
+                    self._finish(rid, status, usage_tokens, server_id, tenant, cached)
                     done, rid = rid, None
                     await hold.end(self._meter, done, waiter, request)
                 await response.write_eof(last)
@@ -467,17 +468,19 @@ class Proxy:
                 else:
                     upstream.release()
             if rid is not None:
-                self._finish(rid, status, usage_tokens, server_id, tenant)
+                self._finish(rid, status, usage_tokens, server_id, tenant, cached)
             elif not metered:
                 self._safe("other", self._meter.other_request, status)
 
     def _finish(
         self, rid: str, status: Status, usage: tuple[int | None, int | None],
-        server_id: str | None, tenant: str | None,
+        server_id: str | None, tenant: str | None, cached: int | None = None,
     ) -> None:  # fmt: skip
         extra: dict[str, Any] = {}
         if server_id is not None:
             extra["server_id"] = server_id
+        if cached:
+            extra["cached_tokens"] = cached
         if tenant is not None and self._tenants is not None:
             extra["tenant"] = self._safe(
                 "tenant_label", self._tenants.label, tenant, ok=status == "ok"

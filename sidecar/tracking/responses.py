@@ -43,6 +43,7 @@ from sidecar.tracking.wire import (
     json_mime,
     loads,
     model_name,
+    usage_cached,
     usage_counts,
 )
 
@@ -82,6 +83,8 @@ class Usage:
     model: str | None
     token_events: int = 0
     response_id: str | None = field(default=None, compare=False)  # the join with its span
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those served from the prefix cache (read, not computed)."""
 
 
 class ResponseTracker:
@@ -116,6 +119,7 @@ class ResponseTracker:
 
     __slots__ = (
         "_budget",
+        "_cached",
         "_completion",
         "_done",
         "_event_head",
@@ -172,6 +176,7 @@ class ResponseTracker:
         self._tail: bytes | None = None  # the last bytes of an over-cap JSON body
         self._prompt: int | None = None
         self._completion: int | None = None
+        self._cached: int | None = None
         self._model: str | None = None
         self._response_id: str | None = None
         self._streamed_usage = 0  # continuous usage: completion tokens already counted
@@ -313,9 +318,13 @@ class ResponseTracker:
             completion = self._completion
             if completion is None and self._info.endpoint in ("embedding", "pooling"):
                 completion = 0 if self._prompt is not None else None
+            cached = self._cached
+            if cached is not None and (self._prompt is None or cached > self._prompt):
+                cached = None  # more cached than the prompt: not a count to weigh work by
             self._usage = Usage(
-                self._prompt, completion, self._model, self._token_events, self._response_id
-            )
+                self._prompt, completion, self._model, self._token_events, self._response_id,
+                cached,
+            )  # fmt: skip
         return self._usage
 
     # ------------------------------------------------------------------ internals
@@ -622,10 +631,13 @@ class ResponseTracker:
     def _sum_meta(self, metas: list[dict[str, object]]) -> None:
         prompts = [count(m.get("prompt_tokens")) for m in metas]
         completions = [count(m.get("completion_tokens")) for m in metas]
+        cached = [count(m.get("cached_tokens")) for m in metas]
         self._take(
             sum(p for p in prompts if p is not None) if None not in prompts else None,
             sum(c for c in completions if c is not None) if None not in completions else None,
         )
+        if None not in cached:  # SGLang's own count of prompt tokens read from its cache
+            self._cached = sum(c for c in cached if c is not None)
 
     def _absorb(self, obj: dict[str, object]) -> None:
         """Model and counts wherever a dialect puts them.
@@ -648,6 +660,9 @@ class ResponseTracker:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._take(*usage_counts(usage))
+            cached = usage_cached(usage)
+            if cached is not None:
+                self._cached = cached
         details = obj.get("details")
         if isinstance(details, dict):
             self._take(count(details.get("input_length")), count(details.get("generated_tokens")))

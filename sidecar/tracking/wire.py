@@ -18,6 +18,7 @@ __all__ = [
     "loads",
     "model_name",
     "tokens_for",
+    "usage_cached",
     "usage_counts",
 ]
 
@@ -119,3 +120,20 @@ def usage_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
     if completion is None:
         completion = count(usage.get("output_tokens"))
     return prompt, completion
+
+
+def usage_cached(usage: dict[str, object]) -> int | None:
+    """Prompt tokens served from the prefix cache, from a ``usage`` object of any dialect.
+
+    They were read, not computed: OpenAI's ``prompt_tokens_details.cached_tokens`` (vLLM
+    fills it with ``--enable-prompt-tokens-details``), Responses'
+    ``input_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``
+    (``cache_creation_input_tokens`` were computed, and written to the cache).
+    """
+    for key in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(key)
+        if isinstance(details, dict):
+            cached = count(details.get("cached_tokens"))
+            if cached is not None:
+                return cached
+    return count(usage.get("cache_read_input_tokens"))
