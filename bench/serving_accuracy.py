@@ -107,13 +107,15 @@ def replay(
     prompt_spread: float = PROMPT_ESTIMATE_SPREAD,
     first_chunk_usage: bool = False,
     proxy_hold_s: float = 0.0,
+    cache_aware: bool = True,
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
     """Per request (dynamic J, attributed J, prefill J) as the running sidecar books them.
     ``prompt_spread``: how far the proxy's prompt estimate strays (0: the exact count at
     the start). ``first_chunk_usage``: the proxy also hands the ledger the exact prompt
     count with the first token (a server that reports usage in every chunk, vLLM's
     ``continuous_usage_stats``). ``proxy_hold_s``: the ledger's hold in the proxy view
-    (``run --proxy-hold``)."""
+    (``run --proxy-hold``). ``cache_aware``: the usage's count of prompt tokens read from
+    the prefix cache reaches the ledger (else it weighs every prompt token as computed)."""
     rnd = random.Random(seed)
     gpus = sorted({g for _, g, _, _ in wl.samples})
     ledger = Ledger(
@@ -156,8 +158,9 @@ def replay(
             ledger.tokens(rid, t, int(arg))
         else:
             ledger.finish(
-                rid, t, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens
-            )
+                rid, t, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                cached_tokens=r.cached_tokens if cache_aware else None,
+            )  # fmt: skip
 
     def collect() -> None:
         for f in ledger.pop_finished():
@@ -194,7 +197,7 @@ LATE_HOLD_S = 900.0
 
 
 def replay_live_traces(
-    wl: Workload, *, seed: int = 5
+    wl: Workload, *, seed: int = 5, cache_aware: bool = True
 ) -> tuple[dict[str, tuple[float, float, float]], float]:
     """Traces mode exactly as ``run --otlp-listen --observe`` books it: held slots, each
     span placed when it arrives (``EXPORT_DELAY_S`` after the end at most), the server's
@@ -227,6 +230,7 @@ def replay_live_traces(
             ledger.place(
                 r.id, model="sim", start_s=start, first_token_s=first, end_s=end,
                 prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                cached_tokens=r.cached_tokens if cache_aware else None,
             )  # fmt: skip
             i += 1
         for smp in recs[g].push(PowerSample(t, g, p, e)):
@@ -253,6 +257,7 @@ def replay_live_traces(
         ledger.place(
             r.id, model="sim", start_s=start, first_token_s=first, end_s=end,
             prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+            cached_tokens=r.cached_tokens if cache_aware else None,
         )  # fmt: skip
     for rec in recs.values():
         for smp in rec.flush():
@@ -426,6 +431,44 @@ def fast_sampling(duration_s: float) -> dict[str, float]:
     return fig
 
 
+PREFIX_SHARE = 0.6
+PREFIX_TOKENS = 512
+"""The prefix-cache what-if: 60 % of the chat trace's requests open with one 512-token system
+prompt, read from the engine's prefix cache once it has been prefilled."""
+
+
+def prefix_cache(duration_s: float) -> dict[str, float]:
+    """The chat trace with a shared system prompt (``PREFIX_SHARE`` of requests,
+    ``PREFIX_TOKENS``), in the views that hear the cached count (``proxy_held``: the
+    stream's usage at its end; ``traces_live``: the span), each cache-aware and cache-blind
+    (every prompt token weighed as computed). Keys
+    ``serving_chat_cached_<view>_{aware,blind}_ledger_{median,p90}_error_percent`` and the
+    share of prompt tokens cached."""
+    file, from_s, rate_scale = TRACES["chat"]
+    spec = EngineSpec(
+        duration_s=duration_s, rate_scale=rate_scale, from_s=from_s,
+        prefix_share=PREFIX_SHARE, prefix_tokens=PREFIX_TOKENS,
+    )  # fmt: skip
+    wl = serve(load_trace(DATA / file), spec)
+    last = wl.samples[-1][0]
+    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+    fig: dict[str, float] = {
+        "serving_chat_cached_prompt_share": sum(r.cached_tokens for r in wl.requests)
+        / max(1, sum(r.prompt_tokens for r in wl.requests)),
+    }
+    for aware in (True, False):
+        runs = {
+            "proxy_held": replay(wl, "proxy", proxy_hold_s=PROXY_HOLD_S, cache_aware=aware)[0],
+            "traces_live": replay_live_traces(wl, cache_aware=aware)[0],
+        }
+        for view, got in runs.items():
+            err = Errors.of([_pct(got.get(r.id, (0.0, 0.0, 0.0))[0], r.truth_j) for r in scored])
+            k = f"serving_chat_cached_{view}_{'aware' if aware else 'blind'}_ledger"
+            fig[f"{k}_median_error_percent"] = err.median
+            fig[f"{k}_p90_error_percent"] = err.p90
+    return fig
+
+
 def figures(results: Iterable[TraceResult]) -> dict[str, float | list[float]]:
     """Flat bench keys: ``serving_<trace>_<mode>_<rule>_{median,p90}_error_percent`` and
     ``..._{prefill,decode}_median_error_percent``."""
@@ -530,11 +573,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("seconds", nargs="?", type=float, default=180.0, help="trace seconds kept")
     ap.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="the chat trace with a shared, cached system prompt: cache-aware against blind",
+    )
+    ap.add_argument(
         "--breakdown",
         action="store_true",
         help="the ledger's error in bins (prompt, output, prefill share, queue, batch) instead",
     )
     args = ap.parse_args(argv)
+    if args.prefix_cache:
+        print(json.dumps(prefix_cache(args.seconds), indent=1))
+        return
     if args.breakdown:
         rows: dict[str, object] = {}
         for n in TRACES:

@@ -27,6 +27,11 @@ plus launch overhead give ~8 ms a step; 14 GFLOP a prompt token over
 100 W for the memory-bound part of a step at batch 1, rising towards 160 W
 with the tokens in the step; 250 W for compute (the A100's TDP is 400 W).
 
+A prefix cache (``prefix_share``, ``prefix_tokens``): that share of requests start with one
+shared prefix (a system prompt); once one of them has been prefilled, the others read it
+from the cache in whole blocks (``cache_block``, vLLM's 16 tokens) and compute only the rest,
+as vLLM's automatic prefix caching does; their KV cache still holds the whole prompt.
+
 Exact per-request truth: each step's energy is split by the physics itself:
 the weight read by tokens in the step (every token uses the weights once), the
 KV reads by each sequence's context, the compute by each one's tokens. A
@@ -86,6 +91,10 @@ class EngineSpec:
     standby_lead_s: float = 5.0
     seed: int = 0
     start_s: float = 1_700_000_000.0
+    prefix_share: float = 0.0
+    """Requests that begin with the one shared prefix (drawn with ``seed``)."""
+    prefix_tokens: int = 0
+    cache_block: int = 16
 
 
 def load_trace(path: Path) -> list[TraceRow]:
@@ -149,6 +158,9 @@ def serve(trace: Sequence[TraceRow], spec: EngineSpec) -> Workload:
         SyntheticRequest(f"req-{i:05d}", a, a, a, p, o, token_s=[], scheduled_s=None)
         for i, (a, p, o) in enumerate(arrivals)
     ]
+    rnd = random.Random(spec.seed + 2)
+    shares_prefix = {r.id for r in reqs if spec.prefix_tokens and rnd.random() < spec.prefix_share}
+    prefix_ready = False  # one request with the prefix has been prefilled: it is cached
     power = _Power()
     waiting: deque[_Live] = deque()
     running: list[_Live] = []
@@ -176,8 +188,11 @@ def serve(trace: Sequence[TraceRow], spec: EngineSpec) -> Workload:
             lv = waiting.popleft()
             kv_used += need
             lv.req.scheduled_s = t
+            if prefix_ready and lv.req.id in shares_prefix:  # read, not computed
+                hit = min(spec.prefix_tokens, lv.req.prompt_tokens - 1)
+                lv.req.cached_tokens = lv.prefilled = hit - hit % spec.cache_block
             running.append(lv)
-            n = min(lv.req.prompt_tokens, budget)
+            n = min(lv.req.prompt_tokens - lv.prefilled, budget)
             batch.append((lv, n))
             budget -= n
         if not batch:  # nothing could run (cannot happen with a sane spec): wait for arrivals
@@ -198,6 +213,8 @@ def serve(trace: Sequence[TraceRow], spec: EngineSpec) -> Workload:
             if lv.generated == 1:
                 lv.req.first_token_s = t1 + spec.stream_delay_s
                 lv.req.truth_prefill_j = lv.req.truth_j
+                if lv.req.id in shares_prefix and lv.req.prompt_tokens >= spec.prefix_tokens:
+                    prefix_ready = True
         done = [lv for lv in running if lv.generated >= lv.req.completion_tokens]
         for lv in done:
             running.remove(lv)

@@ -70,6 +70,8 @@ class SyntheticRequest:
     ``None``: a steady stream at the workload's decode rate."""
     scheduled_s: float | None = None
     """When the engine first scheduled it (a trace span's view); ``None``: at its start."""
+    cached_tokens: int = 0
+    """Of its prompt, the tokens the engine read from its prefix cache, not computed."""
 
     def token_times(self, decode_tokens_per_s: float) -> list[float]:
         """Arrival of each streamed token after the first (the first comes with prefill)."""

@@ -91,3 +91,24 @@ def test_a_bad_header_names_the_file(tmp_path: Path) -> None:
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,1,1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"t\.csv: header must be"):
         load_trace(bad)
+
+
+def test_a_shared_prefix_is_read_from_the_cache_once_prefilled() -> None:
+    """Requests opening with the shared prefix compute it once: later ones read it in whole
+    blocks (their prefill is shorter and cheaper), and every joule is still someone's."""
+    spec = EngineSpec(
+        gpus=2, noise_w=0.0, standby_lead_s=1.0, duration_s=60.0,
+        prefix_share=1.0, prefix_tokens=1000,
+    )  # fmt: skip
+    trace = [(0.0, 1200, 5), (2.0, 1200, 5), (4.0, 1200, 5), (6.0, 600, 5)]
+    wl = serve(trace, spec)
+    first, second, third, short = wl.requests
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == third.cached_tokens == 1000 - 1000 % spec.cache_block
+    assert short.cached_tokens == 592  # a prompt inside the prefix: all but its last block
+    assert second.first_token_s - second.start_s < (first.first_token_s - first.start_s) / 2
+    assert second.truth_prefill_j < first.truth_prefill_j / 2
+    truth = sum(r.truth_j for r in wl.requests)
+    assert _dynamic_from_counter(spec, wl.samples) == pytest.approx(truth, rel=1e-9)
+    plain = serve(trace, QUIET)
+    assert all(r.cached_tokens == 0 for r in plain.requests)
