@@ -414,7 +414,7 @@ class TestOpenAI:
         out, tokens, usage = track(info(stream=False), body, "application/json", chunks=chunks)
         assert out == body
         assert tokens == 0
-        assert usage == Usage(9, 12, "llama-3-8b-served", 0)
+        assert usage == Usage(9, 12, "llama-3-8b-served", 0, cached_tokens=0)  # none cached
 
     def test_stream_without_usage(self) -> None:
         """Each chunk carrying content is one token event; usage stays unknown."""
