@@ -400,7 +400,8 @@ class Proxy:
                         last, out = out, b""
                     if out:
                         await response.write(out)
-                    # the meter hears of a chunk once it is on its way: its calls never hold it
+                    # the meter hears of a chunk once it is on its way: its calls never hold
+                    # it (bytes after the upstream's end wait for them, to leave with our end)
                     if first_at is not None:
                         self._safe(
                             "first_token", self._meter.first_token, rid, first_at, first_prompt
