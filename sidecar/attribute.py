@@ -157,5 +157,6 @@ def _add(ledger: Ledger, r: RequestRow) -> None:
         first_token_s=r.first_token_s,
         prompt_tokens=r.prompt_tokens,
         completion_tokens=r.completion_tokens,
+        cached_tokens=r.cached_tokens,
         status=r.status,
     )

@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests",
         type=Path,
         required=True,
-        help="requests CSV: id,model,start_s,end_s[,first_token_s,prompt_tokens,completion_tokens,status]",
+        help=(
+            "requests CSV: id,model,start_s,end_s[,first_token_s,prompt_tokens,"
+            "completion_tokens,status,cached_tokens]"
+        ),
     )
     att.add_argument(
         "--idle-watts",

@@ -28,7 +28,10 @@ REQUEST_COLUMNS: Final = (
     "prompt_tokens",
     "completion_tokens",
     "status",
+    "cached_tokens",
 )
+"""CONTRACT.md's columns, then ``cached_tokens`` (prompt tokens the server read from its
+prefix cache): an extra column, which the contract lets readers ignore."""
 _POWER_REQUIRED: Final = POWER_COLUMNS[:3]
 _REQUEST_REQUIRED: Final = REQUEST_COLUMNS[:4]
 
@@ -55,6 +58,7 @@ class RequestRow:
     prompt_tokens: int | None
     completion_tokens: int | None
     status: Status
+    cached_tokens: int | None = None
 
 
 class _Rows:
@@ -160,6 +164,10 @@ def read_requests(path: Path) -> list[RequestRow]:
         status = (row.get("status") or "ok").strip() or "ok"
         if status not in STATUSES:
             raise rows.fail(line, "status", f"{status!r} is not one of {', '.join(STATUSES)}")
+        prompt = rows.optional_count(line, row, "prompt_tokens")
+        cached = rows.optional_count(line, row, "cached_tokens")
+        if cached is not None and (prompt is None or cached > prompt):
+            raise rows.fail(line, "cached_tokens", f"{cached} is more than prompt_tokens")
         out.append(
             RequestRow(
                 id=rid,
@@ -167,9 +175,10 @@ def read_requests(path: Path) -> list[RequestRow]:
                 start_s=start,
                 end_s=end,
                 first_token_s=first,
-                prompt_tokens=rows.optional_count(line, row, "prompt_tokens"),
+                prompt_tokens=prompt,
                 completion_tokens=rows.optional_count(line, row, "completion_tokens"),
                 status=status,
+                cached_tokens=cached,
             )
         )
     return out
@@ -193,18 +202,26 @@ class TraceRecorder:
     def __init__(self, directory: Path, *, wall_offset_s: float) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._offset_s = wall_offset_s
-        self._power = self._open(directory / "power.csv", POWER_COLUMNS)
-        self._requests = self._open(directory / "requests.csv", REQUEST_COLUMNS)
+        self._power, _ = self._open(directory / "power.csv", POWER_COLUMNS)
+        self._requests, header = self._open(directory / "requests.csv", REQUEST_COLUMNS)
+        # a file begun by an earlier version keeps its columns: rows must match its header
+        self._cached_column = "cached_tokens" in header
         self._power_csv = csv.writer(self._power, lineterminator="\n")
         self._requests_csv = csv.writer(self._requests, lineterminator="\n")
 
     @staticmethod
-    def _open(path: Path, header: tuple[str, ...]) -> IO[str]:
+    def _open(path: Path, header: tuple[str, ...]) -> tuple[IO[str], list[str]]:
+        """The file opened to append, and the columns its header names."""
         fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh:
+            with path.open(newline="", encoding="utf-8") as f:
+                first = next(csv.reader(f), [])
+            columns = [c.strip() for c in first]
         handle = path.open("a", newline="", encoding="utf-8")
         if fresh:
             handle.write(",".join(header) + "\n")
-        return handle
+            columns = list(header)
+        return handle, columns
 
     def power(self, time_s: float, gpu: str, power_w: float, energy_j: float | None) -> None:
         self._power_csv.writerow(
@@ -222,6 +239,7 @@ class TraceRecorder:
                 _fmt(r.prompt_tokens),
                 _fmt(r.completion_tokens),
                 r.status,
+                *((_fmt(r.cached_tokens),) if self._cached_column else ()),
             )
         )
 

@@ -102,6 +102,7 @@ class Workload:
                 r.prompt_tokens,
                 r.completion_tokens,
                 "ok",
+                r.cached_tokens or None,
             )
             for r in self.requests
         ]
@@ -119,7 +120,7 @@ class Workload:
             for r in self.requests:
                 f.write(
                     f"{r.id},{r.model},{r.start_s:.4f},{r.end_s:.4f},{r.first_token_s:.4f},"
-                    f"{r.prompt_tokens},{r.completion_tokens},ok\n"
+                    f"{r.prompt_tokens},{r.completion_tokens},ok,{r.cached_tokens or ''}\n"
                 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from sidecar.ledger import FinishedRequest
 from sidecar.meter import FixedIntensity, Meter
 from sidecar.metrics import BuildInfo, SidecarCollector, make_registry
 from sidecar.power.base import GpuInfo, PowerSample
@@ -202,6 +203,66 @@ def test_recordings_appended_across_restarts_attribute_cleanly(tmp_path: Path) -
         recorder.close()
     rows = read_requests(tmp_path / "requests.csv")  # rejects an id seen twice
     assert len({r.id for r in rows}) == 6
+
+
+def test_recording_keeps_cached_tokens_and_attribute_weighs_them_so(tmp_path: Path) -> None:
+    """A reply 200 of whose 300 prompt tokens came from the prefix cache, beside one with
+    none cached: the recording keeps the count (an extra column), and `attribute` over it
+    gives each what the live ledger gave it."""
+    from sidecar.attribute import attribute
+    from sidecar.trace import read_power
+
+    clock = [0.0]
+    recorder = TraceRecorder(tmp_path, wall_offset_s=0.0)
+    finished: list[FinishedRequest] = []
+
+    def keep(f: FinishedRequest) -> None:
+        finished.append(f)
+        recorder.request(f)
+
+    def samples(until_s: float) -> None:  # _samples, each also recorded
+        while clock[0] < until_s - 1e-9:
+            clock[0] = round(clock[0] + 0.1, 6)
+            meter.on_samples([PowerSample(clock[0], "0", 150.0)])
+            recorder.power(clock[0], "0", 150.0, None)
+
+    meter = _meter(clock, on_finished=keep)
+    samples(0.5)
+    cold = meter.request_started("chat", "m", 280.0)
+    warm = meter.request_started("chat", "m", 280.0)
+    samples(2.5)
+    meter.request_finished(cold, "ok", 300, 0)
+    meter.request_finished(warm, "ok", 300, 0, cached_tokens=200)
+    samples(4.0)
+    meter.flush()
+    recorder.close()
+    live = {f.id: f.dynamic_j for f in finished}
+    assert live[warm] == pytest.approx(live[cold] / 3)
+    rows = {r.id: r for r in read_requests(tmp_path / "requests.csv")}
+    assert (rows[warm].cached_tokens, rows[cold].cached_tokens) == (200, None)
+    doc = attribute(read_power(tmp_path / "power.csv"), list(rows.values()), idle_watts=[50.0])
+    offline = {r["id"]: r["dynamic_joules"] for r in doc["requests"]}
+    assert offline[warm] == pytest.approx(live[warm], rel=1e-6)
+    assert offline[cold] == pytest.approx(live[cold], rel=1e-6)
+
+
+def test_a_recording_begun_without_the_cached_column_keeps_its_columns(tmp_path: Path) -> None:
+    """Appending to a requests.csv an earlier version began: rows match its header."""
+    (tmp_path / "requests.csv").write_text(
+        "id,model,start_s,end_s,first_token_s,prompt_tokens,completion_tokens,status\n"
+        "old-1,m,1.0,2.0,,10,5,ok\n"
+    )
+    clock = [10.0]
+    recorder = TraceRecorder(tmp_path, wall_offset_s=0.0)
+    meter = _meter(clock, on_finished=recorder.request)
+    rid = meter.request_started("chat", "m", 10.0)
+    _samples(meter, clock, 11.0)
+    meter.request_finished(rid, "ok", 10, 5, cached_tokens=8)
+    meter.flush()
+    recorder.close()
+    rows = read_requests(tmp_path / "requests.csv")  # more cells than columns would fail
+    assert [r.id for r in rows] == ["old-1", rid]
+    assert rows[1].cached_tokens is None
 
 
 def test_silent_gpu_request_reaches_histogram_whole_and_energy_balances() -> None:

@@ -328,9 +328,13 @@ class Ledger:
         completion_tokens: int | None = None,
         status: Status = "ok",
         endpoint: str = "chat",
+        cached_tokens: int | None = None,
     ) -> None:
         """A complete recorded request (``attribute``): the same path as live events."""
-        self.start(request_id, start_s, model=model, endpoint=endpoint, prompt_tokens=prompt_tokens)
+        computed = prompt_tokens
+        if prompt_tokens is not None and cached_tokens:
+            computed = max(0, prompt_tokens - cached_tokens)
+        self.start(request_id, start_s, model=model, endpoint=endpoint, prompt_tokens=computed)
         if first_token_s is not None:
             self.first_token(request_id, min(max(first_token_s, start_s), end_s))
         self.finish(
@@ -339,6 +343,7 @@ class Ledger:
             status=status,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
         )
 
     def place(

@@ -170,6 +170,7 @@ def _clip(
                 r.prompt_tokens,
                 r.completion_tokens,
                 r.status,
+                r.cached_tokens,
             )
         out.append(r)
     if cut:
