@@ -21,10 +21,8 @@ of the same code, and :mod:`bench.cpu_split` for microseconds.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, python  # noqa: E402
-from bench.procs import Harness, LoadGen, run_args, start_upstream, wait_http  # noqa: E402
+from bench.common import python  # noqa: E402
+from bench.procs import Harness, start_tree_sidecar  # noqa: E402
 
-CHAT = "/v1/chat/completions"
 WARM = 100
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -43,33 +40,16 @@ _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 def instructions(tree: Path, variant: str, *, plain: bool, n: int) -> int:
     """Instructions of one sidecar run under cachegrind that served ``WARM + n`` requests."""
     with Harness("instructions-") as h:
-        up, up_port = start_upstream(h.tmp)
-        h.procs.append(up)
-        port, mport = free_port(), free_port()
         log = h.tmp / "cachegrind.log"
-        proc = subprocess.Popen(
-            [
-                "valgrind", "--tool=cachegrind", "--cache-sim=no",
-                "--cachegrind-out-file=/dev/null", f"--log-file={log}",
-                python(), "-m", "bench.variant_sidecar", variant,
-                *run_args(up_port, port, mport), "--sample-hz", "1", "--log-level", "warning",
-            ],
-            cwd=tree,  # its own package first: the working directory leads sys.path
-            env={**os.environ, "PYTHONPATH": str(tree)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        h.procs.append(proc)
-        wait_http(f"http://127.0.0.1:{mport}/healthz", proc, "the sidecar", timeout_s=300)
-        gen = h.gen = LoadGen(h.tmp)
-        url = f"http://127.0.0.1:{port}{CHAT}"
+        command = [
+            "valgrind", "--tool=cachegrind", "--cache-sim=no",
+            "--cachegrind-out-file=/dev/null", f"--log-file={log}",
+            python(), "-m", "bench.variant_sidecar", variant,
+        ]  # fmt: skip
+        proc, load = start_tree_sidecar(h, tree, command, timeout_s=300)
         for count in (WARM, n):
             if count:
-                r = gen.call(
-                    cmd="load", url=url, n=count, concurrency=32, stream=not plain, max_tokens=20
-                )
-                if r["errors"]:
-                    raise SystemExit(f"{r['errors']} of {count} requests failed under valgrind")
+                load(count, plain)
         proc.send_signal(signal.SIGTERM)
         proc.wait(300)
         found = _REFS.search(log.read_text())

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -195,6 +196,37 @@ def start_sidecar(
     wait_http(f"http://127.0.0.1:{mport}/healthz", proc, f"the sidecar ({name})")
     wait_http(f"http://127.0.0.1:{port}/health", proc, f"the sidecar's proxy ({name})")
     return proc, port, mport
+
+
+def start_tree_sidecar(
+    h: Harness, tree: Path, command: list[str], *, timeout_s: float
+) -> tuple[subprocess.Popen[bytes], Callable[[int, bool], None]]:
+    """A sidecar from checkout ``tree`` under a counting tool, in front of a fresh stand-in
+    upstream, sampled once a second; ``command`` is what comes before its ``run`` flags (the
+    tool and the module). Returns the process and ``load(count, plain)``, which sends
+    ``count`` requests 32 at a time (20-token streams, or plain requests) and stops the
+    benchmark if any fails. The instruction and system-call counts both start so."""
+    up, up_port = start_upstream(h.tmp)
+    h.procs.append(up)
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*command, *run_args(up_port, port, mport), "--sample-hz", "1", "--log-level", "warning"],
+        cwd=tree,  # its own package first: the working directory leads sys.path
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    h.procs.append(proc)
+    wait_http(f"http://127.0.0.1:{mport}/healthz", proc, "the sidecar", timeout_s=timeout_s)
+    gen = h.gen = LoadGen(h.tmp)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def load(count: int, plain: bool) -> None:
+        r = gen.call(cmd="load", url=url, n=count, concurrency=32, stream=not plain, max_tokens=20)
+        if r["errors"]:
+            raise SystemExit(f"{r['errors']} of {count} requests failed under {command[0]}")
+
+    return proc, load
 
 
 class LoadGen:

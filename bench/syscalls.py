@@ -16,7 +16,6 @@ process, so calls that depend on timing (``epoll_wait``) read high.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
@@ -28,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, python  # noqa: E402
-from bench.procs import Harness, LoadGen, run_args, start_upstream, wait_http  # noqa: E402
+from bench.common import python  # noqa: E402
+from bench.procs import Harness, start_tree_sidecar  # noqa: E402
 
-CHAT = "/v1/chat/completions"
 WARM = 100
 _ROW = re.compile(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$")
 
@@ -57,32 +55,10 @@ def _traced(pid: int, out: Path, load: object) -> dict[str, int]:
 
 def per_request(tree: Path, *, plain: bool, n: int) -> dict[str, float]:
     with Harness("syscalls-") as h:
-        up, up_port = start_upstream(h.tmp)
-        h.procs.append(up)
-        port, mport = free_port(), free_port()
-        proc = subprocess.Popen(
-            [python(), "-m", "sidecar", *run_args(up_port, port, mport),
-             "--sample-hz", "1", "--log-level", "warning"],
-            cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        h.procs.append(proc)
-        wait_http(f"http://127.0.0.1:{mport}/healthz", proc, "the sidecar", timeout_s=120)
-        gen = h.gen = LoadGen(h.tmp)
-        url = f"http://127.0.0.1:{port}{CHAT}"
-
-        def load(count: int) -> None:
-            r = gen.call(
-                cmd="load", url=url, n=count, concurrency=32, stream=not plain, max_tokens=20
-            )
-            if r["errors"]:
-                raise SystemExit(f"{r['errors']} of {count} requests failed")
-
-        load(WARM)
+        proc, load = start_tree_sidecar(h, tree, [python(), "-m", "sidecar"], timeout_s=120)
+        load(WARM, plain)
         idle = _traced(proc.pid, h.tmp / "idle.txt", None)
-        busy = _traced(proc.pid, h.tmp / "busy.txt", lambda: load(n))
+        busy = _traced(proc.pid, h.tmp / "busy.txt", lambda: load(n, plain))
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     return {k: (busy.get(k, 0) - idle.get(k, 0)) / n for k in set(idle) | set(busy)}
