@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -77,10 +80,29 @@ async def test_a_failing_source_is_counted_and_sampling_goes_on() -> None:
     assert sampler.stats.errors[("0", "unknown")] >= 3
 
 
+@contextlib.asynccontextmanager
+async def _running_gated(sampler: Sampler, gate: threading.Event) -> AsyncIterator[None]:
+    """``sampler`` running as a task whose source waits on ``gate``; on the way out the gate
+    opens (no reader thread stays stuck) and the task is cancelled."""
+    task = asyncio.create_task(sampler.run())
+    try:
+        yield
+    finally:
+        gate.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def _until(ready: Callable[[], bool], deadline: float, what: str) -> None:
+    """Wait, polling, until ``ready()``; fail with ``what`` past ``deadline`` (monotonic)."""
+    while not ready():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
 async def test_a_hung_source_is_counted_and_not_stacked() -> None:
     """A read stuck in the source counts `timeout` per GPU per deadline; no read queues behind it."""
-    import time as _time
-
     gate = threading.Event()
 
     class Hanging(ThreadRecordingSource):
@@ -94,23 +116,17 @@ async def test_a_hung_source_is_counted_and_not_stacked() -> None:
     source = Hanging()
     got: list[PowerSample] = []
     sampler = Sampler(source, GPUS, hz=50, sink=got.extend, read_deadline_s=0.05)
-    task = asyncio.create_task(sampler.run())
-    try:
-        deadline = _time.monotonic() + 5.0
-        while sampler.stats.errors.get(("0", "timeout"), 0) < 3:
-            assert _time.monotonic() < deadline, "no timeouts counted"
-            await asyncio.sleep(0.01)
+    async with _running_gated(sampler, gate):
+        deadline = time.monotonic() + 5.0
+        await _until(
+            lambda: sampler.stats.errors.get(("0", "timeout"), 0) >= 3,
+            deadline,
+            "no timeouts counted",
+        )
         assert Hanging.calls == 1  # the stuck read, nothing stacked behind it
         assert sampler.stats.errors[("1", "timeout")] >= 3
         gate.set()  # the driver comes back: the late read is used, polling resumes
-        while sampler.stats.samples["0"] < 3:
-            assert _time.monotonic() < deadline, "sampling did not resume"
-            await asyncio.sleep(0.01)
-    finally:
-        gate.set()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _until(lambda: sampler.stats.samples["0"] >= 3, deadline, "sampling did not resume")
 
 
 async def test_a_reconciled_window_reaches_the_sink_a_reading_per_loop_turn() -> None:
@@ -216,8 +232,6 @@ async def test_while_a_receipt_waits_every_read_reaches_the_loop_at_once(
 async def test_an_abandoned_read_keeps_the_reads_before_it() -> None:
     """A source whose read hangs after a few good ones is abandoned (it allows reads beside a
     stuck call); the good reads still waiting for their hand-over are counted, not dropped."""
-    import time as _time
-
     gate = threading.Event()
 
     class HangsAfterFive(CountingSource):
@@ -230,14 +244,9 @@ async def test_an_abandoned_read_keeps_the_reads_before_it() -> None:
 
     source = HangsAfterFive()
     sampler = Sampler(source, GPUS, hz=50, sink=lambda s: None, read_deadline_s=0.05)
-    task = asyncio.create_task(sampler.run())
-    try:
-        deadline = _time.monotonic() + 3.0
-        while sampler.stats.samples["0"] < 5:
-            assert _time.monotonic() < deadline, "the reads before the hang were lost"
-            await asyncio.sleep(0.01)
-    finally:
-        gate.set()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    async with _running_gated(sampler, gate):
+        await _until(
+            lambda: sampler.stats.samples["0"] >= 5,
+            time.monotonic() + 3.0,
+            "the reads before the hang were lost",
+        )
