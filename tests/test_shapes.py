@@ -496,13 +496,16 @@ class TestPooling:
         assert (usage.prompt_tokens, usage.completion_tokens) == (12, 0)
 
     def test_anthropic_cached_input_added_back(self) -> None:
-        """Messages' input_tokens leaves cached input out; the model still read it."""
+        """Messages' input_tokens leaves cached input out; the model still read it. Of it,
+        `cache_read_input_tokens` were read from the cache (no prefill work) and
+        `cache_creation_input_tokens` computed (and written to it)."""
         body = {"model": "m", "usage": {"input_tokens": 4, "cache_read_input_tokens": 20,
                 "cache_creation_input_tokens": 1, "output_tokens": 3}}  # fmt: skip
         usage, _, _ = track(
             info("chat", "anthropic", False), json.dumps(body).encode(), "application/json"
         )
         assert (usage.prompt_tokens, usage.completion_tokens) == (25, 3)
+        assert usage.cached_tokens == 20
 
 
 class TestCachedPrompt:
@@ -537,15 +540,6 @@ class TestCachedPrompt:
         body = b"event: response.completed\ndata: " + json.dumps(done).encode() + b"\n\n"
         usage, _, _ = track(info("responses", "responses", True), body, SSE)
         assert (usage.prompt_tokens, usage.cached_tokens) == (50, 48)
-
-    def test_anthropic_cache_read(self) -> None:
-        """Messages' `cache_read_input_tokens` were read; `cache_creation_input_tokens` computed."""
-        body = {"model": "m", "usage": {"input_tokens": 4, "cache_read_input_tokens": 20,
-                "cache_creation_input_tokens": 1, "output_tokens": 3}}  # fmt: skip
-        usage, _, _ = track(
-            info("chat", "anthropic", False), json.dumps(body).encode(), "application/json"
-        )
-        assert (usage.prompt_tokens, usage.cached_tokens) == (25, 20)
 
     def test_sglang_meta_info(self) -> None:
         """SGLang's native answer: `meta_info.cached_tokens`, summed over a batch."""
