@@ -33,7 +33,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bench.accuracy import PROMPT_ESTIMATE_SPREAD, _pieces_dynamic
 from bench.common import median, percentile
@@ -327,19 +327,24 @@ def _pct(got: float, want: float) -> float:
     return abs(got - want) / want * 100.0
 
 
+def served(name: str, duration_s: float, **spec: Any) -> tuple[Workload, list[SyntheticRequest]]:
+    """``duration_s`` seconds of the named trace through the engine (``spec``: further
+    :class:`EngineSpec` fields), and the requests scored: those that drew energy and ended
+    a second before the last reading."""
+    file, from_s, rate_scale = TRACES[name]
+    wl = serve(
+        load_trace(DATA / file),
+        EngineSpec(duration_s=duration_s, rate_scale=rate_scale, from_s=from_s, **spec),
+    )
+    last = wl.samples[-1][0]
+    return wl, [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+
+
 def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> TraceResult:
     """Both views, three rules, on ``duration_s`` seconds of the named trace."""
-    file, from_s, rate_scale = TRACES[name]
-    spec = EngineSpec(
-        duration_s=duration_s,
-        rate_scale=rate_scale,
-        from_s=from_s,
-        sample_hz=sample_hz,
-        sensor_window_s=min(0.02, 1.0 / sample_hz),
+    wl, scored = served(
+        name, duration_s, sample_hz=sample_hz, sensor_window_s=min(0.02, 1.0 / sample_hz)
     )
-    wl = serve(load_trace(DATA / file), spec)
-    last = wl.samples[-1][0]
-    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
     conc = [
         float(
             sum(
@@ -356,7 +361,7 @@ def run_trace(name: str, duration_s: float, *, sample_hz: float = 10.0) -> Trace
         ((s.gpu, s.time_s, s.power_w) for s in reconciled),
         [(r.start_s, r.end_s) for r in wl.requests],
     )
-    true_idle_w = spec.idle_w * spec.gpus
+    true_idle_w = wl.spec.idle_w * wl.spec.gpus
     modes: dict[str, ModeResult] = {}
     conservation = 0.0
     for name_ in (*MODES, "traces_live", "proxy_held"):
@@ -444,14 +449,7 @@ def prefix_cache(duration_s: float) -> dict[str, float]:
     (every prompt token weighed as computed). Keys
     ``serving_chat_cached_<view>_{aware,blind}_ledger_{median,p90}_error_percent`` and the
     share of prompt tokens cached."""
-    file, from_s, rate_scale = TRACES["chat"]
-    spec = EngineSpec(
-        duration_s=duration_s, rate_scale=rate_scale, from_s=from_s,
-        prefix_share=PREFIX_SHARE, prefix_tokens=PREFIX_TOKENS,
-    )  # fmt: skip
-    wl = serve(load_trace(DATA / file), spec)
-    last = wl.samples[-1][0]
-    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+    wl, scored = served("chat", duration_s, prefix_share=PREFIX_SHARE, prefix_tokens=PREFIX_TOKENS)
     fig: dict[str, float] = {
         "serving_chat_cached_prompt_share": sum(r.cached_tokens for r in wl.requests)
         / max(1, sum(r.prompt_tokens for r in wl.requests)),
@@ -509,11 +507,7 @@ def breakdown(name: str, duration_s: float) -> dict[str, list[dict[str, float]]]
     length, the truth's prefill share, time queued, requests running beside it): per bin
     the request count, median and p90 of ``|error|`` and the median signed error (+ is
     overcharged), each in %."""
-    file, from_s, rate_scale = TRACES[name]
-    spec = EngineSpec(duration_s=duration_s, rate_scale=rate_scale, from_s=from_s)
-    wl = serve(load_trace(DATA / file), spec)
-    last = wl.samples[-1][0]
-    scored = [r for r in wl.requests if r.end_s < last - 1.0 and r.truth_j > 0]
+    wl, scored = served(name, duration_s)
     out: dict[str, list[dict[str, float]]] = {}
     for mode in MODES:
         got, _ = replay(wl, mode)
