@@ -13,7 +13,14 @@ from sidecar.ledger.baseline import (
 )
 from sidecar.ledger.core import MAX_WAIT_S, SILENT_AFTER_S, Ledger
 from sidecar.ledger.prefill_fit import PrefillFit
-from sidecar.ledger.requests import PHASES, STATUSES, FinishedRequest, Phase, Status
+from sidecar.ledger.requests import (
+    PHASES,
+    STATUSES,
+    FinishedRequest,
+    Phase,
+    Status,
+    computed_prompt,
+)
 
 __all__ = [
     "BASELINE_WINDOW_S",
@@ -29,5 +36,6 @@ __all__ = [
     "Phase",
     "PrefillFit",
     "Status",
+    "computed_prompt",
     "estimate_idle_watts",
 ]

@@ -36,7 +36,14 @@ from sidecar.ledger.frontier import Frontier
 from sidecar.ledger.gpu_state import GpuState as _Gpu
 from sidecar.ledger.held import SLOT_S, HeldRequest, HeldSlots
 from sidecar.ledger.pieces import Books
-from sidecar.ledger.requests import INF, FinishedRequest, Request, Status, prefill_j
+from sidecar.ledger.requests import (
+    INF,
+    FinishedRequest,
+    Request,
+    Status,
+    computed_prompt,
+    prefill_j,
+)
 
 MAX_WAIT_S: Final = 5.0
 SILENT_AFTER_S: Final = 30.0
@@ -331,9 +338,7 @@ class Ledger:
         cached_tokens: int | None = None,
     ) -> None:
         """A complete recorded request (``attribute``): the same path as live events."""
-        computed = prompt_tokens
-        if prompt_tokens is not None and cached_tokens:
-            computed = max(0, prompt_tokens - cached_tokens)
+        computed = computed_prompt(prompt_tokens, cached_tokens)
         self.start(request_id, start_s, model=model, endpoint=endpoint, prompt_tokens=computed)
         if first_token_s is not None:
             self.first_token(request_id, min(max(first_token_s, start_s), end_s))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.ledger.requests import INF, FinishedRequest, Request, Status
+from sidecar.ledger.requests import INF, FinishedRequest, Request, Status, computed_prompt
 
 if TYPE_CHECKING:
     from sidecar.ledger.pieces import Books
@@ -53,7 +53,7 @@ class HeldRequest:
         """A request reported whole; cached prompt tokens do (almost) no prefill work."""
         end = max(end_s, start_s)
         first = min(max(first_token_s, start_s), end)
-        prompt = max(0, (prompt_tokens or 0) - (cached_tokens or 0))
+        prompt = computed_prompt(prompt_tokens, cached_tokens) or 0
         req = span_request(
             request_id, model, start_s=start_s, first_token_s=first, end_s=end,
             prompt_work=float(prompt), completion_tokens=float(completion_tokens or 0),

@@ -20,6 +20,14 @@ STATUSES: Final[tuple[Status, ...]] = ("ok", "error", "cancelled")
 INF: Final = math.inf
 
 
+def computed_prompt(prompt_tokens: int | None, cached_tokens: int | None) -> int | None:
+    """Of a prompt, the tokens the server computed: all but those it read from its prefix
+    cache, which do (almost) no prefill work; ``None`` where the prompt is not known."""
+    if prompt_tokens is None:
+        return None
+    return max(0, prompt_tokens - (cached_tokens or 0))
+
+
 @dataclass(frozen=True, slots=True)
 class FinishedRequest:
     """A request whose energy is final: every GPU has been assigned past its end."""
@@ -111,7 +119,7 @@ class Request:
     @property
     def computed_prompt(self) -> int:
         """Prompt tokens the server computed: the exact count less the cached ones."""
-        return max(0, (self.prompt_tokens or 0) - (self.cached_tokens or 0))
+        return computed_prompt(self.prompt_tokens, self.cached_tokens) or 0
 
     @property
     def informed(self) -> bool:

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from sidecar.ledger import Status
+from sidecar.ledger import Status, computed_prompt
 from sidecar.sources.base import Accounts, Endpoint
 from sidecar.traces.span import RequestSpan
 
@@ -198,7 +198,7 @@ class ProxySpanJoin:
         first = view.first_token_s
         if first is None:
             ratio = acc.ledger.prefill_fit.ratio
-            prefill = max(0, (view.prompt_tokens or 0) - (view.cached_tokens or 0)) * ratio
+            prefill = (computed_prompt(view.prompt_tokens, view.cached_tokens) or 0) * ratio
             decode = float(view.completion_tokens or 0)
             share = prefill / (prefill + decode) if prefill + decode > 0 else 1.0
             first = view.start_s + (view.end_s - view.start_s) * share
