@@ -23,6 +23,7 @@ from sidecar.tracking.protocols import (
     inject_include_usage,
     parse_request,
 )
+from sidecar.tracking.wire import loads
 
 PROMPT = "Tell me about the secret llama password hunter2"
 
@@ -253,6 +254,23 @@ class TestParseRequest:
         ).encode()
         got = parse_request("chat", "openai", body, "application/json")
         assert got == RequestInfo("chat", "openai", "llama-3-8b", True, 15, False)
+
+    @pytest.mark.parametrize(
+        ("raw", "temperature"),
+        [(b"NaN", "nan"), (b"Infinity", "inf"), (b"1e400", "inf"), (b'"\\ud800"', "\ud800")],
+    )
+    def test_json_the_fast_decoder_refuses_still_parses(self, raw: bytes, temperature: str) -> None:
+        """Bodies orjson refuses but Python's json reads (non-finite numbers, a lone
+        surrogate) still give their model and stream flag, as before orjson read first."""
+        body = b'{"model": "m", "stream": true, "temperature": ' + raw + b', "prompt": "abcd"}'
+        got = parse_request("completion", "openai", body, "application/json")
+        assert got is not None
+        assert (got.model, got.stream) == ("m", True)
+        doc = loads(body)
+        assert isinstance(doc, dict)
+        assert str(doc["temperature"]) == temperature
+        assert loads(b'{"model": "m",') is None
+        assert loads(b"\xff{}") is None
 
     def test_openai_defaults_to_not_streaming(self) -> None:
         """Without ``stream: true`` an OpenAI request is not a stream."""
