@@ -12,7 +12,7 @@ the benchmark's own stand-in). Profiled time is inflated (about twice on this co
 read shares and call counts, not microseconds; :mod:`bench.cpu_split` measures those.
 
 ``--py-spy OUT.txt`` profiles without the tracer's inflation: the sidecar runs as it is,
-py-spy (``pip install py-spy``) samples it from outside at 1 kHz during the ``n`` requests
+py-spy (the ``bench`` extra: ``pip install -e '.[bench]'``) samples it from outside at 1 kHz during the ``n`` requests
 only (not the warm-up), writes its collapsed stacks to ``OUT.txt`` and the summary prints
 each part's share of the samples: a sample goes to the innermost frame of ours
 (``sidecar/``), by module, and to the transport where that frame is asyncio's socket
@@ -113,7 +113,7 @@ def run(
 def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     exe = shutil.which("py-spy") or str(Path(python()).with_name("py-spy"))
     if not Path(exe).exists():
-        raise SystemExit("--py-spy: py-spy is not installed (pip install py-spy)")
+        raise SystemExit("--py-spy: py-spy is not installed (pip install -e '.[bench]')")
     command = [exe, "record", "--format", "raw", "--rate", "1000", "--nonblocking",
                "--pid", str(pid), "-o", str(out)]  # fmt: skip
     spying = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
