@@ -12,12 +12,13 @@ the benchmark's own stand-in). Profiled time is inflated (about twice on this co
 read shares and call counts, not microseconds; :mod:`bench.cpu_split` measures those.
 
 ``--py-spy OUT.txt`` profiles without the tracer's inflation: the sidecar runs as it is,
-py-spy (the ``bench`` extra: ``pip install -e '.[bench]'``) samples it from outside at 1 kHz during the ``n`` requests
-only (not the warm-up), writes its collapsed stacks to ``OUT.txt`` and the summary prints
-each part's share of the samples: a sample goes to the innermost frame of ours
-(``sidecar/``), by module, and to the transport where that frame is asyncio's socket
-write or read. py-spy samples threads that are not idle, by wall time: a ``send()`` whose
-woken reader preempts the sender on a 2-core machine counts the wait too.
+py-spy (the ``bench`` extra: ``pip install -e '.[bench]'``) samples it from outside at
+1 kHz during the ``n`` requests only (not the warm-up), writes its collapsed stacks to
+``OUT.txt`` and the summary prints each part's share of the samples: a sample goes to the
+innermost frame of ours (``sidecar/``), by module, and to the transport where that frame
+is asyncio's socket write or read. py-spy samples threads that are not idle, by wall time:
+a ``send()`` whose woken reader preempts the sender on a 2-core machine counts the wait
+too, and a loop waiting in ``epoll`` with paced streams is often counted as busy.
 """
 
 from __future__ import annotations
