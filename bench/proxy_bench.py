@@ -332,11 +332,15 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
                 )
             )
         gen = h.gen = LoadGen(tmp)
+        # idle CPU and memory are the default data plane's (the relay): what users run
+        own, own_url = (
+            (relayed, targets[2].url) if relayed is not None else (sidecar, targets[1].url)
+        )
         time.sleep(1.0)
-        idle0 = cpu_s(sidecar.pid)
+        idle0 = cpu_s(own.pid)
         t0 = time.monotonic()
         time.sleep(3.0)
-        idle_pct = (cpu_s(sidecar.pid) - idle0) / (time.monotonic() - t0) * 100
+        idle_pct = (cpu_s(own.pid) - idle0) / (time.monotonic() - t0) * 100
         log(f"sidecar idle CPU (sampler 10 Hz + ticker): {idle_pct:.2f} % of a core")
         log("CPU per streamed request ...")
         stream = cpu_figures(gen, targets, plan, stream=True)
@@ -352,10 +356,11 @@ def run(plan: ProxyPlan, log: Callable[[str], None]) -> dict[str, Any]:
             log("chunk ceiling of the relay sidecar ...")
             relay_ceiling = ceiling_figures(gen, direct, targets[2].url, plan, relayed.pid)
         log(f"memory over {plan.rss_requests} short requests ...")
-        rss = rss_figures(gen, sidecar.pid, targets[1].url, plan.rss_requests, plan.rss_warmup)
+        rss = rss_figures(gen, own.pid, own_url, plan.rss_requests, plan.rss_warmup)
         log(f"memory with {plan.inflight_streams} streams in flight ...")
-        inflight = inflight_rss_figures(gen, sidecar.pid, targets[1].url, plan)
+        inflight = inflight_rss_figures(gen, own.pid, own_url, plan)
         return {
+            "memory_data_plane": "relay" if relayed is not None else "aiohttp",
             "sidecar_idle_cpu_percent": idle_pct,
             "stream": stream,
             "plain": plain,

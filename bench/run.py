@@ -168,6 +168,7 @@ def collect(plan: Plan) -> dict[str, Any]:
         fig["proxy_streams_per_s"] = s["proxy"]["requests_per_s"]
         fig["nginx_streams_per_s"] = s["nginx"]["requests_per_s"]
         fig["sidecar_idle_cpu_percent"] = p["sidecar_idle_cpu_percent"]
+        fig["memory_data_plane"] = p.get("memory_data_plane", "aiohttp")  # idle CPU and RSS
         fig["rss_growth_mb_per_100k_requests"] = rss["growth_mb_per_100k"]
         fig["rss_slope_mb_per_100k_requests"] = rss["slope_mb_per_100k"]
         fig["rss_requests"] = int(rss["requests"])
