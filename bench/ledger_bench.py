@@ -34,6 +34,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from time import perf_counter
 
 from sidecar.ledger import Ledger
 from sidecar.ledger.core import ROW_S
@@ -61,6 +62,18 @@ class LedgerResult:
     finished: int
     window_cpu_s: tuple[float, ...] = ()
     """CPU seconds of each whole simulated second of the timed part, in order."""
+    call_s: tuple[float, ...] = ()
+    """Wall seconds of each hand-over, work slice and tick of the timed part (the calls the
+    meter makes on the event loop, one a loop turn): how long a chunk can wait on them."""
+
+    @property
+    def longest_call_ms(self) -> float:
+        return 1e3 * max(self.call_s, default=0.0)
+
+    @property
+    def p99_call_ms(self) -> float:
+        calls = sorted(self.call_s)
+        return 1e3 * calls[min(len(calls) - 1, int(0.99 * len(calls)))] if calls else 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -125,6 +138,7 @@ def run(
     )
     offsets = [g * stagger_s for g in range(GPUS)]
     windows: list[float] = []
+    calls: list[float] = []
     window0 = 0.0
     next_window_s = INF
     while t_sample < warm_s + simulated_s:
@@ -150,18 +164,31 @@ def run(
             else:
                 finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
         power = 70.0 + 180.0 * (0.5 + 0.5 * rnd.random())
-        take([(g, t_sample + dt, power, None) for g, dt in zip(gpus, offsets, strict=True)])
+        readings = [(g, t_sample + dt, power, None) for g, dt in zip(gpus, offsets, strict=True)]
+        c0 = perf_counter()
+        take(readings)
+        c1 = perf_counter()
+        if timing:
+            calls.append(c1 - c0)
         samples += GPUS
         if samples % int(GPUS * hz / 2.0) == 0:
             ledger.advance(t_sample + late_s)  # the sidecar's ticker, every 0.5 s
+            c0, c1 = c1, perf_counter()
+            if timing:
+                calls.append(c1 - c0)
         while ledger.backlog:
             ledger.work()  # the meter's next loop turns
+            c0, c1 = c1, perf_counter()
+            if timing:
+                calls.append(c1 - c0)
         finished += len(ledger.pop_finished())
         t_sample += 1.0 / hz
     end = time.process_time()
     if next_window_s - 1e-9 <= t_sample:  # the last whole second
         windows.append(end - window0)
-    return LedgerResult(samples, events + at, simulated_s, end - cpu0, finished, tuple(windows))
+    return LedgerResult(
+        samples, events + at, simulated_s, end - cpu0, finished, tuple(windows), tuple(calls)
+    )
 
 
 def _timeline(
@@ -244,6 +271,8 @@ def main() -> None:
         "realtime_factors": [round(f, 3) for f in factors],
         "realtime_factor_median": round(statistics.median(factors), 3),
         "window_factors": [[round(f, 2) for f in r.window_factors] for r in runs],
+        "longest_call_ms": [round(r.longest_call_ms, 2) for r in runs],
+        "p99_call_ms": [round(r.p99_call_ms, 2) for r in runs],
         "samples": runs[0].samples,
         "events": runs[0].events,
         "finished": runs[0].finished,

@@ -207,6 +207,8 @@ def collect(plan: Plan) -> dict[str, Any]:
     busy_s = min(plan.ledger_s, 3.0)
     busy = ledger_bench.run(busy_s, hz=100.0, in_flight=256, tokens_per_s=30.0)
     fig["ledger_realtime_factor_8gpu_100hz_256"] = busy.realtime_factor
+    fig["ledger_longest_call_ms_8gpu_100hz_256"] = busy.longest_call_ms
+    fig["ledger_p99_call_ms_8gpu_100hz_256"] = busy.p99_call_ms
     aligned = ledger_bench.run(busy_s, hz=100.0, in_flight=256, tokens_per_s=30.0, stagger_s=0.0)
     fig["ledger_realtime_factor_8gpu_100hz_256_aligned"] = aligned.realtime_factor
 
@@ -380,6 +382,8 @@ TABLE: list[tuple[str, str, str]] = [
     ("ledger_realtime_factor", "x", "ledger: simulated s per CPU s (8 GPUs)"),
     ("ledger_realtime_factor_8gpu_100hz_256", "x", "  8 GPUs, 100 Hz, 256 in flight"),
     ("ledger_realtime_factor_8gpu_100hz_256_aligned", "x", "  same, GPUs read at one instant"),
+    ("ledger_longest_call_ms_8gpu_100hz_256", "ms", "  longest call on the loop (a stall)"),
+    ("ledger_p99_call_ms_8gpu_100hz_256", "ms", "  same, 99th percentile of calls"),
     ("attribution_median_error_percent", "%", "attribution error, sidecar as it runs"),
     ("attribution_known_idle_error_percent", "%", "  same, baseline known (--idle-watts)"),
     ("attribution_trace_error_percent", "%", "  same trace through `attribute`"),
