@@ -75,7 +75,10 @@ def run(
         h.procs.append(up)
         port, mport = free_port(), free_port()
         out = h.tmp / "sidecar.prof"
-        head = ["bench.variant_sidecar", variant] if spy else ["bench.profile_sidecar", "--child", variant, str(out)]  # fmt: skip
+        # py-spy samples the sidecar as it runs; cProfile runs inside it, as --child
+        head = ["bench.variant_sidecar", variant]
+        if spy is None:
+            head = ["bench.profile_sidecar", "--child", variant, str(out)]
         proc = subprocess.Popen(
             [python(), "-m", *head, *run_args(up_port, port, mport), "--log-level", "warning"],
             cwd=ROOT,
@@ -128,9 +131,9 @@ def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 _TRANSPORT = ("write", "_write_ready", "_read_ready__data_received", "_read_ready__get_buffer",
               "_read_ready", "sendall", "sock_sendall")  # fmt: skip
-
-
 _ROOTS = ("sidecar/cli.py", "sidecar/__main__.py", "bench/variant_sidecar.py")
+"""Frames of ours that only hold the loop: a sample whose innermost frame of ours is one of
+these is the loop's own work."""
 
 
 def owner(stack: list[str]) -> str:
