@@ -41,6 +41,7 @@ from sidecar.ledger.requests import (
     FinishedRequest,
     Request,
     Status,
+    cached_part,
     computed_prompt,
     prefill_j,
 )
@@ -289,8 +290,9 @@ class Ledger:
         req.status = status
         req.prompt_tokens = prompt_tokens
         req.completion_tokens = completion_tokens
-        if prompt_tokens is not None and cached_tokens is not None:
-            req.cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+        cached = cached_part(prompt_tokens, cached_tokens)
+        if cached is not None:
+            req.cached_tokens = cached
         if prompt_tokens is not None and req.first_token_s is None:
             req.prompt_work = float(req.computed_prompt)
         elif (

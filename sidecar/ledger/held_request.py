@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.ledger.requests import INF, FinishedRequest, Request, Status, computed_prompt
+from sidecar.ledger.requests import (
+    INF,
+    FinishedRequest,
+    Request,
+    Status,
+    cached_part,
+    computed_prompt,
+)
 
 if TYPE_CHECKING:
     from sidecar.ledger.pieces import Books
@@ -60,10 +67,11 @@ class HeldRequest:
             endpoint=endpoint,
         )  # fmt: skip
         req.status = status
-        if prompt_tokens is not None and cached_tokens is not None:
+        cached = cached_part(prompt_tokens, cached_tokens)
+        if cached is not None:
             # all of the prompt is in the KV cache (its context), its computed part is work
             req.prompt_tokens = prompt_tokens
-            req.cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+            req.cached_tokens = cached
         lo, hi = (start_s, end) if heard_s is None else heard_s
         return cls(req, min(lo, start_s), max(hi, end), reported=(prompt_tokens, completion_tokens))
 

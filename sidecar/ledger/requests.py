@@ -28,6 +28,14 @@ def computed_prompt(prompt_tokens: int | None, cached_tokens: int | None) -> int
     return max(0, prompt_tokens - (cached_tokens or 0))
 
 
+def cached_part(prompt_tokens: int | None, cached_tokens: int | None) -> int | None:
+    """A server's count of cached prompt tokens, kept within its prompt (0 to all of it);
+    ``None`` unless both are known."""
+    if prompt_tokens is None or cached_tokens is None:
+        return None
+    return min(max(cached_tokens, 0), prompt_tokens)
+
+
 @dataclass(frozen=True, slots=True)
 class FinishedRequest:
     """A request whose energy is final: every GPU has been assigned past its end."""
