@@ -33,6 +33,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -139,6 +140,14 @@ def run(
     offsets = [g * stagger_s for g in range(GPUS)]
     windows: list[float] = []
     calls: list[float] = []
+
+    def on_loop(call: Callable[..., object], *args: object) -> None:
+        """One of the meter's calls on the event loop, timed once the timed part began."""
+        c0 = perf_counter()
+        call(*args)
+        if timing:
+            calls.append(perf_counter() - c0)
+
     window0 = 0.0
     next_window_s = INF
     while t_sample < warm_s + simulated_s:
@@ -164,23 +173,14 @@ def run(
             else:
                 finish(name, t, prompt_tokens=PROMPT, completion_tokens=COMPLETION)
         power = 70.0 + 180.0 * (0.5 + 0.5 * rnd.random())
-        readings = [(g, t_sample + dt, power, None) for g, dt in zip(gpus, offsets, strict=True)]
-        c0 = perf_counter()
-        take(readings)
-        c1 = perf_counter()
-        if timing:
-            calls.append(c1 - c0)
+        on_loop(
+            take, [(g, t_sample + dt, power, None) for g, dt in zip(gpus, offsets, strict=True)]
+        )
         samples += GPUS
         if samples % int(GPUS * hz / 2.0) == 0:
-            ledger.advance(t_sample + late_s)  # the sidecar's ticker, every 0.5 s
-            c0, c1 = c1, perf_counter()
-            if timing:
-                calls.append(c1 - c0)
+            on_loop(ledger.advance, t_sample + late_s)  # the sidecar's ticker, every 0.5 s
         while ledger.backlog:
-            ledger.work()  # the meter's next loop turns
-            c0, c1 = c1, perf_counter()
-            if timing:
-                calls.append(c1 - c0)
+            on_loop(ledger.work)  # the meter's next loop turns
         finished += len(ledger.pop_finished())
         t_sample += 1.0 / hz
     end = time.process_time()
